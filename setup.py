@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vq-layers",
+    version="0.1.0",
+    description="Vector-quantization layers (VQ, residual VQ, LFQ, FSQ) exact under every precision mix",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["vq_layers", "vq_layers.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "einops>=0.8", "einx>=0.3"],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-timeout",
+            "hypothesis>=6",
+            # the examples' smoke tests and the drop-in parity tests need these
+            "tqdm",
+            "matplotlib",
+            "scikit-learn",
+            "vector-quantize-pytorch==1.32.0",
+        ],
+        "examples": ["tqdm", "matplotlib", "scikit-learn"],
+        "bench": ["vector-quantize-pytorch==1.32.0", "matplotlib"],
+    },
+)

@@ -1,0 +1,105 @@
+"""Collective helpers over `torch.distributed`, each a no-op (or identity) when not distributed.
+
+Every helper takes an optional `group`; `None` means the default process group. Nothing is
+cached: `is_distributed()` asks torch each time, so init/destroy between calls is honoured.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed(group=None) -> bool:
+    """True when torch.distributed is initialized and `group` spans more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if is_distributed(group) else 1
+
+
+def _in_place(tensor: Tensor, collective) -> None:
+    """Runs `collective` on a contiguous buffer for `tensor`, then writes the result back.
+
+    c10d collectives (gloo at least) walk the raw storage from the data pointer without
+    checking strides: a strided view would be reduced against the wrong elements of the other
+    ranks and spill into its neighbours in memory.
+    """
+    if tensor.is_contiguous():
+        collective(tensor)
+    else:
+        buf = tensor.contiguous()
+        collective(buf)
+        tensor.copy_(buf)
+
+
+def all_reduce_sum_(tensor: Tensor, group=None) -> Tensor:
+    """Sums `tensor` over the group in place (no autograd); returns it."""
+    if is_distributed(group):
+        _in_place(tensor, lambda buf: dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group))
+    return tensor
+
+
+def broadcast_(tensor: Tensor, src: int = 0, group=None) -> Tensor:
+    """Overwrites `tensor` in place with rank `src`'s copy (a global rank); returns it."""
+    if is_distributed(group):
+        _in_place(tensor, lambda buf: dist.broadcast(buf, src=src, group=group))
+    return tensor
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; backward is the sum of the ranks' incoming gradients.
+
+    That is the adjoint under DDP's convention (the objective is the mean of the ranks' losses,
+    each rank back-propagating its own, DDP then averaging): every rank receives world_size x
+    d(objective)/d(its input), as for any loss that is a mean over the rank's own batch.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)  # gloo ignores strides
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(tensor: Tensor, group=None) -> Tensor:
+    """Differentiable sum of `tensor` over the group (a new tensor); identity when alone."""
+    if not is_distributed(group):
+        return tensor
+    return _AllReduceSum.apply(tensor, group)
+
+
+def all_reduce_mean(tensor: Tensor, group=None) -> Tensor:
+    """Differentiable mean over the group (backward: mean of the ranks' gradients)."""
+    if not is_distributed(group):
+        return tensor
+    return _AllReduceSum.apply(tensor, group) / dist.get_world_size(group)
+
+
+def all_gather(tensor: Tensor, group=None) -> Tensor:
+    """Concatenates every rank's `tensor` along dim 0; ranks may hold different sizes (0 too).
+
+    All other dims must agree. Returns the input itself when not distributed. No autograd.
+    """
+    if not is_distributed(group):
+        return tensor
+    size = world_size(group)
+    counts = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
+    all_counts = [torch.empty_like(counts) for _ in range(size)]
+    dist.all_gather(all_counts, counts, group=group)
+    all_counts = [int(c.item()) for c in all_counts]
+    longest = max(all_counts)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(gathered, padded.contiguous(), group=group)
+    return torch.cat([chunk[:count] for chunk, count in zip(gathered, all_counts)], dim=0)

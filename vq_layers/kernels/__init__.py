@@ -1,0 +1,1 @@
+"""Fused ops and their pure-torch references (one file per op)."""
