@@ -1,4 +1,7 @@
 """vq_layers: vector-quantization layers that are exact under every precision mix."""
 
-__all__ = []
+from .layers.fsq import FSQ
+from .layers.residual_fsq import GroupedResidualFSQ, ResidualFSQ
+
+__all__ = ["FSQ", "ResidualFSQ", "GroupedResidualFSQ"]
 __version__ = "0.1.0"

@@ -1,0 +1,279 @@
+"""Finite scalar quantization (Mentzer et al. 2023, https://arxiv.org/abs/2309.15505).
+
+Each of the d code dimensions is bounded and rounded to one of L_i levels; the codebook is the
+implicit grid of prod(L_i) points, never stored. Bound and round run in an fp32 island, so the
+chosen codes do not depend on module dtype, input dtype or autocast.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..checks import check_indices, check_positive_int
+from ..layout import from_tokens, indices_from_tokens, to_tokens
+from ..precision import Fp32BuffersModule, fp32_island, project
+from ..straight_through import straight_through
+from ..usage import CodeUsage, code_usage
+
+# the paper's recommended levels per codebook size (Table 1 of the FSQ paper)
+RECOMMENDED_LEVELS = {
+    2**8: (8, 6, 5),
+    2**10: (8, 5, 5, 5),
+    2**12: (7, 5, 5, 5, 5),
+    2**14: (8, 8, 8, 6, 5),
+    2**16: (8, 8, 8, 5, 5, 5),
+}
+
+
+def check_levels(levels) -> list[int]:
+    """Validates `levels`: a non-empty sequence of integers >= 2."""
+    if isinstance(levels, Tensor):
+        levels = levels.tolist()
+    if not isinstance(levels, Sequence) or isinstance(levels, str) or len(levels) == 0:
+        raise ValueError(f"levels: expected a non-empty list of integers >= 2, got {levels!r}")
+    checked = []
+    for level in levels:
+        integral = isinstance(level, numbers.Integral) or (
+            isinstance(level, numbers.Real) and float(level).is_integer()
+        )
+        if isinstance(level, bool) or not integral or level < 2:
+            raise ValueError(f"levels: expected integers >= 2, got {list(levels)!r}")
+        checked.append(int(level))
+    return checked
+
+
+
+class FSQ(Fp32BuffersModule):
+    """Finite scalar quantizer.
+
+    Args (vector-quantize-pytorch's, plus no surprises):
+        levels: levels per code dimension, e.g. [8, 5, 5, 5] (codebook_size = prod(levels)).
+        dim: feature dim of the input; projections in/out are added when it differs from
+            len(levels) * num_codebooks.
+        num_codebooks: independent FSQ codes per token, each over `levels`.
+        keep_num_codebooks_dim: keep a trailing codebook axis on indices (default:
+            num_codebooks > 1).
+        channel_first: inputs are (b, d, n) sequences. Inputs with 4+ dims (images (b, d, h, w),
+            video (b, d, t, h, w)) are always channel-first.
+        preserve_symmetry: symmetric grid on [-1, 1] (arXiv 2411.19842, Sec. 3.2).
+        noise_dropout: in training, this fraction of code values is replaced by code + U(-.5, .5)
+            (clamped to [-1, 1]); indices are taken before the noise.
+        bound_hard_clamp: clamp to [-1, 1] instead of tanh.
+        orthogonal_rotation: rotate codes by a fixed random orthogonal matrix.
+        force_quantization_f32, allowed_dtypes, scale: accepted for compatibility; quantization
+            always runs in float32 here.
+
+    Shapes:
+        forward(z): z (b, n, dim) | (b, dim) | (b, dim, n) with channel_first |
+            (b, dim, h, w) | (b, dim, t, h, w)
+            -> (quantized like z in z's dtype, indices (b, ...) int64 [, num_codebooks axis]).
+    """
+
+    max_implicit_codebook_elements = 2**26  # 256 MiB of fp32
+
+    def __init__(
+        self,
+        levels: Sequence[int],
+        dim: int | None = None,
+        num_codebooks: int = 1,
+        keep_num_codebooks_dim: bool | None = None,
+        scale: float | None = None,
+        allowed_dtypes=(torch.float32, torch.float64),
+        channel_first: bool = False,
+        projection_has_bias: bool = True,
+        return_indices: bool = True,
+        force_quantization_f32: bool = True,
+        preserve_symmetry: bool = False,
+        noise_dropout: float = 0.0,
+        bound_hard_clamp: bool = False,
+        orthogonal_rotation: bool = False,
+    ):
+        super().__init__()
+        levels = check_levels(levels)
+        num_codebooks = check_positive_int("num_codebooks", num_codebooks)
+        if keep_num_codebooks_dim is None:
+            keep_num_codebooks_dim = num_codebooks > 1
+        if num_codebooks > 1 and not keep_num_codebooks_dim:
+            raise ValueError(
+                f"keep_num_codebooks_dim: must be True with num_codebooks={num_codebooks} > 1"
+            )
+        if not 0.0 <= noise_dropout <= 1.0:
+            raise ValueError(f"noise_dropout: expected a probability in [0, 1], got {noise_dropout}")
+
+        self.levels = levels
+        self.codebook_dim = len(levels)
+        self.num_codebooks = num_codebooks
+        self.effective_codebook_dim = self.codebook_dim * num_codebooks
+        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.dim = self.effective_codebook_dim if dim is None else check_positive_int("dim", dim)
+        self.codebook_size = math.prod(levels)
+        if self.codebook_size >= 2**63:
+            raise ValueError(f"levels: codebook size prod(levels) must fit int64, got {levels}")
+
+        self.scale = scale
+        self.channel_first = channel_first
+        self.return_indices = return_indices
+        self.force_quantization_f32 = force_quantization_f32
+        self.allowed_dtypes = allowed_dtypes
+        self.preserve_symmetry = preserve_symmetry
+        self.noise_dropout = noise_dropout
+        self.bound_hard_clamp = bound_hard_clamp
+
+        # int64 levels and mixed-radix basis: dtype casts never touch them, indices stay exact
+        basis = [math.prod(levels[:i]) for i in range(len(levels))]
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.long), persistent=False)
+        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.long), persistent=False)
+
+        self.has_projections = self.dim != self.effective_codebook_dim
+        make = lambda i, o: nn.Linear(i, o, bias=projection_has_bias)  # noqa: E731
+        self.project_in = make(self.dim, self.effective_codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = make(self.effective_codebook_dim, self.dim) if self.has_projections else nn.Identity()
+
+        self.orthogonal_rotation = orthogonal_rotation
+        if orthogonal_rotation:
+            rotation = nn.init.orthogonal_(torch.empty(self.codebook_dim, self.codebook_dim))
+            self.register_fp32_buffer("orthogonal_rot", rotation)
+
+    @staticmethod
+    def levels_for(codebook_size: int) -> list[int]:
+        """The FSQ paper's recommended levels for a codebook size (2^8, 2^10, ..., 2^16)."""
+        if codebook_size not in RECOMMENDED_LEVELS:
+            sizes = ", ".join(f"2**{int(math.log2(k))}" for k in RECOMMENDED_LEVELS)
+            raise ValueError(f"codebook_size: expected one of {sizes}, got {codebook_size}")
+        return list(RECOMMENDED_LEVELS[codebook_size])
+
+    def extra_repr(self) -> str:
+        return (
+            f"levels={self.levels}, dim={self.dim}, num_codebooks={self.num_codebooks}, "
+            f"codebook_size={self.codebook_size}, preserve_symmetry={self.preserve_symmetry}"
+        )
+
+    # numerics: level index l in [0, L) <-> code value in [-1, 1] (affine, per dimension)
+
+    def _levels_f32(self) -> Tensor:
+        return self._levels.to(torch.float32)
+
+    def _level_to_code(self, level: Tensor) -> Tensor:
+        levels = self._levels_f32()
+        if self.preserve_symmetry:
+            return level * (2.0 / (levels - 1)) - 1.0
+        half_width = torch.div(self._levels, 2, rounding_mode="floor").to(torch.float32)
+        return (level - half_width) / half_width
+
+    def _code_to_level(self, code: Tensor) -> Tensor:
+        levels = self._levels_f32()
+        if self.preserve_symmetry:
+            return (code + 1.0) / (2.0 / (levels - 1))
+        half_width = torch.div(self._levels, 2, rounding_mode="floor").to(torch.float32)
+        return code * half_width + half_width
+
+    def _bound(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """z (..., d) fp32 -> (continuous level position, integer level as float), both (..., d)."""
+        levels = self._levels_f32()
+        squash = (lambda t: t.clamp(-1.0, 1.0)) if self.bound_hard_clamp else torch.tanh
+        if self.preserve_symmetry:
+            position = (levels - 1) * (squash(z) + 1) / 2
+            return position, torch.floor(position + 0.5)
+        half_l = (levels - 1) * (1 + 1e-3) / 2
+        offset = (self._levels % 2 == 0).to(torch.float32) * 0.5
+        shift = offset / half_l if self.bound_hard_clamp else torch.atanh(offset / half_l)
+        bounded = squash(z + shift) * half_l - offset
+        half_width = torch.div(self._levels, 2, rounding_mode="floor").to(torch.float32)
+        return bounded + half_width, torch.round(bounded) + half_width
+
+    @fp32_island
+    def _quantize(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """z (b, n, c*d) fp32 -> codes (b, n, c*d) fp32 with straight-through grad, indices (b, n, c)."""
+        z = rearrange(z, "b n (c d) -> b n c d", c=self.num_codebooks)
+        if self.orthogonal_rotation:
+            z = z @ self.orthogonal_rot
+        position, level = self._bound(z)
+        # NaN input must still give an in-range index (the output stays NaN and shows it)
+        level = torch.minimum(level.nan_to_num(0.0).clamp(min=0.0), self._levels_f32() - 1)
+        codes = straight_through(self._level_to_code(level), self._level_to_code(position))
+        indices = (level.long() * self._basis).sum(dim=-1)
+        if self.training and self.noise_dropout > 0:
+            noisy = torch.rand_like(codes) < self.noise_dropout
+            codes = torch.where(noisy, codes + torch.rand_like(codes) - 0.5, codes).clamp(-1.0, 1.0)
+        if self.orthogonal_rotation:
+            codes = codes @ self.orthogonal_rot.t()
+        return rearrange(codes, "b n c d -> b n (c d)"), indices
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        dtype = z.dtype
+        channel_first = z.ndim >= 4 or self.channel_first
+        tokens, packed_shape = to_tokens(z, channel_first)
+        if tokens.shape[-1] != self.dim:
+            axis = "1 (channel-first)" if channel_first else "-1"
+            raise ValueError(
+                f"FSQ: expected input feature dim {self.dim} on axis {axis}, "
+                f"got {tokens.shape[-1]} (input shape {tuple(z.shape)})"
+            )
+        codes, indices = self._quantize(project(self.project_in, tokens))
+        out = project(self.project_out, codes).to(dtype)
+        out = from_tokens(out, packed_shape, channel_first)
+        if not self.return_indices:
+            return out, None
+        indices = indices_from_tokens(indices, packed_shape)
+        if not self.keep_num_codebooks_dim:
+            indices = rearrange(indices, "... 1 -> ...")
+        return out, indices
+
+    # indices <-> codes
+
+    def indices_to_level_indices(self, indices: Tensor) -> Tensor:
+        """indices (...) -> level index per code dimension (..., d), int64."""
+        check_indices(indices, self.codebook_size)
+        return (indices.long().unsqueeze(-1) // self._basis) % self._levels
+
+    def _indices_to_raw_codes(self, indices: Tensor) -> Tensor:
+        """indices (...) -> codes (..., d) in fp32, before rotation and projection."""
+        return self._level_to_code(self.indices_to_level_indices(indices).to(torch.float32))
+
+    def codes_to_indices(self, codes: Tensor) -> Tensor:
+        """codes (..., d) on the grid -> indices (...), int64 (exact for any codebook size)."""
+        if codes.shape[-1] != self.codebook_dim:
+            raise ValueError(
+                f"codes: expected last dim {self.codebook_dim} (len(levels)), got {codes.shape[-1]}"
+            )
+        level = self._code_to_level(codes.float()).round().long()
+        return (level * self._basis).sum(dim=-1)
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """indices (b, ...[, c]) -> codes (b, ..., dim) (channel-first for images/video).
+
+        The result is float32, or the projection's dtype when there are projections.
+        """
+        is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
+        codes = self._indices_to_raw_codes(indices)
+        if self.orthogonal_rotation:
+            codes = codes @ self.orthogonal_rot.t()
+        if self.keep_num_codebooks_dim:
+            codes = rearrange(codes, "... c d -> ... (c d)")
+        codes = project(self.project_out, codes)
+        if is_img_or_video or self.channel_first:
+            codes = rearrange(codes, "b ... d -> b d ...")
+        return codes
+
+    @property
+    def implicit_codebook(self) -> Tensor:
+        """All codebook_size codes (codebook_size, len(levels)), fp32, built on demand."""
+        elements = self.codebook_size * self.codebook_dim
+        if elements > self.max_implicit_codebook_elements:
+            raise ValueError(
+                f"implicit_codebook: {self.codebook_size} codes x {self.codebook_dim} dims would "
+                f"take {elements * 4 / 2**30:.1f} GiB (limit "
+                f"{self.max_implicit_codebook_elements * 4 / 2**30:.2f} GiB); call "
+                "indices_to_codes on the indices you need instead"
+            )
+        return self._indices_to_raw_codes(torch.arange(self.codebook_size, device=self._levels.device))
+
+    def code_usage(self, indices: Tensor, process_group=None) -> CodeUsage:
+        """Perplexity and fraction of the codebook used by `indices` (all codebooks pooled)."""
+        return code_usage(indices, self.codebook_size, process_group)

@@ -1,0 +1,146 @@
+"""What every residual quantizer shares: the stage loop, quantize dropout drawn alike on all
+ranks, looking codes up from (possibly dropped or coarse) indices, and grouping."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..checks import check_positive_int
+from ..distributed import broadcast_
+from ..precision import cat, stack
+
+
+def check_quantize_dropout(num_quantizers: int, cutoff_index: int, multiple_of: int) -> None:
+    check_positive_int("num_quantizers", num_quantizers)
+    if not 0 <= cutoff_index < num_quantizers:
+        raise ValueError(
+            f"quantize_dropout_cutoff_index: expected 0 <= index < num_quantizers={num_quantizers}, "
+            f"got {cutoff_index}"
+        )
+    check_positive_int("quantize_dropout_multiple_of", multiple_of)
+
+
+def shared_seed(device, process_group=None) -> int:
+    """A seed from torch's generator, broadcast so every rank draws the same dropout depth."""
+    seed = torch.randint(0, 2**31 - 1, (1,)).to(device)
+    return int(broadcast_(seed, src=0, group=process_group).item())
+
+
+def quantize_dropout_depth(num_quantizers: int, cutoff_index: int, multiple_of: int, seed: int) -> int:
+    """Index of the last quantizer kept (those after it are dropped), as in SoundStream/EnCodec.
+
+    Uniform over [cutoff_index, num_quantizers), then rounded so that the number of kept
+    quantizers is a multiple of `multiple_of` (structured dropout).
+    """
+    last = random.Random(seed).randrange(cutoff_index, num_quantizers)
+    if multiple_of != 1:
+        last = math.ceil((last + 1) / multiple_of) * multiple_of - 1
+    return last
+
+
+def last_kept_stage(module, x: Tensor, seed: int | None) -> int:
+    """The last stage to run: all of them, unless quantize dropout applies (training with grad)."""
+    last = module.num_quantizers - 1
+    if module.training and module.quantize_dropout and torch.is_grad_enabled():
+        if seed is None:
+            seed = shared_seed(x.device, module.process_group)
+        last = quantize_dropout_depth(
+            module.num_quantizers, module.quantize_dropout_cutoff_index, module.quantize_dropout_multiple_of, seed
+        )
+    return last
+
+
+def run_stages(x: Tensor, stages: list[Callable], last_kept: int):
+    """Stage k quantizes the residual of stages < k: stage(residual) -> (quantized, indices, *extra).
+
+    Returns the sum of the stages' outputs (summed in stage order, as `sum_stages` does), their
+    indices stacked on a last axis (-1 for dropped stages), and each stage's extras (None when
+    dropped). Residuals are passed on detached: each stage learns its own target.
+    """
+    quantized, residual, all_indices, extras = torch.zeros_like(x), x, [], []
+    for k, stage in enumerate(stages):
+        if k > last_kept:
+            all_indices.append(torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device))
+            extras.append(None)
+            continue
+        stage_out, indices, *extra = stage(residual)
+        residual = residual - stage_out.detach()
+        quantized = quantized + stage_out
+        all_indices.append(indices)
+        extras.append(extra)
+    return quantized, torch.stack(all_indices, dim=-1), extras
+
+
+def stage_codes(indices: Tensor, lookups: list[Callable]) -> Tensor:
+    """indices (b, ..., q'), q' <= q, -1 = dropped -> codes (q, b, ..., d); missing stages dropped.
+
+    lookups[k](valid indices (b, ...)) -> codes (b, ..., d) of stage k.
+    """
+    if indices.shape[-1] > len(lookups):
+        raise ValueError(f"indices: expected at most {len(lookups)} quantizers on the last axis, got {indices.shape[-1]}")
+    if indices.shape[-1] < len(lookups):  # coarse indices (quantize dropout): pad as dropped
+        pad = indices.new_full((*indices.shape[:-1], len(lookups) - indices.shape[-1]), -1)
+        indices = torch.cat([indices, pad], dim=-1)
+    codes = []
+    for k, lookup in enumerate(lookups):
+        dropped = indices[..., k] == -1
+        stage = lookup(indices[..., k].masked_fill(dropped, 0))
+        codes.append(stage.masked_fill(dropped.unsqueeze(-1), 0.0))
+    return torch.stack(codes)
+
+
+def sum_stages(codes: Tensor) -> Tensor:
+    """(q, ...) -> (...), summed in stage order from zero, bit-for-bit like `run_stages`."""
+    total = torch.zeros_like(codes[0])
+    for stage in codes:
+        total = total + stage
+    return total
+
+
+class GroupedResidual(nn.Module):
+    """`groups` independent residual quantizers over equal slices of the feature dim.
+
+    forward returns the residual quantizers' tuples joined: the output concatenated along the
+    feature axis, everything else stacked on a leading group axis.
+    """
+
+    def __init__(self, make_residual: Callable[..., nn.Module], dim: int, groups: int, accept_image_fmap: bool, **kwargs):
+        super().__init__()
+        dim = check_positive_int("dim", dim)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or dim % groups:
+            raise ValueError(f"groups: expected a positive divisor of dim={dim}, got {groups!r}")
+        self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
+        self.rvqs = nn.ModuleList(make_residual(dim=dim // groups, **kwargs) for _ in range(groups))
+        self.codebook_size = self.rvqs[0].codebook_size
+
+    @property
+    def split_dim(self) -> int:
+        return 1 if self.accept_image_fmap else -1
+
+    @property
+    def codebooks(self) -> Tensor:
+        return torch.stack([rvq.codebooks for rvq in self.rvqs])
+
+    def forward(self, x: Tensor, **kwargs):
+        if x.ndim < 2 or x.shape[self.split_dim] != self.dim:
+            raise ValueError(f"{type(self).__name__}: expected feature dim {self.dim} on axis {self.split_dim}, "
+                             f"got input shape {tuple(x.shape)}")
+        seed = None
+        if self.training and any(rvq.quantize_dropout for rvq in self.rvqs) and torch.is_grad_enabled():
+            seed = shared_seed(x.device, self.rvqs[0].process_group)  # all groups drop alike
+        chunks = x.chunk(self.groups, dim=self.split_dim)
+        outs = [rvq(chunk, rand_quantize_dropout_fixed_seed=seed, **kwargs) for rvq, chunk in zip(self.rvqs, chunks)]
+        quantized, *rest = zip(*outs)
+        return (cat(quantized, dim=self.split_dim), *(stack(parts) for parts in rest))
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)])
+
+    def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        outs = [rvq.get_output_from_indices(i, dtype) for rvq, i in zip(self.rvqs, indices)]
+        return cat(outs, dim=self.split_dim)
