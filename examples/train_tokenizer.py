@@ -2,6 +2,7 @@
 
     python examples/train_tokenizer.py                   # FSQ, about a minute on 2 CPU cores
     python examples/train_tokenizer.py --quantizer rfsq  # residual FSQ, two stages
+    python examples/train_tokenizer.py --quantizer lfq   # lookup-free quantization
 
 The encoder turns each 8x8 image into a 4x4 grid of feature vectors, the quantizer replaces
 each vector by one of `--codebook-size` codes (a token), and the decoder rebuilds the image
@@ -24,7 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from vq_layers import FSQ, ResidualFSQ
+from vq_layers import FSQ, LFQ, ResidualFSQ
 
 # scikit-learn and matplotlib are imported where used, so that --help and bad arguments
 # answer without their seconds of import time
@@ -49,7 +50,12 @@ def build_rfsq(dim: int, codebook_size: int) -> nn.Module:
     return ResidualFSQ(dim=dim, levels=levels, num_quantizers=2, is_channel_first=True)
 
 
-QUANTIZERS = {"fsq": build_fsq, "rfsq": build_rfsq}
+def build_lfq(dim: int, codebook_size: int) -> nn.Module:
+    # signs of log2(codebook_size) projected dims; an exact entropy loss spreads code usage
+    return LFQ(dim=dim, codebook_size=codebook_size, entropy_loss_weight=0.1)
+
+
+QUANTIZERS = {"fsq": build_fsq, "rfsq": build_rfsq, "lfq": build_lfq}
 
 
 class Tokenizer(nn.Module):

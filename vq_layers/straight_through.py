@@ -1,13 +1,24 @@
-"""Straight-through estimators whose forward value is exact.
+"""Straight-through estimator whose forward value is exact.
 
 The usual `z + (q - z).detach()` returns `z + (q - z)`, which in floating point is not always
-`q`: outputs would then differ in the last bit from codes looked up by index. Here the value is
-`q` exactly (`q + 0`) and the gradient is that of `z`.
+`q` (outputs would then differ in the last bit from codes looked up by index), and is NaN where
+z is infinite. Here the value is `q` itself and the gradient is that of `z`.
 """
 
+import torch
 from torch import Tensor
 
 
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, surrogate):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
 def straight_through(value: Tensor, surrogate: Tensor) -> Tensor:
-    """Forward: `value` exactly. Backward: gradient flows into `surrogate` as if identity."""
-    return value.detach() + (surrogate - surrogate.detach())
+    """Forward: `value` exactly. Backward: the gradient flows into `surrogate` as if identity."""
+    return _StraightThrough.apply(value.detach(), surrogate)

@@ -1,0 +1,239 @@
+"""LFQ's entropies, exact, in O(N·d + 2^d) memory (pure-torch reference).
+
+For a token with bit logits l (d,), LFQ's softmax over the 2^d corners factorizes into d
+independent bits, p(bit_i = 1) = sigmoid(l_i), so
+
+    log p(k | token) = sum_i [b_ki logsigmoid(l_i) + (1 - b_ki) logsigmoid(-l_i)]
+
+(b_ki: bit i of code k, most significant first, as LFQ's indices). Then
+
+- per-sample entropy = sum_i binary_entropy(sigmoid(l_i)), O(N·d);
+- codebook entropy = entropy of the batch mean P_k = mean_n p(k | n), via one of two exact
+  algorithms per token:
+  * sparse-exact: bits with |l_i| >= CONFIDENT_LOGIT are fixed at their likely value; the token's
+    mass on the 2^u corners of its u uncertain bits is enumerated and scatter-added;
+  * dense: p(k | n) factorizes over the high and low halves of the bits, so the mass over all
+    2^d codes is one matmul of two (n, 2^(d/2)) factors, computed in token chunks whose backward
+    recomputes them; for tokens with many uncertain bits.
+
+Both write log-probabilities as [logsigmoid(l) | logsigmoid(-l)] @ [b | 1 - b]^T: a sum of
+non-positive terms with 0/1 weights, free of the cancellation that l·b - sum softplus(l) has.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..distributed import all_reduce_sum, all_reduce_sum_
+
+# sigmoid(-30) = 9.4e-14: a bit with |l| >= 30 puts at most that fraction of the token's mass on
+# its unlikely side. Fixing all such bits (d <= 64 of them) drops at most 64 * 9.4e-14 = 6e-12 of
+# the mass, far below fp32 resolution (6e-8), and their gradient factor sigmoid(-|l|) likewise.
+CONFIDENT_LOGIT = 30.0
+# sparse-exact for tokens with u uncertain bits when 2^u <= 2^d / 8 and u <= 12: beyond that the
+# enumeration (gather/scatter) is no cheaper than the dense matmul over all 2^d codes
+MAX_SPARSE_BITS = 12
+SPARSE_CODES_FRACTION_LOG2 = 3
+LOGIT_LIMIT = 1e4
+# at most this many (token, code) pairs exist at once: 16 MiB of fp32 per tile
+TILE_ELEMENTS = 2**22
+
+
+def code_bits(start: int, stop: int, d: int, device) -> Tensor:
+    """Bits (stop - start, d) of codes start..stop-1, most significant bit first, fp32."""
+    shifts = torch.arange(d - 1, -1, -1, device=device)
+    codes = torch.arange(start, stop, device=device)
+    return ((codes[:, None] >> shifts) & 1).to(torch.float32)
+
+
+def logsigmoid(x: Tensor) -> Tensor:
+    # -softplus(-x): the same values as F.logsigmoid, without its CPU kernel's extra buffer
+    return -F.softplus(-x)
+
+
+def _bit_logprobs(logits: Tensor) -> Tensor:
+    """[logsigmoid(l) | logsigmoid(-l)] (..., 2d): the two sides of every bit."""
+    return torch.cat([logsigmoid(logits), logsigmoid(-logits)], dim=-1)
+
+
+def _both_sides(bits: Tensor) -> Tensor:
+    return torch.cat([bits, 1 - bits], dim=-1)
+
+
+def _half_probs(logits: Tensor) -> Tensor:
+    """p(corner | token) over the 2^h corners of h bits: (n, h) -> (n, 2^h), no cancellation."""
+    bits = code_bits(0, 2 ** logits.shape[-1], logits.shape[-1], logits.device)
+    return torch.exp(_bit_logprobs(logits) @ _both_sides(bits).T)
+
+
+def _bits_grad(logits: Tensor, weighted: Tensor) -> Tensor:
+    """d/dlogits of sum_k w_nk where w_nk = p(k | n) c_nk (c held fixed), for one block of bits.
+
+    dp(k | n)/dl_i = p(k | n) (b_ki - sigmoid(l_i)); written as
+    sigmoid(-l_i) sum_{b_ki=1} w_nk - sigmoid(l_i) sum_{b_ki=0} w_nk, two same-sign sums.
+    """
+    bits = code_bits(0, weighted.shape[-1], logits.shape[-1], logits.device)
+    return torch.sigmoid(-logits) * (weighted @ bits) - torch.sigmoid(logits) * (weighted @ (1 - bits))
+
+
+def _dense_mass(logits: Tensor, grad_mass: Tensor | None = None) -> Tensor:
+    """Forward: sum_n p(k | n) over all 2^d codes (2^d,). Backward (grad_mass given): d/dlogits.
+
+    p(k | n) factorizes over the high and low halves of the bits: p = A[n, k_high] B[n, k_low],
+    so the mass is one matmul A^T B, (2^(d/2), n) @ (n, 2^(d/2)), with no (n, 2^d) tensor. Tokens
+    go in chunks of at most TILE_ELEMENTS / 2^(d/2); the backward recomputes A and B per chunk.
+    """
+    n, d = logits.shape
+    high = d // 2
+    token_chunk = max(1, TILE_ELEMENTS // 2 ** (d - high))
+    if grad_mass is not None:
+        grad_mass = grad_mass.reshape(2**high, 2 ** (d - high))  # [k_high, k_low]
+        out = torch.zeros_like(logits)
+    else:
+        out = logits.new_zeros(2**high, 2 ** (d - high))
+    for t in range(0, n, token_chunk):
+        rows = slice(t, t + token_chunk)
+        chunk_high, chunk_low = logits[rows, :high], logits[rows, high:]
+        a, b = _half_probs(chunk_high), _half_probs(chunk_low)
+        if grad_mass is None:
+            out += a.T @ b
+            continue
+        out[rows, :high] = _bits_grad(chunk_high, a * (b @ grad_mass.T))
+        out[rows, high:] = _bits_grad(chunk_low, b * (a @ grad_mass))
+    return out.reshape(-1) if grad_mass is None else out
+
+
+def _sparse_mass(logits: Tensor, u: int, grad_mass: Tensor | None = None) -> Tensor:
+    """As `_dense_mass`, for tokens with exactly u uncertain bits, over their 2^u corners."""
+    n, d = logits.shape
+    weights = 2 ** torch.arange(d - 1, -1, -1, device=logits.device)  # index value of each bit
+    likely = (logits > 0).long()
+    confident_lp = logsigmoid(logits.abs())
+    selected = (-logits.abs()).topk(u, dim=-1).indices  # (n, u): the uncertain bits
+    fixed_lp = confident_lp.scatter(1, selected, 0.0).sum(-1, keepdim=True)  # (n, 1)
+    corners = code_bits(0, 2**u, u, logits.device)  # (2^u, u)
+    sel_logits = logits.gather(1, selected)
+    sel_weights = weights[selected]  # (n, u)
+    base = (likely * weights).sum(-1) - (likely.gather(1, selected) * sel_weights).sum(-1)
+    out = logits.new_zeros(n, d) if grad_mass is not None else logits.new_zeros(2**d)
+    # Besides its 2^u corners c, each token puts p_c exp(-|l_i|) on c with fixed bit i flipped
+    # (exactly: the ratio sigmoid(-|l|) / sigmoid(|l|)). Those single flips are tiny in value but
+    # carry the fixed bits' gradient, so both passes visit them: (tokens, 2^u, d) per chunk.
+    # Double flips (relative mass <= 1e-26) are left out.
+    token_chunk = max(1, TILE_ELEMENTS // (2**u * d))
+    for t in range(0, n, token_chunk):
+        rows = slice(t, t + token_chunk)
+        chunk = logits[rows]
+        probs = torch.exp(fixed_lp[rows] + _bit_logprobs(sel_logits[rows]) @ _both_sides(corners).T)
+        index = base[rows, None].expand(-1, 2**u).clone()  # (n, 2^u) code of every corner
+        for j in range(u):
+            index += corners[:, j].long() * sel_weights[rows, j : j + 1]
+        flipped = index.unsqueeze(-1) ^ weights  # (n, 2^u, d)
+        if grad_mass is None:
+            ratio = torch.exp(-chunk.abs()).scatter(1, selected[rows], 0.0)  # enumerated bits: 0
+            out.scatter_add_(0, index.reshape(-1), probs.reshape(-1))
+            out.scatter_add_(0, flipped.reshape(-1), (probs.unsqueeze(-1) * ratio.unsqueeze(1)).reshape(-1))
+            continue
+        grad_here = grad_mass[index]  # (n, 2^u)
+        # d/dl_i sum_k g_k p_k for a fixed bit i = sign(l_i) sigmoid(-|l_i|) sum_c p_c (g_c - g_{c xor i})
+        moved = torch.einsum("nc,ncd->nd", probs, grad_here.unsqueeze(-1) - grad_mass[flipped])
+        grad = torch.sign(chunk) * torch.sigmoid(-chunk.abs()) * moved
+        out[rows] += grad.scatter(1, selected[rows], _bits_grad(sel_logits[rows], probs * grad_here))
+    return out
+
+
+def _partition(logits: Tensor):
+    """Yields (token index, u or None for dense) groups of one codebook's tokens (n, d)."""
+    d = logits.shape[-1]
+    uncertain = (logits.abs() < CONFIDENT_LOGIT).sum(-1)
+    max_sparse = min(MAX_SPARSE_BITS, d - SPARSE_CODES_FRACTION_LOG2)
+    dense = uncertain > max_sparse
+    if dense.any():
+        yield dense.nonzero().squeeze(-1), None
+    for u in torch.unique(uncertain[~dense]).tolist():
+        yield (uncertain == u).nonzero().squeeze(-1), int(u)
+
+
+def _mass(logits: Tensor, grad_mass: Tensor | None = None) -> Tensor:
+    """logits (n, d) -> code mass (2^d,) or, with grad_mass (2^d,), its gradient (n, d)."""
+    if grad_mass is None:
+        out = logits.new_zeros(2 ** logits.shape[-1])
+    else:
+        out = torch.zeros_like(logits)
+    for tokens, u in _partition(logits):
+        part = _dense_mass(logits[tokens], grad_mass) if u is None else _sparse_mass(logits[tokens], u, grad_mass)
+        if grad_mass is None:
+            out += part
+        else:
+            out[tokens] = part
+    return out
+
+
+class CodeMass(torch.autograd.Function):
+    """logits (n, c, d) -> sum over tokens of p(code | token), (c, 2^d); backward recomputes."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        mass = torch.stack([_mass(logits[:, c]) for c in range(logits.shape[1])])
+        ctx.save_for_backward(logits, mass)
+        return mass
+
+    @staticmethod
+    def backward(ctx, grad_mass):
+        logits, mass = ctx.saved_tensors
+        # every token's probabilities sum to 1, so a constant shift of grad_mass changes nothing;
+        # centring it on its mass-weighted mean removes most cancellation from the sums below
+        centre = (grad_mass * mass).sum(-1, keepdim=True) / mass.sum(-1, keepdim=True).clamp(min=1e-30)
+        grad_mass = grad_mass - centre
+        grads = [_mass(logits[:, c], grad_mass[c].contiguous()) for c in range(logits.shape[1])]
+        return torch.stack(grads, dim=1)
+
+
+def code_mass(logits: Tensor) -> Tensor:
+    """Sum over tokens of each code's probability: logits (n, c, d) fp32 -> (c, 2^d) fp32."""
+    return CodeMass.apply(logits)
+
+
+class BinaryEntropy(torch.autograd.Function):
+    """Entropy of Bernoulli(sigmoid(l)), elementwise, with the closed-form derivative
+    -l sigmoid(l) sigmoid(-l) (autograd of the forward formula cancels for small |l|)."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        ctx.save_for_backward(logits)
+        return torch.sigmoid(logits) * F.softplus(-logits) + torch.sigmoid(-logits) * F.softplus(logits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (logits,) = ctx.saved_tensors
+        return -grad * logits * torch.sigmoid(logits) * torch.sigmoid(-logits)
+
+
+def binary_entropy(logits: Tensor) -> Tensor:
+    """Entropy of Bernoulli(sigmoid(l)), elementwise: sigmoid(l) softplus(-l) + sigmoid(-l) softplus(l)."""
+    return BinaryEntropy.apply(logits)
+
+
+def lfq_entropy(logits: Tensor, process_group=None) -> tuple[Tensor, Tensor]:
+    """(per-sample entropy, codebook entropy), exact, from bit logits (n, c, d) in fp32.
+
+    per-sample: mean over tokens and codebooks of each token's entropy over the 2^d codes;
+    codebook: mean over codebooks of the entropy of the batch's mean code distribution.
+    Under torch.distributed both are over the global batch (tokens of all ranks), with
+    gradients reaching every rank's logits. No tokens anywhere: both are zero.
+    """
+    n, c, d = logits.shape
+    # an overflowed logit (inf) would give 0 * inf = NaN entropies; past |l| = 1e4 every
+    # probability and gradient involved is exp(-1e4) = 0 in fp32 anyway
+    logits = logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
+    count = torch.tensor([float(n)], device=logits.device)
+    all_reduce_sum_(count, process_group)
+    total = count.clamp(min=1)
+    per_sample = all_reduce_sum(binary_entropy(logits).sum(), process_group) / (total * c)
+    mass = all_reduce_sum(code_mass(logits), process_group)
+    probs = mass / total
+    # 0 log 0 = 0 with a zero (not NaN) gradient for codes nobody uses
+    codebook = -(probs * torch.where(probs > 0, probs, 1.0).log()).sum(-1).mean()
+    return per_sample.squeeze(0), codebook

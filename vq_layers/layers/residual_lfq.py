@@ -1,0 +1,137 @@
+"""Residual LFQ: stage k is an LFQ with codes +-2^-k quantizing the residual of stages < k."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..checks import check_positive_int
+from ..layout import from_tokens, indices_from_tokens, to_tokens
+from ..precision import Fp32BuffersModule, fp32_island, project
+from ..usage import CodeUsage, stack_usage
+from .lfq import LFQ, check_codebook_size
+from .residual import GroupedResidual, check_quantize_dropout, last_kept_stage, run_stages, stage_codes, sum_stages
+
+
+class ResidualLFQ(Fp32BuffersModule):
+    """Residual lookup-free quantization (SoundStream's Algorithm 1 with LFQ stages).
+
+    Shapes:
+        forward(x, mask=None): x (b, n, dim) | (b, dim) | channel-first (b, dim, h, w)
+            -> (quantized like x in x's dtype, indices (b, n, q) | (b, h, w, q) int64 (-1 for
+            dropped stages), aux losses (q,) fp32
+            [, all_codes (q, b, n, d) in x's dtype with return_all_codes]).
+    Every LFQ keyword (entropy_loss_weight, spherical, ...) passes through to the stages.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_quantizers: int,
+        codebook_size: int,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        soft_clamp_input_value: float | None = None,
+        channel_first: bool | None = None,
+        process_group=None,
+        **lfq_kwargs,
+    ):
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        self.codebook_size = check_codebook_size(codebook_size)
+        check_quantize_dropout(num_quantizers, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)
+        if "codebook_scale" in lfq_kwargs:
+            raise ValueError("codebook_scale: set by ResidualLFQ (2^-k for stage k), do not pass it")
+        self.codebook_dim = int(math.log2(codebook_size))
+        self.num_quantizers = num_quantizers
+        self.quantize_dropout = quantize_dropout and num_quantizers > 1
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
+        self.process_group = process_group
+        self.channel_first = channel_first  # None: channel-first for 4+ dims, as LFQ
+
+        self.has_projections = self.dim != self.codebook_dim
+        self.project_in = nn.Linear(self.dim, self.codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(self.codebook_dim, self.dim) if self.has_projections else nn.Identity()
+        self.layers = nn.ModuleList(
+            LFQ(dim=self.codebook_dim, codebook_size=codebook_size, codebook_scale=2.0**-k,
+                soft_clamp_input_value=None if soft_clamp_input_value is None else soft_clamp_input_value * 2.0**-k,
+                channel_first=False, process_group=process_group, **lfq_kwargs)
+            for k in range(num_quantizers)
+        )
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, codebook_size={self.codebook_size}, num_quantizers={self.num_quantizers}"
+
+    @property
+    def codebooks(self) -> Tensor:
+        """(q, codebook_size, log2(codebook_size)) codes of every stage, built on demand."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    @fp32_island
+    def _residual_quantize(self, x: Tensor, mask, last_kept: int, inv_temperature: float):
+        stages = [partial(self.layers[k], mask=mask, inv_temperature=inv_temperature) for k in range(self.num_quantizers)]
+        quantized, indices, extras = run_stages(x, stages, last_kept)
+        losses = [extra[0] if extra is not None else x.new_zeros(()) for extra in extras]
+        return quantized, indices, torch.stack(losses)
+
+    def forward(self, x: Tensor, mask=None, return_all_codes: bool = False,
+                rand_quantize_dropout_fixed_seed: int | None = None, inv_temperature: float = 100.0):
+        dtype = x.dtype
+        channel_first = self._channel_first(x.ndim)
+        tokens, spatial = to_tokens(x, channel_first)
+        if tokens.shape[-1] != self.dim:
+            raise ValueError(f"ResidualLFQ: expected input feature dim {self.dim}, got {tokens.shape[-1]} "
+                             f"(input shape {tuple(x.shape)}, channel_first={channel_first})")
+        mask = self.layers[0]._check_mask(mask, x, tokens, channel_first)
+        last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
+        quantized, indices, losses = self._residual_quantize(project(self.project_in, tokens), mask, last_kept,
+                                                             inv_temperature)
+        out = from_tokens(project(self.project_out, quantized).to(dtype), spatial, channel_first)
+        indices = indices_from_tokens(indices, spatial)
+        if not return_all_codes:
+            return out, indices, losses
+        return out, indices, losses, self.get_codes_from_indices(indices).to(dtype)
+
+    def _channel_first(self, ndim: int) -> bool:
+        return self.channel_first if self.channel_first is not None else ndim >= 4
+
+    def _lookup_stage(self, k: int, indices: Tensor) -> Tensor:
+        return self.layers[k]._indices_to_raw_codes(indices)
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """indices (b, ..., q'), -1 for dropped -> codes (q, b, ..., d) fp32 (missing stages dropped)."""
+        return stage_codes(indices, [partial(self._lookup_stage, k) for k in range(self.num_quantizers)])
+
+    def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """indices as forward returns them -> forward's output; fp32 (or the projection's dtype)
+        unless `dtype` is given."""
+        out = project(self.project_out, sum_stages(self.get_codes_from_indices(indices)))
+        out = out if dtype is None else out.to(dtype)
+        # indices (b, h, w, q) of an image come back channel-first, like forward's output
+        return rearrange(out, "b ... d -> b d ...") if self._channel_first(indices.ndim) else out
+
+    def code_usage(self, indices: Tensor, process_group=None) -> CodeUsage:
+        """Per-quantizer usage of `indices` (b, ..., q): fields of shape (q,)."""
+        group = process_group if process_group is not None else self.process_group
+        return stack_usage([layer.code_usage(stage, group) for layer, stage in zip(self.layers, indices.unbind(-1))])
+
+
+class GroupedResidualLFQ(GroupedResidual):
+    """`groups` independent ResidualLFQs over equal slices of the feature dim.
+
+    Shapes: x (b, n, dim) -> (quantized like x, indices (g, b, n, q), losses (g, q)
+    [, all_codes (g, q, b, n, d)]).
+    """
+
+    def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
+        super().__init__(ResidualLFQ, dim, groups, accept_image_fmap, **kwargs)
+
+    def forward(self, x: Tensor, mask=None, return_all_codes: bool = False, inv_temperature: float = 100.0):
+        return super().forward(x, mask=mask, return_all_codes=return_all_codes, inv_temperature=inv_temperature)
