@@ -1,0 +1,149 @@
+"""One LFQ training step (forward + backward) side by side: vq_layers vs vector-quantize-pytorch,
+and the sign-only straight-through step that bounds the work (no entropy at all).
+
+    python -m benchmarks.lfq            # all configurations, writes benchmarks/results/
+    python -m benchmarks.lfq --quick    # the small ones only
+
+Every measurement runs in a fresh subprocess, so its peak RSS (CPU) or peak allocated memory
+(CUDA) is its own; the time is the median of several steps after one warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import describe_machine, markdown_table, peak_memory_mib, results_path, write_results
+
+CONFIGS = [  # (codebook_size, tokens, inv_temperature)
+    (2**14, 4096, 100.0),
+    (2**16, 4096, 100.0),
+    (2**16, 4096, 1.0),
+    (2**18, 16384, 100.0),
+]
+IMPLS = ["vq_layers", "vector-quantize-pytorch", "sign-only bound"]
+# the peer materializes (tokens x codes) fp32 several times over: skip what cannot fit
+PEER_MAX_PAIRS = 2**28
+
+
+def make_layer(impl: str, codebook_size: int):
+    if impl == "vq_layers":
+        from vq_layers import LFQ
+    else:
+        from vector_quantize_pytorch import LFQ
+    return LFQ(codebook_size=codebook_size, entropy_loss_weight=0.1, diversity_gamma=1.0)
+
+
+def step_fn(impl: str, codebook_size: int, inv_temperature: float):
+    import torch
+
+    if impl == "sign-only bound":
+        def step(x):
+            codes = torch.where(x > 0, 1.0, -1.0)
+            out = x + (codes - x).detach()
+            out.square().mean().backward()
+        return step
+    layer = make_layer(impl, codebook_size).train()
+
+    def step(x):
+        out, _, aux_loss = layer(x, inv_temperature=inv_temperature)
+        (out.square().mean() + aux_loss).backward()
+    return step
+
+
+def measure_one(impl: str, codebook_size: int, tokens: int, inv_temperature: float, repeats: int, device: str) -> dict:
+    """Runs inside the subprocess."""
+    import torch
+
+    d = codebook_size.bit_length() - 1
+    torch.manual_seed(0)
+    x = torch.randn(1, tokens, d, device=device, requires_grad=True)
+    step = step_fn(impl, codebook_size, inv_temperature)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    baseline = peak_memory_mib(device)
+    step(x)  # warm-up
+    times = []
+    for _ in range(repeats):
+        x.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"seconds": times[len(times) // 2], "peak_mib_added": peak_memory_mib(device) - baseline}
+
+
+def run_isolated(impl, codebook_size, tokens, inv_temperature, repeats, device, timeout) -> dict:
+    args = [sys.executable, "-m", "benchmarks.lfq", "--one", json.dumps([impl, codebook_size, tokens, inv_temperature]),
+            "--repeats", str(repeats), "--device", device]
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout} s"}
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:120]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def render(path) -> str:
+    """Re-renders a results file's table (python -m benchmarks.lfq --render FILE.json)."""
+    payload = json.loads(path.read_text())
+    return markdown_table(payload["rows"], COLUMNS, IMPLS, reference="vq_layers")
+
+
+COLUMNS = [
+    ("codes", lambda r: f"2^{r['codebook_size'].bit_length() - 1}"),
+    ("tokens", lambda r: str(r["tokens"])),
+    ("inv_temperature", lambda r: f"{r['inv_temperature']:g}"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only configurations under 2^16 x 4096")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--timeout", type=int, default=600)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--render", help="print the table of an existing results .json and exit")
+    args = parser.parse_args()
+    if args.render:
+        print(render(Path(args.render)))
+        return
+    if args.one:
+        impl, codebook_size, tokens, inv_temperature = json.loads(args.one)
+        print(json.dumps(measure_one(impl, codebook_size, tokens, inv_temperature, args.repeats, args.device)))
+        return
+
+    rows = []
+    for codebook_size, tokens, inv_temperature in CONFIGS:
+        if args.quick and codebook_size * tokens > 2**26:
+            continue
+        row = {"codebook_size": codebook_size, "tokens": tokens, "inv_temperature": inv_temperature}
+        for impl in IMPLS:
+            if impl == "vector-quantize-pytorch" and codebook_size * tokens > PEER_MAX_PAIRS:
+                row[impl] = {"error": "not run: needs the tokens x codes matrix many times over"}
+                continue
+            row[impl] = run_isolated(impl, codebook_size, tokens, inv_temperature, args.repeats, args.device, args.timeout)
+            print(codebook_size, tokens, inv_temperature, impl, row[impl], flush=True)
+        rows.append(row)
+
+    machine = describe_machine(args.device)
+    table = markdown_table(rows, COLUMNS, IMPLS, reference="vq_layers")
+    table += "\n\n(× = that implementation's time or added peak RSS over vq_layers'; > 1 means vq_layers is faster or leaner)"
+    path = results_path("lfq", args.device)
+    write_results(path, {"benchmark": "LFQ training step (forward + backward)", "machine": machine, "rows": rows}, table)
+    print(table)
+    print(f"written: {path}.json, {path}.md")
+
+
+if __name__ == "__main__":
+    main()
