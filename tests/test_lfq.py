@@ -29,34 +29,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from reference import linear64, randn
 from vq_layers import LFQ
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Many tiny ops: on a loaded 2-core machine the intra-op pool's wake-ups dominate the run
-    (F.logsigmoid of a 30x3 tensor: ~10 ms with 2 threads, ~0.3 ms with 1). Results do not depend
-    on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # ------------------------------------------------------------------------------------------
 # fp64 reference
-
-
-def randn(*shape, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g) * scale
-
-
-def linear64(linear, x):
-    out = x.to(F64) @ linear.weight.detach().to(F64).t()
-    return out + linear.bias.detach().to(F64) if linear.bias is not None else out
 
 
 def all_codes(d, v):
@@ -298,7 +279,7 @@ def test_spherical_logit_factor_is_four_t_code_value():
     assert abs(h - h_wrong) > 1e-2  # the check above discriminates
 
 
-def test_return_structure():
+def test_returncall_structure():
     layer = LFQ(dim=4).train()
     ret = layer(randn(2, 3, 4, seed=10))
     assert type(ret).__name__ == "Return" and ret._fields == ("quantized", "indices", "entropy_aux_loss")

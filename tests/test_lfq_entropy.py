@@ -57,13 +57,7 @@ BITS = [1, 2, 5, 8, 11]
 LOSSES = [(1.0, -0.7), (1.0, 0.0), (0.0, 1.0)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These are many small ops: one intra-op thread is faster, several times so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # --------------------------------------------------------------------------------------------

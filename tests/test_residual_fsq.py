@@ -17,7 +17,6 @@ are genuine near-ties (fp32 and fp64 may round differently) and are left out of 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -26,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dtype_matrix import dtype_matrix, run_cell
+from reference import brute_force_usage, call_structure, linear64, randn
 from vq_layers import GroupedResidualFSQ, ResidualFSQ
 
 F64 = torch.float64
@@ -90,10 +90,6 @@ def reference(z, levels, num_quantizers, *, hard=True, soft_clamp=None, kept=Non
     )
 
 
-def linear64(linear, x):
-    return x.to(F64) @ linear.weight.detach().to(F64).t() + linear.bias.detach().to(F64)
-
-
 def reference_layer(layer, x_tokens, **kw):
     """Reference of a ResidualFSQ (projections in fp64 with its weights) on tokens (..., dim)."""
     z = linear64(layer.project_in, x_tokens) if layer.has_projections else x_tokens.detach().to(F64)
@@ -101,11 +97,6 @@ def reference_layer(layer, x_tokens, **kw):
     ref.z = z
     ref.projected_out = linear64(layer.project_out, ref.out) if layer.has_projections else ref.out
     return ref
-
-
-def randn(*shape, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g) * scale
 
 
 def assert_indices_match(indices, ref, min_fraction=0.5):
@@ -695,14 +686,6 @@ def test_state_dict_round_trip_with_projections():
     assert torch.equal(b.get_output_from_indices(idx_a), out_a)
 
 
-def brute_force_usage(stage_indices, codebook_size):
-    values = [v for v in stage_indices.flatten().tolist() if v >= 0]
-    counts = Counter(values)
-    n = len(values)
-    entropy = -sum(c / n * math.log(c / n) for c in counts.values()) if n else 0.0
-    return math.exp(entropy), len(counts) / codebook_size, len(counts)
-
-
 @pytest.mark.parametrize("channel_first", [False, True])
 @pytest.mark.parametrize("dropout", [False, True])
 def test_code_usage_matches_brute_force(channel_first, dropout):
@@ -729,12 +712,6 @@ def test_code_usage_matches_brute_force(channel_first, dropout):
 # drop-in for vector-quantize-pytorch
 
 
-def _structure(result):
-    """Tuple length, shapes and float/integer kind (indices are int64 here by design, int32 there)."""
-    assert isinstance(result, tuple)
-    return [(tuple(t.shape), t.dtype if t.is_floating_point() else "integer") for t in result]
-
-
 @pytest.mark.parametrize(
     "kwargs,shape,return_all_codes,train",
     [
@@ -757,7 +734,7 @@ def test_drop_in_for_vector_quantize_pytorch(kwargs, shape, return_all_codes, tr
     peer = peer_module.ResidualFSQ(**kwargs).train(train)
     ours_out = ours(x, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=3)
     peer_out = peer(x, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=3)
-    assert _structure(ours_out) == _structure(peer_out)
+    assert call_structure(ours_out) == call_structure(peer_out)
     assert ours.codebook_size == peer.codebook_size
     assert ours.codebooks.shape == peer.codebooks.shape
     # the peer's int32 indices are accepted by ours
@@ -785,5 +762,5 @@ def test_grouped_drop_in_for_vector_quantize_pytorch():
     for all_codes in (False, True):
         ours_out, peer_out = ours(x, return_all_codes=all_codes), peer(x, return_all_codes=all_codes)
         assert len(ours_out) == len(peer_out)
-        assert _structure(ours_out[:2]) == _structure(peer_out[:2])
+        assert call_structure(ours_out[:2]) == call_structure(peer_out[:2])
     assert ours.codebook_size == peer.codebook_size

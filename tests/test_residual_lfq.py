@@ -20,7 +20,6 @@ from __future__ import annotations
 import inspect
 import math
 import random
-from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -30,34 +29,16 @@ from dtype_matrix import Parts, dtype_matrix, run_cell
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reference import brute_force_usage, call_structure, linear64, randn
 from vq_layers import GroupedResidualLFQ, ResidualLFQ
 
 F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Many tiny ops: on a loaded 2-core machine the intra-op pool's wake-ups dominate the run
-    (F.logsigmoid of a 30x3 tensor: ~10 ms with 2 threads, ~0.3 ms with 1). Results do not depend
-    on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------
 # fp64 reference
-
-
-def randn(*shape, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g) * scale
-
-
-def linear64(linear, x):
-    return x.to(F64) @ linear.weight.detach().to(F64).t() + linear.bias.detach().to(F64)
 
 
 def all_codes(d, v):
@@ -627,14 +608,6 @@ def test_codebooks_property():
         torch.testing.assert_close(books[k].to(F64), all_codes(3, 2.0**-k), rtol=0, atol=0)
 
 
-def brute_force_usage(stage_indices, codebook_size):
-    values = [v for v in stage_indices.flatten().tolist() if v >= 0]
-    counts = Counter(values)
-    n = len(values)
-    entropy = -sum(c / n * math.log(c / n) for c in counts.values()) if n else 0.0
-    return math.exp(entropy), len(counts) / codebook_size, len(counts)
-
-
 @pytest.mark.parametrize("dropout", [False, True])
 def test_code_usage_matches_brute_force(dropout):
     q = 4
@@ -655,11 +628,6 @@ def test_code_usage_matches_brute_force(dropout):
 
 # ------------------------------------------------------------------------------------------
 # drop-in for vector-quantize-pytorch
-
-
-def _structure(result):
-    assert isinstance(result, tuple)
-    return [(tuple(t.shape), t.dtype if t.is_floating_point() else "integer") for t in result]
 
 
 @pytest.mark.parametrize(
@@ -683,7 +651,7 @@ def test_drop_in_for_vector_quantize_pytorch(kwargs, shape, return_all_codes, tr
     ours.load_state_dict(peer.state_dict())  # strict
     ours_out = ours(x, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=3)
     peer_out = peer(x, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=3)
-    assert _structure(ours_out) == _structure(peer_out)
+    assert call_structure(ours_out) == call_structure(peer_out)
     assert torch.equal(ours_out[1], peer_out[1].long())  # same codes, same dropped stages
     torch.testing.assert_close(ours_out[0], peer_out[0], rtol=1e-5, atol=1e-5)
     assert ours.codebooks.shape == peer.codebooks.shape
@@ -715,7 +683,7 @@ def test_grouped_drop_in_for_vector_quantize_pytorch(train):
     for all_codes in (False, True):
         ours_out, peer_out = ours(x, return_all_codes=all_codes), peer(x, return_all_codes=all_codes)
         assert len(ours_out) == len(peer_out)
-        assert _structure(ours_out[:3]) == _structure(peer_out[:3])
+        assert call_structure(ours_out[:3]) == call_structure(peer_out[:3])
         assert torch.equal(ours_out[1], peer_out[1].long())
         torch.testing.assert_close(ours_out[0], peer_out[0], rtol=1e-5, atol=1e-5)
     assert ours.codebooks.shape == peer.codebooks.shape
