@@ -229,3 +229,27 @@ def test_launcher_times_out_instead_of_hanging():
         run_in_processes(_worker_sleeps, WORLD, timeout=3.0, init=False)
     assert time.monotonic() - start < 30
     assert not mp.active_children()  # the sleepers were killed and reaped
+
+
+def _worker_subgroup_without_rank_0(rank, world):
+    """Quantize dropout over a group that leaves out global rank 0: its seed comes from the
+    group's own first rank, and both members drop the same stages."""
+    from vq_layers import ResidualFSQ
+    from vq_layers.distributed import first_rank
+
+    group = dist.new_group([1, 2])  # every rank must take part in creating it
+    if rank == 0:
+        return
+    assert first_rank(group) == 1
+    torch.manual_seed(100 + rank)  # different local generators: only the broadcast aligns them
+    layer = ResidualFSQ(dim=4, levels=[5] * 4, num_quantizers=6, quantize_dropout=True, process_group=group).train()
+    for _ in range(4):
+        _, indices = layer(torch.randn(2, 8, 4))
+        kept = torch.tensor([int((indices[..., k] >= 0).all()) for k in range(6)])
+        gathered = [torch.zeros_like(kept) for _ in range(2)]
+        dist.all_gather(gathered, kept, group=group)
+        assert torch.equal(gathered[0], gathered[1]), gathered
+
+
+def test_quantize_dropout_over_a_group_without_rank_0():
+    run_in_processes(_worker_subgroup_without_rank_0, 3)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from dtype_matrix import DTYPES, dtype_matrix, run_cell
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -80,6 +80,10 @@ def test_dtype_matrix_indices_equal_fp32_reference(cell):
 @pytest.mark.parametrize("levels", [[8, 5, 5, 5], [2, 3], [7, 5, 5, 5, 5], [16], [4, 4, 4, 4]])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_implicit_codebook_is_the_grid_and_round_trips(levels, symmetric):
+    if 2 in levels and not symmetric:
+        with pytest.raises(ValueError, match="preserve_symmetry"):
+            FSQ(levels, preserve_symmetry=symmetric)
+        return
     fsq = FSQ(levels, preserve_symmetry=symmetric)
     codebook = fsq.implicit_codebook
     assert codebook.dtype == torch.float32 and codebook.shape == (math.prod(levels), len(levels))
@@ -96,6 +100,7 @@ def test_implicit_codebook_is_the_grid_and_round_trips(levels, symmetric):
     data=st.data(),
 )
 def test_round_trip_property(levels, symmetric, data):
+    assume(symmetric or 2 not in levels)  # a level of 2 needs the symmetric grid
     fsq = FSQ(levels, preserve_symmetry=symmetric)
     picks = data.draw(st.lists(st.integers(0, fsq.codebook_size - 1), min_size=1, max_size=20))
     indices = torch.tensor(picks)
@@ -118,6 +123,7 @@ def test_round_trip_property(levels, symmetric, data):
     seed=st.integers(0, 2**16),
 )
 def test_indices_always_in_range_and_consistent(levels, symmetric, noise, hard_clamp, scale, seed):
+    assume(symmetric or 2 not in levels)
     torch.manual_seed(seed)
     fsq = FSQ(levels, preserve_symmetry=symmetric, noise_dropout=noise, bound_hard_clamp=hard_clamp).train()
     z = torch.randn(2, 33, len(levels)) * scale
@@ -326,10 +332,21 @@ def test_module_dtype_and_default_dtype_do_not_touch_index_buffers():
 # --- errors ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("levels", [[1, 5], [2.5, 4], [], "85", [5, -3], [True, 5], None])
+@pytest.mark.parametrize("levels", [[1, 5], [2.5, 4], [], "85", [5, -3], [True, 5], None, [2, 5]])
 def test_bad_levels(levels):
+    """[2, 5]: on the default grid a level of 2 puts its boundary at z = -3.8 (the peer asserts)."""
     with pytest.raises(ValueError, match="levels"):
         FSQ(levels)
+
+
+def test_level_two_on_the_symmetric_grid_uses_both_codes():
+    out, indices = FSQ([2, 2, 2], preserve_symmetry=True)(torch.randn(1, 4000, 3))
+    assert torch.bincount(indices.flatten(), minlength=8).min() > 300
+
+
+def test_numpy_levels():
+    np = pytest.importorskip("numpy")
+    assert FSQ(np.array([8, 5])).levels == [8, 5]
 
 
 def test_bad_input_and_indices():
@@ -407,3 +424,12 @@ def test_same_codes_as_vector_quantize_pytorch():
 def test_module_dtype_cast_keeps_parameters_in_module_dtype():
     fsq = FSQ(LEVELS, dim=16).to(DTYPES["bf16"])
     assert fsq.project_in.weight.dtype == torch.bfloat16
+
+
+def test_codebook_axis_and_integer_input_are_checked():
+    with pytest.raises(ValueError, match="num_codebooks=2"):
+        FSQ([8, 5], num_codebooks=2).indices_to_codes(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="input"):
+        FSQ([8, 5])(torch.ones(2, 3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="noise_dropout"):
+        FSQ([8, 5], noise_dropout="a")

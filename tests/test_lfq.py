@@ -833,3 +833,21 @@ def test_infinite_input_gives_the_code_in_training():
     out, indices, _ = layer(x)
     assert indices.item() == 0b1010
     assert torch.equal(out.detach(), torch.tensor([[[1.0, -1.0, 1.0, -1.0]]]))
+
+
+def test_review_regressions():
+    """Errors and dtype rules found by review: each of these once misbehaved."""
+    with pytest.raises(ValueError, match="indices: expected a last axis of num_codebooks=2"):
+        LFQ(dim=16, codebook_size=256, num_codebooks=2).indices_to_codes(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="input: expected a floating point tensor"):
+        LFQ(dim=8)(torch.ones(2, 3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="inv_temperature"):
+        LFQ(dim=8)(torch.randn(2, 3, 8), inv_temperature=0.0)
+    # an activation with parameters, cast with the module: no dtype clash, gradient reaches it
+    layer = LFQ(dim=8, straight_through_activation=nn.PReLU()).bfloat16().train()
+    x = torch.randn(2, 3, 8, dtype=torch.bfloat16, requires_grad=True)
+    out, _, loss = layer(x)
+    (out.float().sum() + loss).backward()
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    assert layer.activation.weight.grad is not None
+    assert LFQ(dim=8).dtype == torch.float32

@@ -687,3 +687,20 @@ def test_grouped_drop_in_for_vector_quantize_pytorch(train):
         assert torch.equal(ours_out[1], peer_out[1].long())
         torch.testing.assert_close(ours_out[0], peer_out[0], rtol=1e-5, atol=1e-5)
     assert ours.codebooks.shape == peer.codebooks.shape
+
+
+@pytest.mark.parametrize("name,value", [("num_codebooks", 2), ("has_projections", True),
+                                        ("keep_num_codebooks_dim", True), ("codebook_scale", 0.5)])
+def test_stage_keywords_set_by_residual_lfq_are_rejected(name, value):
+    with pytest.raises(ValueError, match=name):
+        ResidualLFQ(dim=8, codebook_size=16, num_quantizers=2, **{name: value})
+
+
+def test_grouped_image_fmap_on_channel_first_sequences_and_group_count():
+    layer = GroupedResidualLFQ(dim=16, groups=2, accept_image_fmap=True, codebook_size=256, num_quantizers=3).eval()
+    x = randn(2, 16, 3, seed=5)
+    out, indices, _ = layer(x)
+    assert out.shape == x.shape and indices.shape == (2, 2, 3, 3)
+    assert torch.equal(layer.get_output_from_indices(indices), out)
+    with pytest.raises(ValueError, match="groups=2"):
+        layer.get_output_from_indices(indices[:1])

@@ -8,6 +8,16 @@ import torch
 from torch import Tensor
 
 
+# the largest implicit codebook a layer builds on request (codes x dims fp32): 256 MiB
+MAX_MATERIALIZED_ELEMENTS = 2**26
+
+
+def check_codebook_axis(indices: Tensor, keep_num_codebooks_dim: bool, num_codebooks: int) -> None:
+    if keep_num_codebooks_dim and (indices.ndim == 0 or indices.shape[-1] != num_codebooks):
+        raise ValueError(f"indices: expected a last axis of num_codebooks={num_codebooks}, "
+                         f"got shape {tuple(indices.shape)}")
+
+
 def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")

@@ -35,6 +35,11 @@ def _in_place(tensor: Tensor, collective) -> None:
         tensor.copy_(buf)
 
 
+def first_rank(group=None) -> int:
+    """Global rank of the group's rank 0 (the default group's is 0)."""
+    return dist.get_global_rank(group, 0) if group is not None and is_distributed(group) else 0
+
+
 def all_reduce_sum_(tensor: Tensor, group=None) -> Tensor:
     """Sums `tensor` over the group in place (no autograd); returns it."""
     if is_distributed(group):

@@ -12,6 +12,8 @@ from torch import Tensor
 
 def to_tokens(x: Tensor, channel_first: bool) -> tuple[Tensor, tuple[int, ...]]:
     """(b, ..., d) or channel-first (b, d, ...) -> tokens (b, n, d) and the spatial shape (...)."""
+    if not x.is_floating_point():
+        raise TypeError(f"input: expected a floating point tensor, got dtype {x.dtype}")
     if x.ndim < 2:
         raise ValueError(f"input: expected at least 2 dims (batch and features), got shape {tuple(x.shape)}")
     if channel_first:

@@ -4,7 +4,8 @@ DESIGN.md's precision contract in one place:
 
 - `fp32_island` runs a function with autocast disabled for *every* device type that has it on
   (CPU and CUDA alike, not CUDA only) and with its floating tensor arguments upcast to float32.
-  The caller keeps the input's dtype and casts the result back with `restore_dtype`.
+  The caller keeps the input's dtype and casts the result back (`restore_dtype` does it for
+  tuples of results).
 - `project` applies a projection (`nn.Linear`, ...): under autocast it follows autocast;
   without it the input is cast to the weight's dtype, so a bf16 input meeting an fp32 weight
   (or the reverse) can never raise "mat1 and mat2 must have the same dtype".

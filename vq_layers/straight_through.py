@@ -12,11 +12,12 @@ from torch import Tensor
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, surrogate):
+        ctx.surrogate_dtype = surrogate.dtype
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        return None, grad
+        return None, grad.to(ctx.surrogate_dtype)
 
 
 def straight_through(value: Tensor, surrogate: Tensor) -> Tensor:

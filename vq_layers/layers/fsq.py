@@ -15,7 +15,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_indices, check_positive_int
+from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_indices, check_positive_int
 from ..layout import from_tokens, indices_from_tokens, to_tokens
 from ..precision import Fp32BuffersModule, fp32_island, project
 from ..straight_through import straight_through
@@ -33,7 +33,7 @@ RECOMMENDED_LEVELS = {
 
 def check_levels(levels) -> list[int]:
     """Validates `levels`: a non-empty sequence of integers >= 2."""
-    if isinstance(levels, Tensor):
+    if isinstance(levels, Tensor) or type(levels).__module__ == "numpy":
         levels = levels.tolist()
     if not isinstance(levels, Sequence) or isinstance(levels, str) or len(levels) == 0:
         raise ValueError(f"levels: expected a non-empty list of integers >= 2, got {levels!r}")
@@ -46,7 +46,6 @@ def check_levels(levels) -> list[int]:
             raise ValueError(f"levels: expected integers >= 2, got {list(levels)!r}")
         checked.append(int(level))
     return checked
-
 
 
 class FSQ(Fp32BuffersModule):
@@ -75,7 +74,7 @@ class FSQ(Fp32BuffersModule):
             -> (quantized like z in z's dtype, indices (b, ...) int64 [, num_codebooks axis]).
     """
 
-    max_implicit_codebook_elements = 2**26  # 256 MiB of fp32
+    max_implicit_codebook_elements = MAX_MATERIALIZED_ELEMENTS
 
     def __init__(
         self,
@@ -96,6 +95,12 @@ class FSQ(Fp32BuffersModule):
     ):
         super().__init__()
         levels = check_levels(levels)
+        if 2 in levels and not preserve_symmetry:
+            # the default grid's shift atanh(0.5 / 0.5005) = 3.8 puts the boundary at z = -3.8:
+            # nearly every input lands on one code and tanh is saturated there
+            raise ValueError(f"levels: a level of 2 needs preserve_symmetry=True, got levels={levels}")
+        if not isinstance(noise_dropout, (int, float)) or not 0.0 <= noise_dropout <= 1.0:
+            raise ValueError(f"noise_dropout: expected a probability in [0, 1], got {noise_dropout!r}")
         num_codebooks = check_positive_int("num_codebooks", num_codebooks)
         if keep_num_codebooks_dim is None:
             keep_num_codebooks_dim = num_codebooks > 1
@@ -103,8 +108,6 @@ class FSQ(Fp32BuffersModule):
             raise ValueError(
                 f"keep_num_codebooks_dim: must be True with num_codebooks={num_codebooks} > 1"
             )
-        if not 0.0 <= noise_dropout <= 1.0:
-            raise ValueError(f"noise_dropout: expected a probability in [0, 1], got {noise_dropout}")
 
         self.levels = levels
         self.codebook_dim = len(levels)
@@ -159,19 +162,20 @@ class FSQ(Fp32BuffersModule):
     def _levels_f32(self) -> Tensor:
         return self._levels.to(torch.float32)
 
+    def _half_width(self) -> Tensor:
+        return torch.div(self._levels, 2, rounding_mode="floor").to(torch.float32)
+
     def _level_to_code(self, level: Tensor) -> Tensor:
         levels = self._levels_f32()
         if self.preserve_symmetry:
             return level * (2.0 / (levels - 1)) - 1.0
-        half_width = torch.div(self._levels, 2, rounding_mode="floor").to(torch.float32)
-        return (level - half_width) / half_width
+        return (level - self._half_width()) / self._half_width()
 
     def _code_to_level(self, code: Tensor) -> Tensor:
         levels = self._levels_f32()
         if self.preserve_symmetry:
             return (code + 1.0) / (2.0 / (levels - 1))
-        half_width = torch.div(self._levels, 2, rounding_mode="floor").to(torch.float32)
-        return code * half_width + half_width
+        return code * self._half_width() + self._half_width()
 
     def _bound(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """z (..., d) fp32 -> (continuous level position, integer level as float), both (..., d)."""
@@ -184,8 +188,7 @@ class FSQ(Fp32BuffersModule):
         offset = (self._levels % 2 == 0).to(torch.float32) * 0.5
         shift = offset / half_l if self.bound_hard_clamp else torch.atanh(offset / half_l)
         bounded = squash(z + shift) * half_l - offset
-        half_width = torch.div(self._levels, 2, rounding_mode="floor").to(torch.float32)
-        return bounded + half_width, torch.round(bounded) + half_width
+        return bounded + self._half_width(), torch.round(bounded) + self._half_width()
 
     @fp32_island
     def _quantize(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -250,6 +253,7 @@ class FSQ(Fp32BuffersModule):
 
         The result is float32, or the projection's dtype when there are projections.
         """
+        check_codebook_axis(indices, self.keep_num_codebooks_dim, self.num_codebooks)
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         codes = self._indices_to_raw_codes(indices)
         if self.orthogonal_rotation:

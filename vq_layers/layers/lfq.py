@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_indices, check_positive_int
+from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_indices, check_positive_int
 from ..kernels.lfq_entropy import lfq_entropy
 from ..layout import from_tokens, indices_from_tokens, to_tokens
 from ..precision import Fp32BuffersModule, fp32_island, project
@@ -27,8 +27,6 @@ from ..usage import CodeUsage, code_usage
 Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
 LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
 
-# the largest implicit codebook `codebook` will build (2^d x d fp32 elements): 256 MiB
-MAX_CODEBOOK_ELEMENTS = 2**26
 
 
 # without codebook_size, dim bits make one 2^dim codebook up to this many bits (as in
@@ -185,6 +183,11 @@ class LFQ(Fp32BuffersModule):
             f"spherical={self.spherical}, entropy_loss_weight={self.entropy_loss_weight}"
         )
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype codes are computed in (the peer's `codebook.dtype`): always float32 here."""
+        return torch.float32
+
     # numerics (fp32)
 
     @property
@@ -212,7 +215,7 @@ class LFQ(Fp32BuffersModule):
         zero = z.new_zeros(())
         per_sample = batch = commitment = zero
         if self.training:
-            quantized = straight_through(codes, self.activation(z))
+            quantized = straight_through(codes, project(self.activation, z))  # its params may be bf16
             kept = z[mask] if mask is not None else rearrange(z, "b n c d -> (b n) c d")
             # softmax over codes of 2 T <z, code> factorizes into bits: logit_i = 4 T |code| z_i
             logits = kept * (4 * inv_temperature * self.code_value)
@@ -231,7 +234,9 @@ class LFQ(Fp32BuffersModule):
         quantized = rearrange(quantized, "b n c d -> b n (c d)")
         return quantized, indices, aux_loss, LossBreakdown(per_sample, batch, commitment)
 
-    def _check_mask(self, mask: Tensor | None, x: Tensor, tokens: Tensor, channel_first: bool) -> Tensor | None:
+    @staticmethod
+    def check_mask(mask: Tensor | None, x: Tensor, tokens: Tensor, channel_first: bool) -> Tensor | None:
+        """mask (b, n) or (b, *spatial) bool -> (b, n), or a clear error."""
         if mask is None:
             return None
         if not isinstance(mask, Tensor):
@@ -248,7 +253,9 @@ class LFQ(Fp32BuffersModule):
         if tokens.shape[-1] != self.dim:
             raise ValueError(f"LFQ: expected input feature dim {self.dim}, got {tokens.shape[-1]} "
                              f"(input shape {tuple(x.shape)}, channel_first={channel_first})")
-        mask = self._check_mask(mask, x, tokens, channel_first)
+        mask = self.check_mask(mask, x, tokens, channel_first)
+        if not inv_temperature > 0:
+            raise ValueError(f"inv_temperature: expected > 0, got {inv_temperature}")
         quantized, indices, aux_loss, breakdown = self._quantize(project(self.project_in, tokens), mask, inv_temperature)
         out = from_tokens(project(self.project_out, quantized).to(dtype), spatial, channel_first)
         indices = indices_from_tokens(indices, spatial)
@@ -268,6 +275,7 @@ class LFQ(Fp32BuffersModule):
 
         fp32, or the projection's dtype when projected.
         """
+        check_codebook_axis(indices, self.keep_num_codebooks_dim, self.num_codebooks)
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         channel_first = self.channel_first if self.channel_first is not None else is_img_or_video
         if not self.keep_num_codebooks_dim:
@@ -280,7 +288,7 @@ class LFQ(Fp32BuffersModule):
     @property
     def codebook(self) -> Tensor:
         """All codes (codebook_size, d) before rotation, fp32, built on demand (refused when too large)."""
-        if self.codebook_size * self.codebook_dim > MAX_CODEBOOK_ELEMENTS:
+        if self.codebook_size * self.codebook_dim > MAX_MATERIALIZED_ELEMENTS:
             raise ValueError(f"codebook: {self.codebook_size} codes x {self.codebook_dim} dims is too large to "
                              "build; call indices_to_codes on the indices you need instead")
         all_codes = torch.arange(self.codebook_size, device=self.mask.device)

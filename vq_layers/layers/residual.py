@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_positive_int
-from ..distributed import broadcast_
+from ..distributed import broadcast_, first_rank
 from ..precision import cat, stack
 
 
@@ -28,7 +28,7 @@ def check_quantize_dropout(num_quantizers: int, cutoff_index: int, multiple_of: 
 def shared_seed(device, process_group=None) -> int:
     """A seed from torch's generator, broadcast so every rank draws the same dropout depth."""
     seed = torch.randint(0, 2**31 - 1, (1,)).to(device)
-    return int(broadcast_(seed, src=0, group=process_group).item())
+    return int(broadcast_(seed, src=first_rank(process_group), group=process_group).item())
 
 
 def quantize_dropout_depth(num_quantizers: int, cutoff_index: int, multiple_of: int, seed: int) -> int:
@@ -138,9 +138,15 @@ class GroupedResidual(nn.Module):
         quantized, *rest = zip(*outs)
         return (cat(quantized, dim=self.split_dim), *(stack(parts) for parts in rest))
 
+    def _check_groups(self, indices: Tensor) -> None:
+        if indices.ndim == 0 or indices.shape[0] != self.groups:
+            raise ValueError(f"indices: expected a leading axis of groups={self.groups}, got shape {tuple(indices.shape)}")
+
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        self._check_groups(indices)
         return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)])
 
     def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        self._check_groups(indices)
         outs = [rvq.get_output_from_indices(i, dtype) for rvq, i in zip(self.rvqs, indices)]
         return cat(outs, dim=self.split_dim)

@@ -46,8 +46,9 @@ class ResidualLFQ(Fp32BuffersModule):
         self.dim = check_positive_int("dim", dim)
         self.codebook_size = check_codebook_size(codebook_size)
         check_quantize_dropout(num_quantizers, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)
-        if "codebook_scale" in lfq_kwargs:
-            raise ValueError("codebook_scale: set by ResidualLFQ (2^-k for stage k), do not pass it")
+        for name in ("codebook_scale", "num_codebooks", "has_projections", "keep_num_codebooks_dim"):
+            if name in lfq_kwargs:  # set by ResidualLFQ: stage k is one 2^-k codebook, no projections
+                raise ValueError(f"{name}: set by ResidualLFQ for its stages, got {lfq_kwargs[name]!r}")
         self.codebook_dim = int(math.log2(codebook_size))
         self.num_quantizers = num_quantizers
         self.quantize_dropout = quantize_dropout and num_quantizers > 1
@@ -89,7 +90,7 @@ class ResidualLFQ(Fp32BuffersModule):
         if tokens.shape[-1] != self.dim:
             raise ValueError(f"ResidualLFQ: expected input feature dim {self.dim}, got {tokens.shape[-1]} "
                              f"(input shape {tuple(x.shape)}, channel_first={channel_first})")
-        mask = self.layers[0]._check_mask(mask, x, tokens, channel_first)
+        mask = LFQ.check_mask(mask, x, tokens, channel_first)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         quantized, indices, losses = self._residual_quantize(project(self.project_in, tokens), mask, last_kept,
                                                              inv_temperature)
@@ -131,6 +132,7 @@ class GroupedResidualLFQ(GroupedResidual):
     """
 
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
+        kwargs.setdefault("channel_first", True if accept_image_fmap else None)
         super().__init__(ResidualLFQ, dim, groups, accept_image_fmap, **kwargs)
 
     def forward(self, x: Tensor, mask=None, return_all_codes: bool = False, inv_temperature: float = 100.0):

@@ -1,0 +1,95 @@
+"""Nearest-code search without the N x K distance matrix (pure-torch reference).
+
+x (h, n, d) against codebooks (h, k, d) — or x (n, d) against one codebook (k, d) — in fp32:
+squared L2 (argmin ||x - c||^2) or dot product (argmax x . c, for cosine codebooks on
+normalized inputs), optionally Gumbel-max sampling at a temperature. Rows and codes go in
+tiles of at most TILE_ELEMENTS scores with a running best across code tiles, so memory is
+O(n + k) plus one tile. Ties go to the lowest index, as torch.argmin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from ..precision import fp32_island
+
+# at most this many (row, code) scores exist at once: 16 MiB of fp32
+TILE_ELEMENTS = 2**22
+METRICS = ("l2", "dot")
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmul(device: torch.device):
+    """TF32 matmuls (allowed globally by many training scripts) would pick wrong codes."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _gumbel(shape, generator, device) -> Tensor:
+    u = torch.rand(shape, generator=generator, device=device).clamp_(min=1e-20, max=1 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+def _check(x: Tensor, codebook: Tensor, metric: str, temperature: float) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    if x.ndim not in (2, 3) or codebook.ndim != x.ndim:
+        raise ValueError(f"x, codebook: expected (n, d) and (k, d), or (h, n, d) and (h, k, d); "
+                         f"got {tuple(x.shape)} and {tuple(codebook.shape)}")
+    if x.shape[-1] != codebook.shape[-1] or (x.ndim == 3 and x.shape[0] != codebook.shape[0]):
+        raise ValueError(f"x, codebook: feature dims (and heads) must agree, got {tuple(x.shape)} and "
+                         f"{tuple(codebook.shape)}")
+    if codebook.shape[-2] == 0:
+        raise ValueError("codebook: expected at least one code, got 0")
+    if temperature < 0:
+        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+
+
+@fp32_island
+def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """-> (indices (h, n) or (n,) int64, score of the chosen code fp32).
+
+    The score is ||x - c||^2 for "l2" and x . c for "dot", computed directly for the chosen
+    code. With temperature > 0 the code is sampled: argmax of -||x - c||^2 / t (or x . c / t)
+    plus Gumbel noise drawn from `generator`.
+    """
+    _check(x, codebook, metric, temperature)
+    single = x.ndim == 2
+    if single:
+        x, codebook = x.unsqueeze(0), codebook.unsqueeze(0)
+    h, n, _ = x.shape
+    k = codebook.shape[1]
+    code_tile = min(k, TILE_ELEMENTS)
+    row_tile = max(1, TILE_ELEMENTS // code_tile)
+    # minimize cost = ||c||^2 - 2 x.c (||x||^2 is common to a row and only adds cancellation)
+    # or -x.c; sampling minimizes cost / t - gumbel
+    code_norms = codebook.square().sum(-1) if metric == "l2" else None
+    best = x.new_full((h, n), float("inf"))
+    indices = torch.zeros((h, n), dtype=torch.long, device=x.device)
+    with _ieee_fp32_matmul(x.device):
+        for r in range(0, n, row_tile):
+            rows = slice(r, r + row_tile)
+            for c in range(0, k, code_tile):
+                codes = slice(c, c + code_tile)
+                dots = torch.einsum("hnd,hkd->hnk", x[:, rows], codebook[:, codes])
+                cost = code_norms[:, None, codes] - 2 * dots if metric == "l2" else -dots
+                if temperature > 0:
+                    cost = cost / temperature - _gumbel(cost.shape, generator, x.device)
+                tile_best, tile_index = cost.min(dim=-1)  # first minimum within the tile
+                better = tile_best < best[:, rows]  # strict: an earlier tile keeps ties
+                best[:, rows] = torch.where(better, tile_best, best[:, rows])
+                indices[:, rows] = torch.where(better, tile_index + c, indices[:, rows])
+    chosen = torch.gather(codebook, 1, indices.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
+    score = (x - chosen).square().sum(-1) if metric == "l2" else (x * chosen).sum(-1)
+    return (indices[0], score[0]) if single else (indices, score)
