@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import math
 import random
+from functools import partial
 from typing import Callable
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_positive_int
 from ..distributed import broadcast_, first_rank
-from ..precision import cat, stack
+from ..precision import Fp32BuffersModule, cat, project, stack
+from ..usage import CodeUsage, stack_usage
 
 
 def check_quantize_dropout(num_quantizers: int, cutoff_index: int, multiple_of: int) -> None:
@@ -100,6 +103,62 @@ def sum_stages(codes: Tensor) -> Tensor:
     for stage in codes:
         total = total + stage
     return total
+
+
+class ResidualQuantizer(Fp32BuffersModule):
+    """What the residual families share: projections around the stages, quantize-dropout
+    settings, and decoding from indices. A subclass builds `self.layers` and says how stage k
+    looks codes up (`_lookup_stage`) and how its index layout relates to (b, ..., q)."""
+
+    def __init__(self, dim: int, codebook_dim: int, num_quantizers: int, quantize_dropout: bool,
+                 quantize_dropout_cutoff_index: int, quantize_dropout_multiple_of: int, process_group):
+        super().__init__()
+        check_quantize_dropout(num_quantizers, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)
+        self.dim, self.codebook_dim = check_positive_int("dim", dim), codebook_dim
+        self.num_quantizers = num_quantizers
+        self.quantize_dropout = quantize_dropout and num_quantizers > 1
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
+        self.process_group = process_group
+        self.has_projections = self.dim != codebook_dim
+        self.project_in = nn.Linear(self.dim, codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim, self.dim) if self.has_projections else nn.Identity()
+
+    def _lookup_stage(self, k: int, indices: Tensor) -> Tensor:
+        """Valid indices (b, ...) of stage k -> its contribution (b, ..., d), fp32."""
+        raise NotImplementedError
+
+    def _q_last(self, indices: Tensor) -> Tensor:
+        """Indices as forward returns them -> (b, ..., q)."""
+        return indices
+
+    def _channel_first_output(self, indices: Tensor) -> bool:
+        return False
+
+    def _stage_codes(self, indices: Tensor) -> Tensor:
+        return stage_codes(indices, [partial(self._lookup_stage, k) for k in range(self.num_quantizers)])
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """indices as forward returns them, -1 for dropped -> each stage's codes (q, b, ..., d) fp32.
+
+        Fewer quantizers than num_quantizers (coarse indices) count the missing ones as dropped.
+        """
+        return self._stage_codes(self._q_last(indices))
+
+    def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """indices as forward returns them -> the output forward gave (bitwise, in eval).
+
+        float32 (the projection's dtype with projections) unless `dtype` is given.
+        """
+        out = project(self.project_out, sum_stages(self.get_codes_from_indices(indices)))
+        out = out if dtype is None else out.to(dtype)
+        return rearrange(out, "b ... d -> b d ...") if self._channel_first_output(indices) else out
+
+    def code_usage(self, indices: Tensor, process_group=None) -> CodeUsage:
+        """Per-quantizer usage of `indices` as forward returns them: fields of shape (q,)."""
+        group = process_group if process_group is not None else self.process_group
+        stages = self._q_last(indices).unbind(-1)
+        return stack_usage([layer.code_usage(stage, group) for layer, stage in zip(self.layers, stages)])
 
 
 class GroupedResidual(nn.Module):

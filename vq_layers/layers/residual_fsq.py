@@ -13,15 +13,13 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_positive_int
 from ..layout import from_tokens, indices_from_tokens, to_tokens
-from ..precision import Fp32BuffersModule, fp32_island, project
-from ..usage import CodeUsage, stack_usage
+from ..precision import fp32_island, project
 from .fsq import FSQ, check_levels
-from .residual import GroupedResidual, check_quantize_dropout, last_kept_stage, run_stages, stage_codes, sum_stages
+from .residual import GroupedResidual, ResidualQuantizer, last_kept_stage, run_stages
 
 
-class ResidualFSQ(Fp32BuffersModule):
+class ResidualFSQ(ResidualQuantizer):
     """Residual finite scalar quantization (SoundStream's Algorithm 1 with FSQ stages).
 
     Shapes:
@@ -46,9 +44,9 @@ class ResidualFSQ(Fp32BuffersModule):
         process_group=None,
         **fsq_kwargs,
     ):
-        super().__init__()
         levels = check_levels(levels)
-        check_quantize_dropout(num_quantizers, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)
+        super().__init__(len(levels) if dim is None else dim, len(levels), num_quantizers, quantize_dropout,
+                         quantize_dropout_cutoff_index, quantize_dropout_multiple_of, process_group)
         if not fsq_kwargs.pop("preserve_symmetry", True):
             raise ValueError("preserve_symmetry: ResidualFSQ needs the symmetric grid, got False")
         if fsq_kwargs.get("num_codebooks", 1) != 1:
@@ -57,19 +55,7 @@ class ResidualFSQ(Fp32BuffersModule):
             raise ValueError("soft_clamp_input_value: must be None with bound_hard_clamp=True")
 
         self.levels = levels
-        self.codebook_dim = len(levels)
-        self.dim = self.codebook_dim if dim is None else check_positive_int("dim", dim)
-        self.num_quantizers = num_quantizers
         self.is_channel_first = is_channel_first
-        self.quantize_dropout = quantize_dropout and num_quantizers > 1
-        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
-        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
-        self.process_group = process_group
-
-        self.has_projections = self.dim != self.codebook_dim
-        self.project_in = nn.Linear(self.dim, self.codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(self.codebook_dim, self.dim) if self.has_projections else nn.Identity()
-
         self.layers = nn.ModuleList(
             FSQ(levels=levels, dim=self.codebook_dim, preserve_symmetry=True,
                 bound_hard_clamp=bound_hard_clamp, **fsq_kwargs)
@@ -137,35 +123,11 @@ class ResidualFSQ(Fp32BuffersModule):
             indices = rearrange(indices, "b ... q -> b q ...")
         return out, indices
 
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """indices as forward returns them, -1 for dropped -> scaled codes (q, b, ..., d) fp32.
+    def _q_last(self, indices: Tensor) -> Tensor:
+        return rearrange(indices, "b q ... -> b ... q") if self.is_channel_first else indices
 
-        Fewer quantizers than num_quantizers (coarse indices) count the missing ones as dropped.
-        """
-        if self.is_channel_first:
-            indices = rearrange(indices, "b q ... -> b ... q")
-        return self._stage_codes(indices)
-
-    def _stage_codes(self, indices: Tensor) -> Tensor:
-        """indices (b, ..., q') -> scaled codes (q, b, ..., d) fp32."""
-        return stage_codes(indices, [partial(self._lookup_stage, k) for k in range(self.num_quantizers)])
-
-    def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        """indices as returned by forward -> the quantized output forward gave (projected).
-
-        float32 (the projection's dtype with projections) unless `dtype` is given.
-        """
-        out = project(self.project_out, sum_stages(self.get_codes_from_indices(indices)))
-        out = out if dtype is None else out.to(dtype)
-        return rearrange(out, "b ... d -> b d ...") if self.is_channel_first else out
-
-    def code_usage(self, indices: Tensor, process_group=None) -> CodeUsage:
-        """Per-quantizer usage of `indices` as returned by forward: fields of shape (q,)."""
-        axis = 1 if self.is_channel_first else -1
-        return stack_usage([
-            layer.code_usage(stage, process_group if process_group is not None else self.process_group)
-            for layer, stage in zip(self.layers, indices.unbind(axis))
-        ])
+    def _channel_first_output(self, indices: Tensor) -> bool:
+        return self.is_channel_first
 
 
 class GroupedResidualFSQ(GroupedResidual):

@@ -6,18 +6,15 @@ import math
 from functools import partial
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_positive_int
 from ..layout import from_tokens, indices_from_tokens, to_tokens
-from ..precision import Fp32BuffersModule, fp32_island, project
-from ..usage import CodeUsage, stack_usage
+from ..precision import fp32_island, project
 from .lfq import LFQ, check_codebook_size
-from .residual import GroupedResidual, check_quantize_dropout, last_kept_stage, run_stages, stage_codes, sum_stages
+from .residual import GroupedResidual, ResidualQuantizer, last_kept_stage, run_stages
 
 
-class ResidualLFQ(Fp32BuffersModule):
+class ResidualLFQ(ResidualQuantizer):
     """Residual lookup-free quantization (SoundStream's Algorithm 1 with LFQ stages).
 
     Shapes:
@@ -42,24 +39,14 @@ class ResidualLFQ(Fp32BuffersModule):
         process_group=None,
         **lfq_kwargs,
     ):
-        super().__init__()
-        self.dim = check_positive_int("dim", dim)
-        self.codebook_size = check_codebook_size(codebook_size)
-        check_quantize_dropout(num_quantizers, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)
+        codebook_size = check_codebook_size(codebook_size)
+        super().__init__(dim, int(math.log2(codebook_size)), num_quantizers, quantize_dropout,
+                         quantize_dropout_cutoff_index, quantize_dropout_multiple_of, process_group)
+        self.codebook_size = codebook_size
         for name in ("codebook_scale", "num_codebooks", "has_projections", "keep_num_codebooks_dim"):
             if name in lfq_kwargs:  # set by ResidualLFQ: stage k is one 2^-k codebook, no projections
                 raise ValueError(f"{name}: set by ResidualLFQ for its stages, got {lfq_kwargs[name]!r}")
-        self.codebook_dim = int(math.log2(codebook_size))
-        self.num_quantizers = num_quantizers
-        self.quantize_dropout = quantize_dropout and num_quantizers > 1
-        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
-        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
-        self.process_group = process_group
         self.channel_first = channel_first  # None: channel-first for 4+ dims, as LFQ
-
-        self.has_projections = self.dim != self.codebook_dim
-        self.project_in = nn.Linear(self.dim, self.codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(self.codebook_dim, self.dim) if self.has_projections else nn.Identity()
         self.layers = nn.ModuleList(
             LFQ(dim=self.codebook_dim, codebook_size=codebook_size, codebook_scale=2.0**-k,
                 soft_clamp_input_value=None if soft_clamp_input_value is None else soft_clamp_input_value * 2.0**-k,
@@ -98,7 +85,7 @@ class ResidualLFQ(Fp32BuffersModule):
         indices = indices_from_tokens(indices, spatial)
         if not return_all_codes:
             return out, indices, losses
-        return out, indices, losses, self.get_codes_from_indices(indices).to(dtype)
+        return out, indices, losses, self._stage_codes(indices).to(dtype)
 
     def _channel_first(self, ndim: int) -> bool:
         return self.channel_first if self.channel_first is not None else ndim >= 4
@@ -106,22 +93,9 @@ class ResidualLFQ(Fp32BuffersModule):
     def _lookup_stage(self, k: int, indices: Tensor) -> Tensor:
         return self.layers[k]._indices_to_raw_codes(indices)
 
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """indices (b, ..., q'), -1 for dropped -> codes (q, b, ..., d) fp32 (missing stages dropped)."""
-        return stage_codes(indices, [partial(self._lookup_stage, k) for k in range(self.num_quantizers)])
-
-    def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        """indices as forward returns them -> forward's output; fp32 (or the projection's dtype)
-        unless `dtype` is given."""
-        out = project(self.project_out, sum_stages(self.get_codes_from_indices(indices)))
-        out = out if dtype is None else out.to(dtype)
-        # indices (b, h, w, q) of an image come back channel-first, like forward's output
-        return rearrange(out, "b ... d -> b d ...") if self._channel_first(indices.ndim) else out
-
-    def code_usage(self, indices: Tensor, process_group=None) -> CodeUsage:
-        """Per-quantizer usage of `indices` (b, ..., q): fields of shape (q,)."""
-        group = process_group if process_group is not None else self.process_group
-        return stack_usage([layer.code_usage(stage, group) for layer, stage in zip(self.layers, indices.unbind(-1))])
+    def _channel_first_output(self, indices: Tensor) -> bool:
+        # indices (b, h, w, q) of an image decode channel-first, like forward's output
+        return self._channel_first(indices.ndim)
 
 
 class GroupedResidualLFQ(GroupedResidual):
