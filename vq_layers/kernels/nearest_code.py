@@ -23,16 +23,22 @@ METRICS = ("l2", "dot")
 
 @contextlib.contextmanager
 def _ieee_fp32_matmul(device: torch.device):
-    """TF32 matmuls (allowed globally by many training scripts) would pick wrong codes."""
+    """TF32 matmuls (allowed globally by many training scripts) would pick wrong codes.
+
+    Uses torch's newer `fp32_precision` setting where it exists: touching the legacy
+    `allow_tf32` after a script used the new one raises ("mix of the legacy and new APIs").
+    """
     if device.type != "cuda":
         yield
         return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    matmul = torch.backends.cuda.matmul
+    name, ieee = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    previous = getattr(matmul, name)
+    setattr(matmul, name, ieee)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        setattr(matmul, name, previous)
 
 
 def _gumbel(shape, generator, device) -> Tensor:
@@ -51,8 +57,26 @@ def _check(x: Tensor, codebook: Tensor, metric: str, temperature: float) -> None
                          f"{tuple(codebook.shape)}")
     if codebook.shape[-2] == 0:
         raise ValueError("codebook: expected at least one code, got 0")
-    if temperature < 0:
+    if not temperature >= 0:  # NaN too
         raise ValueError(f"temperature: expected >= 0, got {temperature}")
+
+
+def _centred(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """x and codebook moved by a common centre when the codebook sits far from the origin.
+
+    ||x - c||^2 is translation invariant, but the rounding of ||c||^2 - 2 x.c scales with
+    ||c||^2: for a codebook far from the origin compared with its spread it would pick wrong
+    codes. The centre is the codebook mean rounded to a power-of-two grid of about the spread's
+    size, so the subtractions are exact (Sterbenz) and exact data (ties) stays exact; a codebook
+    around the origin is left as it is.
+    """
+    mean = codebook.mean(dim=1, keepdim=True)  # (h, 1, d)
+    spread = (codebook - mean).square().sum(-1).mean(dim=1, keepdim=True).sqrt()  # (h, 1)
+    far = mean.square().sum(-1) > spread.square()
+    floor = mean.abs().amax(-1) * 2.0**-40  # keeps mean / step finite when the spread is 0
+    step = torch.exp2(torch.floor(torch.log2(torch.maximum(spread, floor)))).unsqueeze(-1)
+    centre = torch.where(far.unsqueeze(-1), torch.round(mean / step) * step, 0.0)
+    return x - centre, codebook - centre
 
 
 @fp32_island
@@ -70,8 +94,11 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: f
         x, codebook = x.unsqueeze(0), codebook.unsqueeze(0)
     h, n, _ = x.shape
     k = codebook.shape[1]
-    code_tile = min(k, TILE_ELEMENTS)
-    row_tile = max(1, TILE_ELEMENTS // code_tile)
+    code_tile = min(k, max(1, TILE_ELEMENTS // h))
+    row_tile = max(1, TILE_ELEMENTS // (code_tile * h))  # one tile: (h, rows, codes)
+    original_x, original_codebook = x, codebook
+    if metric == "l2":
+        x, codebook = _centred(x, codebook)
     # minimize cost = ||c||^2 - 2 x.c (||x||^2 is common to a row and only adds cancellation)
     # or -x.c; sampling minimizes cost / t - gumbel
     code_norms = codebook.square().sum(-1) if metric == "l2" else None
@@ -90,6 +117,7 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: f
                 better = tile_best < best[:, rows]  # strict: an earlier tile keeps ties
                 best[:, rows] = torch.where(better, tile_best, best[:, rows])
                 indices[:, rows] = torch.where(better, tile_index + c, indices[:, rows])
+    x, codebook = original_x, original_codebook
     chosen = torch.gather(codebook, 1, indices.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
     score = (x - chosen).square().sum(-1) if metric == "l2" else (x * chosen).sum(-1)
     return (indices[0], score[0]) if single else (indices, score)
