@@ -27,8 +27,6 @@ from ..usage import CodeUsage, code_usage
 Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
 LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
 
-
-
 # without codebook_size, dim bits make one 2^dim codebook up to this many bits (as in
 # vector-quantize-pytorch); beyond, int64 indices and a 2^dim entropy accumulator are out of
 # reach, so the bits are split into codebooks of at most DEFAULT_SPLIT_BITS bits each

@@ -62,21 +62,25 @@ def run_stages(x: Tensor, stages: list[Callable], last_kept: int):
     """Stage k quantizes the residual of stages < k: stage(residual) -> (quantized, indices, *extra).
 
     Returns the sum of the stages' outputs (summed in stage order, as `sum_stages` does), their
-    indices stacked on a last axis (-1 for dropped stages), and each stage's extras (None when
-    dropped). Residuals are passed on detached: each stage learns its own target.
+    indices stacked on a last axis (-1 for dropped stages), the stages' outputs detached (q, ...)
+    (zeros for dropped stages; the codes `get_codes_from_indices` would look up), and each
+    stage's extras (None when dropped). Residuals are passed on detached: each stage learns its
+    own target.
     """
-    quantized, residual, all_indices, extras = torch.zeros_like(x), x, [], []
+    quantized, residual, all_indices, outputs, extras = torch.zeros_like(x), x, [], [], []
     for k, stage in enumerate(stages):
         if k > last_kept:
             all_indices.append(torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device))
+            outputs.append(torch.zeros_like(x))
             extras.append(None)
             continue
         stage_out, indices, *extra = stage(residual)
         residual = residual - stage_out.detach()
         quantized = quantized + stage_out
         all_indices.append(indices)
+        outputs.append(stage_out.detach())
         extras.append(extra)
-    return quantized, torch.stack(all_indices, dim=-1), extras
+    return quantized, torch.stack(all_indices, dim=-1), torch.stack(outputs), extras
 
 
 def stage_codes(indices: Tensor, lookups: list[Callable]) -> Tensor:

@@ -88,13 +88,13 @@ class ResidualFSQ(ResidualQuantizer):
         return torch.stack([layer.implicit_codebook for layer in self.layers])
 
     @fp32_island
-    def _residual_quantize(self, x: Tensor, last_kept: int) -> tuple[Tensor, Tensor]:
-        """x (b, n, d) fp32 -> quantized (b, n, d) fp32, indices (b, n, q)."""
+    def _residual_quantize(self, x: Tensor, last_kept: int) -> tuple[Tensor, Tensor, Tensor]:
+        """x (b, n, d) fp32 -> quantized (b, n, d) fp32, indices (b, n, q), stage codes (q, b, n, d)."""
         if self.soft_clamp_input_value is not None:
             x = (x / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
         stages = [partial(self._quantize_stage, k) for k in range(self.num_quantizers)]
-        quantized, indices, _ = run_stages(x, stages, last_kept)
-        return quantized, indices
+        quantized, indices, codes, _ = run_stages(x, stages, last_kept)
+        return quantized, indices, codes
 
     def _quantize_stage(self, k: int, residual: Tensor) -> tuple[Tensor, Tensor]:
         codes, indices = self.layers[k](residual / self.scales[k])
@@ -110,12 +110,12 @@ class ResidualFSQ(ResidualQuantizer):
             raise ValueError(f"ResidualFSQ: expected input feature dim {self.dim}, got {tokens.shape[-1]} "
                              f"(input shape {tuple(x.shape)}, is_channel_first={self.is_channel_first})")
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
-        quantized, indices = self._residual_quantize(project(self.project_in, tokens), last_kept)
+        quantized, indices, codes = self._residual_quantize(project(self.project_in, tokens), last_kept)
         out = from_tokens(project(self.project_out, quantized).to(dtype), packed_shape, self.is_channel_first)
         indices = indices_from_tokens(indices, packed_shape)
         if not return_all_codes:
             return self._indices_layout_out(out, indices)
-        all_codes = self._stage_codes(indices).to(dtype)
+        all_codes = codes.reshape(codes.shape[0], *indices.shape[:-1], codes.shape[-1]).to(dtype)
         return (*self._indices_layout_out(out, indices), all_codes)
 
     def _indices_layout_out(self, out, indices):

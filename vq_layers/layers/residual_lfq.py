@@ -65,9 +65,9 @@ class ResidualLFQ(ResidualQuantizer):
     @fp32_island
     def _residual_quantize(self, x: Tensor, mask, last_kept: int, inv_temperature: float):
         stages = [partial(self.layers[k], mask=mask, inv_temperature=inv_temperature) for k in range(self.num_quantizers)]
-        quantized, indices, extras = run_stages(x, stages, last_kept)
+        quantized, indices, codes, extras = run_stages(x, stages, last_kept)
         losses = [extra[0] if extra is not None else x.new_zeros(()) for extra in extras]
-        return quantized, indices, torch.stack(losses)
+        return quantized, indices, codes, torch.stack(losses)
 
     def forward(self, x: Tensor, mask=None, return_all_codes: bool = False,
                 rand_quantize_dropout_fixed_seed: int | None = None, inv_temperature: float = 100.0):
@@ -79,13 +79,15 @@ class ResidualLFQ(ResidualQuantizer):
                              f"(input shape {tuple(x.shape)}, channel_first={channel_first})")
         mask = LFQ.check_mask(mask, x, tokens, channel_first)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
-        quantized, indices, losses = self._residual_quantize(project(self.project_in, tokens), mask, last_kept,
-                                                             inv_temperature)
+        quantized, indices, codes, losses = self._residual_quantize(project(self.project_in, tokens), mask,
+                                                                    last_kept, inv_temperature)
         out = from_tokens(project(self.project_out, quantized).to(dtype), spatial, channel_first)
         indices = indices_from_tokens(indices, spatial)
         if not return_all_codes:
             return out, indices, losses
-        return out, indices, losses, self._stage_codes(indices).to(dtype)
+        # the stages' own codes: the same values a lookup by indices would give, without one
+        all_codes = codes.reshape(codes.shape[0], *indices.shape[:-1], codes.shape[-1]).to(dtype)
+        return out, indices, losses, all_codes
 
     def _channel_first(self, ndim: int) -> bool:
         return self.channel_first if self.channel_first is not None else ndim >= 4
