@@ -11,7 +11,8 @@ independent bits, p(bit_i = 1) = sigmoid(l_i), so
 - codebook entropy = entropy of the batch mean P_k = mean_n p(k | n), via one of two exact
   algorithms per token:
   * sparse-exact: bits with |l_i| >= CONFIDENT_LOGIT are fixed at their likely value; the token's
-    mass on the 2^u corners of its u uncertain bits is enumerated and scatter-added;
+    mass on the 2^u corners of its u uncertain bits, and on those corners with one fixed bit
+    flipped (tiny, but they carry the fixed bits' gradient), is enumerated and scatter-added;
   * dense: p(k | n) factorizes over the high and low halves of the bits, so the mass over all
     2^d codes is one matmul of two (n, 2^(d/2)) factors, computed in token chunks whose backward
     recomputes them; for tokens with many uncertain bits.
@@ -144,25 +145,28 @@ def _sparse_mass(logits: Tensor, u: int, grad_mass: Tensor | None = None) -> Ten
     return out
 
 
-def _partition(logits: Tensor):
-    """Yields (token index, u or None for dense) groups of one codebook's tokens (n, d)."""
+def _partition(logits: Tensor) -> list[tuple[Tensor, int | None]]:
+    """(token index, u or None for dense) groups of one codebook's tokens (n, d).
+
+    Data-dependent (host syncs), so the forward computes it once and the backward reuses it.
+    """
     d = logits.shape[-1]
     uncertain = (logits.abs() < CONFIDENT_LOGIT).sum(-1)
     max_sparse = min(MAX_SPARSE_BITS, d - SPARSE_CODES_FRACTION_LOG2)
     dense = uncertain > max_sparse
-    if dense.any():
-        yield dense.nonzero().squeeze(-1), None
+    groups = [(dense.nonzero().squeeze(-1), None)] if dense.any() else []
     for u in torch.unique(uncertain[~dense]).tolist():
-        yield (uncertain == u).nonzero().squeeze(-1), int(u)
+        groups.append(((uncertain == u).nonzero().squeeze(-1), int(u)))
+    return groups
 
 
-def _mass(logits: Tensor, grad_mass: Tensor | None = None) -> Tensor:
+def _mass(logits: Tensor, groups, grad_mass: Tensor | None = None) -> Tensor:
     """logits (n, d) -> code mass (2^d,) or, with grad_mass (2^d,), its gradient (n, d)."""
     if grad_mass is None:
         out = logits.new_zeros(2 ** logits.shape[-1])
     else:
         out = torch.zeros_like(logits)
-    for tokens, u in _partition(logits):
+    for tokens, u in groups:
         part = _dense_mass(logits[tokens], grad_mass) if u is None else _sparse_mass(logits[tokens], u, grad_mass)
         if grad_mass is None:
             out += part
@@ -176,7 +180,8 @@ class CodeMass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits):
-        mass = torch.stack([_mass(logits[:, c]) for c in range(logits.shape[1])])
+        ctx.groups = [_partition(logits[:, c]) for c in range(logits.shape[1])]
+        mass = torch.stack([_mass(logits[:, c], groups) for c, groups in enumerate(ctx.groups)])
         ctx.save_for_backward(logits, mass)
         return mass
 
@@ -187,7 +192,7 @@ class CodeMass(torch.autograd.Function):
         # centring it on its mass-weighted mean removes most cancellation from the sums below
         centre = (grad_mass * mass).sum(-1, keepdim=True) / mass.sum(-1, keepdim=True).clamp(min=1e-30)
         grad_mass = grad_mass - centre
-        grads = [_mass(logits[:, c], grad_mass[c].contiguous()) for c in range(logits.shape[1])]
+        grads = [_mass(logits[:, c], groups, grad_mass[c].contiguous()) for c, groups in enumerate(ctx.groups)]
         return torch.stack(grads, dim=1)
 
 
