@@ -10,12 +10,18 @@ from einops import rearrange
 from torch import Tensor
 
 
-def to_tokens(x: Tensor, channel_first: bool) -> tuple[Tensor, tuple[int, ...]]:
-    """(b, ..., d) or channel-first (b, d, ...) -> tokens (b, n, d) and the spatial shape (...)."""
+def to_tokens(x: Tensor, channel_first: bool, dim: int, layer: str) -> tuple[Tensor, tuple[int, ...]]:
+    """(b, ..., d) or channel-first (b, d, ...) -> tokens (b, n, d) and the spatial shape (...).
+
+    Checks the input on the way: floating point, batch and feature axes, d == `dim`.
+    """
     if not x.is_floating_point():
         raise TypeError(f"input: expected a floating point tensor, got dtype {x.dtype}")
     if x.ndim < 2:
         raise ValueError(f"input: expected at least 2 dims (batch and features), got shape {tuple(x.shape)}")
+    if x.shape[1 if channel_first else -1] != dim:
+        raise ValueError(f"{layer}: expected input feature dim {dim} on axis {1 if channel_first else -1}, "
+                         f"got {x.shape[1 if channel_first else -1]} (input shape {tuple(x.shape)})")
     if channel_first:
         x = rearrange(x, "b d ... -> b ... d")
     return rearrange(x, "b ... d -> b (...) d"), tuple(x.shape[1:-1])

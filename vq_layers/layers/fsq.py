@@ -211,13 +211,7 @@ class FSQ(Fp32BuffersModule):
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         dtype = z.dtype
         channel_first = z.ndim >= 4 or self.channel_first
-        tokens, packed_shape = to_tokens(z, channel_first)
-        if tokens.shape[-1] != self.dim:
-            axis = "1 (channel-first)" if channel_first else "-1"
-            raise ValueError(
-                f"FSQ: expected input feature dim {self.dim} on axis {axis}, "
-                f"got {tokens.shape[-1]} (input shape {tuple(z.shape)})"
-            )
+        tokens, packed_shape = to_tokens(z, channel_first, self.dim, "FSQ")
         codes, indices = self._quantize(project(self.project_in, tokens))
         out = project(self.project_out, codes).to(dtype)
         out = from_tokens(out, packed_shape, channel_first)

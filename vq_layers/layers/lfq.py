@@ -247,10 +247,7 @@ class LFQ(Fp32BuffersModule):
     def forward(self, x: Tensor, inv_temperature: float = 100.0, return_loss_breakdown: bool = False, mask=None):
         dtype = x.dtype
         channel_first = self.channel_first if self.channel_first is not None else x.ndim >= 4
-        tokens, spatial = to_tokens(x, channel_first)
-        if tokens.shape[-1] != self.dim:
-            raise ValueError(f"LFQ: expected input feature dim {self.dim}, got {tokens.shape[-1]} "
-                             f"(input shape {tuple(x.shape)}, channel_first={channel_first})")
+        tokens, spatial = to_tokens(x, channel_first, self.dim, "LFQ")
         mask = self.check_mask(mask, x, tokens, channel_first)
         if not inv_temperature > 0:
             raise ValueError(f"inv_temperature: expected > 0, got {inv_temperature}")

@@ -105,10 +105,7 @@ class ResidualFSQ(ResidualQuantizer):
 
     def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None):
         dtype = x.dtype
-        tokens, packed_shape = to_tokens(x, self.is_channel_first)
-        if tokens.shape[-1] != self.dim:
-            raise ValueError(f"ResidualFSQ: expected input feature dim {self.dim}, got {tokens.shape[-1]} "
-                             f"(input shape {tuple(x.shape)}, is_channel_first={self.is_channel_first})")
+        tokens, packed_shape = to_tokens(x, self.is_channel_first, self.dim, "ResidualFSQ")
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         quantized, indices, codes = self._residual_quantize(project(self.project_in, tokens), last_kept)
         out = from_tokens(project(self.project_out, quantized).to(dtype), packed_shape, self.is_channel_first)

@@ -73,10 +73,7 @@ class ResidualLFQ(ResidualQuantizer):
                 rand_quantize_dropout_fixed_seed: int | None = None, inv_temperature: float = 100.0):
         dtype = x.dtype
         channel_first = self._channel_first(x.ndim)
-        tokens, spatial = to_tokens(x, channel_first)
-        if tokens.shape[-1] != self.dim:
-            raise ValueError(f"ResidualLFQ: expected input feature dim {self.dim}, got {tokens.shape[-1]} "
-                             f"(input shape {tuple(x.shape)}, channel_first={channel_first})")
+        tokens, spatial = to_tokens(x, channel_first, self.dim, "ResidualLFQ")
         mask = LFQ.check_mask(mask, x, tokens, channel_first)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         quantized, indices, codes, losses = self._residual_quantize(project(self.project_in, tokens), mask,
