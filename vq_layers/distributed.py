@@ -40,6 +40,19 @@ def first_rank(group=None) -> int:
     return dist.get_global_rank(group, 0) if group is not None and is_distributed(group) else 0
 
 
+def shared_seed(device, group=None) -> int:
+    """A seed drawn from torch's generator (torch.manual_seed reproduces it), broadcast from the
+    group's first rank so every rank makes the same random choice."""
+    seed = torch.randint(0, 2**31 - 1, (1,)).to(device)
+    return int(broadcast_(seed, src=first_rank(group), group=group).item())
+
+
+def shared_generator(device, group=None, sync: bool = True) -> torch.Generator:
+    """A generator on `device` seeded alike on every rank (when `sync`), else from this rank alone."""
+    seed = shared_seed(device, group) if sync else int(torch.randint(0, 2**31 - 1, ()).item())
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def all_reduce_sum_(tensor: Tensor, group=None) -> Tensor:
     """Sums `tensor` over the group in place (no autograd); returns it."""
     if is_distributed(group):

@@ -6,6 +6,7 @@ autocast (or the reverse) raises inside autocast's type promotion.
 
 from __future__ import annotations
 
+import torch
 from einops import rearrange
 from torch import Tensor
 
@@ -36,3 +37,25 @@ def from_tokens(tokens: Tensor, spatial: tuple[int, ...], channel_first: bool) -
 def indices_from_tokens(indices: Tensor, spatial: tuple[int, ...]) -> Tensor:
     """Token-layout (b, n, c) -> (b, <spatial...>, c): the trailing axis stays last."""
     return indices.reshape(indices.shape[0], *spatial, indices.shape[-1])
+
+
+def check_mask(mask, tokens: Tensor, spatial: tuple[int, ...]) -> Tensor | None:
+    """mask (b, n) or (b, *spatial) bool, True = keep -> (b, n), or a clear error."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask: expected a bool tensor, got {type(mask).__name__}")
+    expected = (tokens.shape[0], *spatial)
+    if mask.dtype != torch.bool or tuple(mask.shape) not in (expected, tuple(tokens.shape[:2])):
+        raise ValueError(f"mask: expected a bool tensor of shape {expected}, got {mask.dtype} {tuple(mask.shape)}")
+    return mask.reshape(tokens.shape[:2])
+
+
+def lens_to_mask(lens, tokens: Tensor, spatial: tuple[int, ...]) -> Tensor:
+    """lens (b,) integer lengths of sequences (b, n, d) -> mask (b, n), True for the first lens[i]."""
+    if not isinstance(lens, Tensor) or lens.is_floating_point() or lens.dtype == torch.bool:
+        raise TypeError(f"lens: expected an integer tensor, got {getattr(lens, 'dtype', type(lens).__name__)}")
+    if len(spatial) != 1 or tuple(lens.shape) != (tokens.shape[0],):
+        raise ValueError(f"lens: expected shape ({tokens.shape[0]},) for a batch of sequences, got lens of shape "
+                         f"{tuple(lens.shape)} for an input with spatial shape {spatial}")
+    return torch.arange(tokens.shape[1], device=tokens.device) < lens.to(tokens.device)[:, None]

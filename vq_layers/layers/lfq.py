@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_indices, check_positive_int
 from ..kernels.lfq_entropy import lfq_entropy
-from ..layout import from_tokens, indices_from_tokens, to_tokens
+from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens
 from ..precision import Fp32BuffersModule, fp32_island, project
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
@@ -232,23 +232,11 @@ class LFQ(Fp32BuffersModule):
         quantized = rearrange(quantized, "b n c d -> b n (c d)")
         return quantized, indices, aux_loss, LossBreakdown(per_sample, batch, commitment)
 
-    @staticmethod
-    def check_mask(mask: Tensor | None, x: Tensor, tokens: Tensor, channel_first: bool) -> Tensor | None:
-        """mask (b, n) or (b, *spatial) bool -> (b, n), or a clear error."""
-        if mask is None:
-            return None
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"mask: expected a bool tensor, got {type(mask).__name__}")
-        expected = (tokens.shape[0], *(x.shape[2:] if channel_first else x.shape[1:-1]))
-        if mask.dtype != torch.bool or tuple(mask.shape) not in (expected, tuple(tokens.shape[:2])):
-            raise ValueError(f"mask: expected a bool tensor of shape {expected}, got {mask.dtype} {tuple(mask.shape)}")
-        return mask.reshape(tokens.shape[:2])
-
     def forward(self, x: Tensor, inv_temperature: float = 100.0, return_loss_breakdown: bool = False, mask=None):
         dtype = x.dtype
         channel_first = self.channel_first if self.channel_first is not None else x.ndim >= 4
         tokens, spatial = to_tokens(x, channel_first, self.dim, "LFQ")
-        mask = self.check_mask(mask, x, tokens, channel_first)
+        mask = check_mask(mask, tokens, spatial)
         if not inv_temperature > 0:
             raise ValueError(f"inv_temperature: expected > 0, got {inv_temperature}")
         quantized, indices, aux_loss, breakdown = self._quantize(project(self.project_in, tokens), mask, inv_temperature)

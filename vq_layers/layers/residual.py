@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_positive_int
-from ..distributed import broadcast_, first_rank
+from ..distributed import shared_seed
 from ..precision import Fp32BuffersModule, cat, project, stack
 from ..usage import CodeUsage, stack_usage
 
@@ -26,12 +26,6 @@ def check_quantize_dropout(num_quantizers: int, cutoff_index: int, multiple_of: 
             f"got {cutoff_index}"
         )
     check_positive_int("quantize_dropout_multiple_of", multiple_of)
-
-
-def shared_seed(device, process_group=None) -> int:
-    """A seed from torch's generator, broadcast so every rank draws the same dropout depth."""
-    seed = torch.randint(0, 2**31 - 1, (1,)).to(device)
-    return int(broadcast_(seed, src=first_rank(process_group), group=process_group).item())
 
 
 def quantize_dropout_depth(num_quantizers: int, cutoff_index: int, multiple_of: int, seed: int) -> int:

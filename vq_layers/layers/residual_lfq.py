@@ -8,7 +8,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..layout import from_tokens, indices_from_tokens, to_tokens
+from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens
 from ..precision import fp32_island, project
 from .lfq import LFQ, check_codebook_size
 from .residual import GroupedResidual, ResidualQuantizer, last_kept_stage, run_stages
@@ -74,7 +74,7 @@ class ResidualLFQ(ResidualQuantizer):
         dtype = x.dtype
         channel_first = self._channel_first(x.ndim)
         tokens, spatial = to_tokens(x, channel_first, self.dim, "ResidualLFQ")
-        mask = LFQ.check_mask(mask, x, tokens, channel_first)
+        mask = check_mask(mask, tokens, spatial)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         quantized, indices, codes, losses = self._residual_quantize(project(self.project_in, tokens), mask,
                                                                     last_kept, inv_temperature)
