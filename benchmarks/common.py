@@ -7,6 +7,9 @@ import os
 import platform
 import re
 import resource
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,3 +80,38 @@ def write_results(path: Path, payload: dict, table: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     path.with_suffix(".md").write_text(f"{payload['benchmark']} on {payload['machine']}\n\n{table}\n")
+
+
+def time_steps(step, x, repeats: int, device: str) -> dict:
+    """Median seconds of `step(x)` over `repeats` runs after one warm-up, and the peak memory
+    added over the baseline (run it in a fresh process: `run_isolated`)."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    baseline = peak_memory_mib(device)
+    step(x)  # warm-up
+    times = []
+    for _ in range(repeats):
+        x.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"seconds": times[len(times) // 2], "peak_mib_added": peak_memory_mib(device) - baseline}
+
+
+def run_isolated(module: str, config: list, repeats: int, device: str, timeout: int) -> dict:
+    """Runs `python -m <module> --one <config>` in a fresh process; its last stdout line is the result."""
+    args = [sys.executable, "-m", module, "--one", json.dumps(config), "--repeats", str(repeats), "--device", device]
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout} s"}
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:120]}
+    return json.loads(done.stdout.strip().splitlines()[-1])

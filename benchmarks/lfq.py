@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from benchmarks.common import describe_machine, markdown_table, peak_memory_mib, results_path, write_results
+from benchmarks.common import (
+    describe_machine,
+    markdown_table,
+    results_path,
+    run_isolated,
+    time_steps,
+    write_results,
+)
 
 CONFIGS = [  # (codebook_size, tokens, inv_temperature)
     (2**14, 4096, 100.0),
@@ -63,34 +67,7 @@ def measure_one(impl: str, codebook_size: int, tokens: int, inv_temperature: flo
     torch.manual_seed(0)
     x = torch.randn(1, tokens, d, device=device, requires_grad=True)
     step = step_fn(impl, codebook_size, inv_temperature)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    baseline = peak_memory_mib(device)
-    step(x)  # warm-up
-    times = []
-    for _ in range(repeats):
-        x.grad = None
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(x)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return {"seconds": times[len(times) // 2], "peak_mib_added": peak_memory_mib(device) - baseline}
-
-
-def run_isolated(impl, codebook_size, tokens, inv_temperature, repeats, device, timeout) -> dict:
-    args = [sys.executable, "-m", "benchmarks.lfq", "--one", json.dumps([impl, codebook_size, tokens, inv_temperature]),
-            "--repeats", str(repeats), "--device", device]
-    try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"over {timeout} s"}
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:120]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return time_steps(step, x, repeats, device)
 
 
 def render(path) -> str:
@@ -132,7 +109,8 @@ def main() -> None:
             if impl == "vector-quantize-pytorch" and codebook_size * tokens > PEER_MAX_PAIRS:
                 row[impl] = {"error": "not run: needs the tokens x codes matrix many times over"}
                 continue
-            row[impl] = run_isolated(impl, codebook_size, tokens, inv_temperature, args.repeats, args.device, args.timeout)
+            row[impl] = run_isolated("benchmarks.lfq", [impl, codebook_size, tokens, inv_temperature], args.repeats,
+                                     args.device, args.timeout)
             print(codebook_size, tokens, inv_temperature, impl, row[impl], flush=True)
         rows.append(row)
 
