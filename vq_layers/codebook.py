@@ -1,0 +1,129 @@
+"""A learned codebook and its statistics: EMA update, k-means init, dead-code replacement.
+
+State (names as vector-quantize-pytorch's `_codebook`, so checkpoints load both ways):
+    embed (h, k, d)        the codes: an fp32 buffer, or a parameter when learnable
+    embed_avg (h, k, d)    EMA of the per-code sums of the vectors that chose each code, fp32
+    cluster_size (h, k)    EMA of the per-code counts, fp32
+    initted ()             False until k-means init ran
+The statistics stay float32 under `.half()`/`.bfloat16()` (Fp32BuffersModule).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .distributed import shared_generator
+from .ema import code_statistics, ema_update_, normalized_codebook, smoothed_cluster_size
+from .kmeans import draw_rows, kmeans, offered_rows
+from .precision import Fp32BuffersModule, fp32_island
+
+
+class Codebook(Fp32BuffersModule):
+    def __init__(self, dim: int, codebook_size: int, num_codebooks: int = 1, *, kmeans_init: bool = False,
+                 kmeans_iters: int = 10, decay: float = 0.8, eps: float = 1e-5, threshold_ema_dead_code: float = 0,
+                 reset_cluster_size: float | None = None, learnable: bool = False, use_cosine_sim: bool = False):
+        super().__init__()
+        self.dim, self.codebook_size, self.num_codebooks = dim, codebook_size, num_codebooks
+        self.kmeans_iters, self.decay, self.eps = kmeans_iters, decay, eps
+        self.threshold_ema_dead_code = threshold_ema_dead_code
+        self.reset_cluster_size = threshold_ema_dead_code if reset_cluster_size is None else reset_cluster_size
+        self.learnable, self.use_cosine_sim = learnable, use_cosine_sim
+        self.metric = "dot" if use_cosine_sim else "l2"
+
+        if kmeans_init:
+            embed = torch.zeros(num_codebooks, codebook_size, dim)
+        else:
+            embed = nn.init.kaiming_uniform_(torch.empty(num_codebooks, codebook_size, dim, dtype=torch.float32))
+            if use_cosine_sim:
+                embed = F.normalize(embed, dim=-1)
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+        self.register_fp32_buffer("cluster_size", torch.ones(num_codebooks, codebook_size))
+        self.register_fp32_buffer("embed_avg", embed.clone())
+        if learnable:
+            self.embed = nn.Parameter(embed)
+        else:
+            self.register_fp32_buffer("embed", embed)
+        # dead codes replaced by the last update (health statistic; not state)
+        self.dead_codes_replaced = torch.zeros((), dtype=torch.long)
+
+    def extra_repr(self) -> str:
+        return f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, dim={self.dim}"
+
+    def codes(self) -> Tensor:
+        """The codes in fp32 (h, k, d); differentiable when learnable."""
+        return self.embed.float() if self.learnable else self.embed.detach()
+
+    @torch.no_grad()
+    def set_codes_(self, codes: Tensor) -> None:
+        """New codes (h, k, d); the EMA sums follow so the next EMA step starts from them."""
+        codes = codes.to(torch.float32)
+        self.embed.data.copy_(codes)
+        self.embed_avg.copy_(codes * smoothed_cluster_size(self.cluster_size, self.eps).unsqueeze(-1))
+        self.initted.fill_(True)
+
+    @fp32_island
+    @torch.no_grad()
+    def init_(self, samples: list[Tensor], sync: bool, group=None) -> None:
+        """k-means on the first batch: samples per codebook (n_h, d), unmasked only."""
+        generator = shared_generator(samples[0].device, group, sync)
+        found = kmeans(samples, self.codebook_size, self.kmeans_iters, self.metric, generator, sync, group)
+        if found is None:  # no vectors anywhere: stay uninitialized until a batch has some
+            return
+        means, counts = found
+        self.cluster_size.copy_(counts)
+        self.embed_avg.copy_(means * counts.unsqueeze(-1))
+        self.embed.data.copy_(means)
+        self._refresh()
+        self.initted.fill_(True)
+
+    def _refresh(self) -> None:
+        self.embed.data.copy_(normalized_codebook(self.cluster_size, self.embed_avg, self.eps, self.use_cosine_sim))
+
+    @fp32_island
+    @torch.no_grad()
+    def update_(self, x: Tensor, indices: Tensor, keep: Tensor | None, ema_update: bool,
+                sync: bool, group=None) -> None:
+        """One training step's update from x (h, n, d) that chose indices (h, n), keep (h, n) or None.
+
+        EMA statistics (when ema_update or dead-code replacement needs them), the codebook they
+        describe, then dead codes revived from this batch's vectors.
+        """
+        self.dead_codes_replaced = torch.zeros((), dtype=torch.long, device=x.device)
+        if not ema_update and self.threshold_ema_dead_code <= 0:
+            return
+        counts, sums = code_statistics(x, indices, self.codebook_size, keep, sync, group)
+        ema_update_(self.cluster_size, self.embed_avg, counts, sums, self.decay)
+        if ema_update:
+            self._refresh()
+        if self.threshold_ema_dead_code > 0:
+            self._replace_dead_codes(x, keep, sync, group)
+
+    def _replace_dead_codes(self, x: Tensor, keep: Tensor | None, sync: bool, group) -> None:
+        """Codes whose EMA count fell below the threshold take vectors drawn from this batch (the
+        union of the ranks'), and their statistics restart from that vector, so the next EMA
+        step does not pull them back to where they died."""
+        dead = self.cluster_size < self.threshold_ema_dead_code  # identical on every rank when synced
+        if not bool(dead.any()):
+            return
+        generator = shared_generator(x.device, group, sync)
+        replaced = 0
+        for h in range(self.num_codebooks):
+            dead_h = dead[h].nonzero().squeeze(-1)
+            if dead_h.numel() == 0:
+                continue
+            rows = x[h] if keep is None else x[h][keep[h]]
+            pool = offered_rows(rows, dead_h.numel(), sync, group)
+            if pool.shape[0] == 0:
+                continue
+            if pool.shape[0] < dead_h.numel():  # fewer vectors than dead codes: revive a random subset
+                dead_h = dead_h[torch.randperm(dead_h.numel(), generator=generator, device=x.device)[:pool.shape[0]]]
+            new = draw_rows(pool, dead_h.numel(), generator)
+            if self.use_cosine_sim:
+                new = F.normalize(new, dim=-1)
+            self.embed.data[h, dead_h] = new.to(self.embed.dtype)
+            self.embed_avg[h, dead_h] = new * self.reset_cluster_size
+            self.cluster_size[h, dead_h] = float(self.reset_cluster_size)
+            replaced += dead_h.numel()
+        self.dead_codes_replaced = torch.tensor(replaced, device=x.device)

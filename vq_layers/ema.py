@@ -1,0 +1,63 @@
+"""EMA codebook statistics (VQ-VAE's exponential moving averages), in fp32 and O(N·d).
+
+Per code: how many vectors chose it (counts) and their sum (sums), by index_add — never a
+one-hot N x K matrix. Under sync the two are summed over the ranks in one all-reduce, so every
+rank applies the same update and the result is that of one process on the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .distributed import all_reduce_sum_
+from .precision import fp32_island
+
+
+@fp32_island
+@torch.no_grad()
+def code_statistics(x: Tensor, indices: Tensor, codebook_size: int, keep: Tensor | None = None,
+                    sync: bool = False, group=None) -> tuple[Tensor, Tensor]:
+    """x (h, n, d), indices (h, n) int64, keep (h, n) bool or None -> counts (h, k), sums (h, k, d).
+
+    Rows with keep False count nowhere (their values, NaN included, never enter a sum).
+    """
+    h, n, d = x.shape
+    weight = x.new_ones((h, n)) if keep is None else keep.to(torch.float32)
+    if keep is not None:
+        x = torch.where(keep.unsqueeze(-1), x, 0.0)
+    flat = (indices + torch.arange(h, device=x.device).unsqueeze(-1) * codebook_size).reshape(-1)
+    stats = x.new_zeros((h * codebook_size, d + 1))  # sums and counts side by side: one all-reduce
+    stats[:, :d].index_add_(0, flat, x.reshape(-1, d))
+    stats[:, d].index_add_(0, flat, weight.reshape(-1))
+    if sync:
+        all_reduce_sum_(stats, group)
+    stats = stats.reshape(h, codebook_size, d + 1)
+    return stats[..., d], stats[..., :d]
+
+
+@torch.no_grad()
+def ema_update_(cluster_size: Tensor, embed_avg: Tensor, counts: Tensor, sums: Tensor, decay: float) -> None:
+    """cluster_size (h, k) and embed_avg (h, k, d) move towards this batch's statistics.
+
+    A codebook whose batch had no vector at all (all masked, empty) keeps its statistics
+    rather than decaying towards zero.
+    """
+    seen = (counts.sum(-1, keepdim=True) > 0).to(torch.float32)  # (h, 1): no host sync
+    weight = (1 - decay) * seen
+    cluster_size.lerp_(counts, weight)
+    embed_avg.lerp_(sums, weight.unsqueeze(-1))
+
+
+def smoothed_cluster_size(cluster_size: Tensor, eps: float) -> Tensor:
+    """Laplace smoothing of the counts (h, k), keeping their total: no code divides by zero."""
+    k = cluster_size.shape[-1]
+    total = cluster_size.sum(-1, keepdim=True)
+    return (cluster_size + eps) / (total + k * eps) * total
+
+
+def normalized_codebook(cluster_size: Tensor, embed_avg: Tensor, eps: float, cosine: bool) -> Tensor:
+    """The codebook the statistics describe: embed_avg / smoothed cluster_size, (h, k, d)."""
+    codebook = embed_avg / smoothed_cluster_size(cluster_size, eps).unsqueeze(-1)
+    return F.normalize(codebook, dim=-1) if cosine else codebook
