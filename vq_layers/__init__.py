@@ -4,6 +4,8 @@ from .layers.fsq import FSQ
 from .layers.lfq import LFQ
 from .layers.residual_fsq import GroupedResidualFSQ, ResidualFSQ
 from .layers.residual_lfq import GroupedResidualLFQ, ResidualLFQ
+from .layers.residual_vq import GroupedResidualVQ, ResidualVQ
+from .layers.vq import VectorQuantize
 
-__all__ = ["FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ"]
+__all__ = ["FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ", "VectorQuantize", "ResidualVQ", "GroupedResidualVQ"]
 __version__ = "0.1.0"

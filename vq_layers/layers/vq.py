@@ -1,0 +1,417 @@
+"""Vector quantization (VQ-VAE, arXiv 1711.00937) with EMA codebooks, k-means init and dead-code
+replacement, a drop-in for vector-quantize-pytorch's VectorQuantize.
+
+The code search never forms the N x K distance matrix (kernels/nearest_code.py), codes are
+gathered (no one-hot matmul), statistics are index_add'ed in fp32 (ema.py), and the losses that
+need a softmax over all codes run in recomputed tiles (kernels/code_softmax.py).
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..checks import check_positive_int
+from ..codebook import Codebook
+from ..distributed import all_reduce_sum, all_reduce_sum_, is_distributed
+from ..kernels.code_softmax import code_cross_entropy, code_probs_sum, entropy, soft_codes
+from ..kernels.nearest_code import nearest_code
+from ..layout import check_mask, from_tokens, indices_from_tokens, lens_to_mask, to_tokens
+from ..precision import fp32_island, project
+from ..rotation_trick import rotation_trick
+from ..straight_through import straight_through
+from ..usage import CodeUsage, code_usage
+
+LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
+
+
+class CodebookHealth(NamedTuple):
+    perplexity: Tensor  # exp(entropy) of the batch's code distribution, fp32
+    usage: Tensor  # fraction of the codes the batch used, fp32
+    codes_used: Tensor  # distinct codes used, int64
+    dead_codes_replaced: Tensor  # codes revived by the last training step, int64
+
+
+class Quantized(NamedTuple):
+    """What the fp32 core returns; the last three feed a deferred codebook update."""
+    quantized: Tensor  # (b, n, h*d) fp32, gradients routed to the input; zeros where masked
+    indices: Tensor  # (b, n, h) int64, -1 where masked
+    loss: Tensor
+    breakdown: LossBreakdown
+    search: Tensor  # (g, m, d) the vectors searched, per codebook (detached)
+    codebook_indices: Tensor  # (g, m)
+    keep: Tensor | None  # (g, m)
+
+
+def _check_weight(name: str, value) -> float:
+    if not value >= 0:
+        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+class VectorQuantize(nn.Module):
+    """Vector quantizer with an EMA (or learnable) codebook.
+
+    Shapes:
+        forward(x): x (b, n, dim) | (b, dim) one token | (b, dim, n) with channel_last=False |
+            (b, dim, h, w) with accept_image_fmap | (b, dim, t, h, w) with accept_3d_fmap;
+            mask (b, n) (or (b, h, w)) bool, True = keep, or lens (b,) for sequences
+            -> (quantized like x in x's dtype, indices (b, n[, heads]) int64 (-1 where masked),
+                loss fp32 scalar) [, LossBreakdown with return_loss_breakdown];
+            with `indices` given -> (quantized, cross-entropy of x's code distribution to them).
+
+    heads > 1 splits codebook_dim * heads features into heads, each searched against one shared
+    codebook (or its own with separate_codebook_per_head). Statistics update only in training
+    with gradients enabled and the codebook not frozen; eval and no_grad forwards change no
+    buffer and issue no collective.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        codebook_dim: int | None = None,
+        heads: int = 1,
+        separate_codebook_per_head: bool = False,
+        decay: float = 0.8,
+        eps: float = 1e-5,
+        freeze_codebook: bool = False,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        sync_kmeans: bool = True,
+        use_cosine_sim: bool = False,
+        layernorm_after_project_in: bool = False,
+        threshold_ema_dead_code: float = 0,
+        channel_last: bool = True,
+        accept_image_fmap: bool = False,
+        accept_3d_fmap: bool = False,
+        commitment_weight: float = 1.0,
+        commitment_use_cross_entropy_loss: bool = False,
+        orthogonal_reg_weight: float = 0.0,
+        orthogonal_reg_active_codes_only: bool = False,
+        orthogonal_reg_max_codes: int | None = None,
+        codebook_diversity_loss_weight: float = 0.0,
+        codebook_diversity_temperature: float = 100.0,
+        stochastic_sample_codes: bool = False,
+        sample_codebook_temp: float = 1.0,
+        straight_through: bool = False,
+        rotation_trick: bool | None = None,
+        sync_codebook: bool | None = None,
+        ema_update: bool | None = None,
+        learnable_codebook: bool | None = None,
+        return_zeros_for_masked_padding: bool = True,
+        reset_cluster_size: float | None = None,
+        process_group=None,
+    ):
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        self.codebook_size = check_positive_int("codebook_size", codebook_size)
+        self.heads = check_positive_int("heads", heads)
+        self.codebook_dim = self.dim if codebook_dim is None else check_positive_int("codebook_dim", codebook_dim)
+        if not 0 <= decay <= 1:
+            raise ValueError(f"decay: expected a value in [0, 1], got {decay!r}")
+        if accept_image_fmap and accept_3d_fmap:
+            raise ValueError("accept_image_fmap, accept_3d_fmap: at most one can be True, got both")
+        if orthogonal_reg_max_codes is not None:
+            check_positive_int("orthogonal_reg_max_codes", orthogonal_reg_max_codes)
+        learnable_codebook = bool(learnable_codebook)
+        ema_update = not learnable_codebook if ema_update is None else ema_update
+        if ema_update and learnable_codebook:
+            raise ValueError("ema_update, learnable_codebook: a learnable codebook is trained by its loss, "
+                             "not by EMA; pass ema_update=False with learnable_codebook=True")
+        if rotation_trick is None:
+            rotation_trick = not straight_through and self.codebook_dim > 1
+        if rotation_trick and straight_through:
+            raise ValueError("straight_through, rotation_trick: choose one gradient estimator, got both True")
+
+        self.separate_codebook_per_head = separate_codebook_per_head
+        self.channel_last, self.accept_image_fmap, self.accept_3d_fmap = channel_last, accept_image_fmap, accept_3d_fmap
+        self.freeze_codebook, self.ema_update = freeze_codebook, ema_update
+        self.learnable_codebook = learnable_codebook
+        self.use_cosine_sim, self.metric = use_cosine_sim, "dot" if use_cosine_sim else "l2"
+        self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
+        self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
+        self.orthogonal_reg_weight = _check_weight("orthogonal_reg_weight", orthogonal_reg_weight)
+        self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
+        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
+        self.codebook_diversity_loss_weight = _check_weight("codebook_diversity_loss_weight",
+                                                            codebook_diversity_loss_weight)
+        self.codebook_diversity_temperature = codebook_diversity_temperature
+        self.stochastic_sample_codes = stochastic_sample_codes
+        self.sample_codebook_temp = _check_weight("sample_codebook_temp", sample_codebook_temp)
+        self.straight_through, self.rotation_trick = straight_through, rotation_trick
+        self.sync_codebook, self.sync_kmeans, self.process_group = sync_codebook, sync_kmeans, process_group
+        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
+
+        inner = self.codebook_dim * self.heads
+        self.has_projections = inner != self.dim
+        if self.has_projections:
+            project_in = nn.Linear(self.dim, inner)
+            self.project_in = nn.Sequential(project_in, nn.LayerNorm(inner)) if layernorm_after_project_in else project_in
+            self.project_out = nn.Linear(inner, self.dim)
+        else:
+            self.project_in, self.project_out = nn.Identity(), nn.Identity()
+
+        self._codebook = Codebook(
+            self.codebook_dim, self.codebook_size, self.heads if separate_codebook_per_head else 1,
+            kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, decay=decay, eps=eps,
+            threshold_ema_dead_code=threshold_ema_dead_code, reset_cluster_size=reset_cluster_size,
+            learnable=learnable_codebook or self.orthogonal_reg_weight > 0, use_cosine_sim=use_cosine_sim,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "
+                f"heads={self.heads}, use_cosine_sim={self.use_cosine_sim}, ema_update={self.ema_update}")
+
+    # the codebook
+
+    @property
+    def codebook(self) -> Tensor:
+        """(codebook_size, codebook_dim), or (heads, codebook_size, codebook_dim) with separate codebooks."""
+        embed = self._codebook.embed
+        return embed if self.separate_codebook_per_head else embed[0]
+
+    @codebook.setter
+    def codebook(self, codes: Tensor) -> None:
+        expected = tuple(self.codebook.shape)
+        if tuple(codes.shape) != expected:
+            raise ValueError(f"codebook: expected shape {expected}, got {tuple(codes.shape)}")
+        self._codebook.set_codes_(codes if self.separate_codebook_per_head else codes[None])
+
+    def _sync(self) -> bool:
+        if self.sync_codebook is False:
+            return False
+        return is_distributed(self.process_group)
+
+    # the fp32 core, on tokens
+
+    def _per_codebook(self, t: Tensor) -> Tensor:
+        """(h, n, ...) per head -> (g, m, ...) per codebook: heads sharing one codebook are pooled."""
+        return t if self.separate_codebook_per_head or self.heads == 1 else t.reshape(1, -1, *t.shape[2:])
+
+    @fp32_island
+    def _quantize(self, z: Tensor, keep: Tensor | None, temperature: float, may_init: bool, update: bool,
+                  ema_update: bool, freeze: bool, targets: Tensor | None = None) -> Quantized:
+        """z (b, n, heads*d), keep (b, n) bool or None -> Quantized (fp32)."""
+        b, n, _ = z.shape
+        z = rearrange(z, "b n (h d) -> h (b n) d", h=self.heads)
+        keep_heads = None if keep is None else keep.reshape(1, b * n).expand(self.heads, -1)
+        if keep is not None:
+            z = torch.where(keep_heads.unsqueeze(-1), z, 0.0)  # padding (NaN included) never enters
+        if self.use_cosine_sim:
+            z = F.normalize(z, dim=-1)
+        search, kept = self._per_codebook(z), None if keep is None else self._per_codebook(keep_heads)
+        sync = self._sync()
+        if may_init or update:
+            if not bool(torch.isfinite(search).all()):
+                raise ValueError("input: non-finite values (NaN or Inf) in a training batch; the codebook "
+                                 "and its statistics were left untouched")
+            if may_init and not bool(self._codebook.initted):
+                samples = [s if k is None else s[k] for s, k in zip(search.detach(), kept if kept is not None else [None] * len(search))]
+                self._codebook.init_(samples, sync and self.sync_kmeans, self.process_group)
+
+        codebook = self._codebook.codes()
+        if self.use_cosine_sim and self.learnable_codebook:
+            codebook = F.normalize(codebook, dim=-1)
+        sample = self.training and self.stochastic_sample_codes and temperature > 0
+        indices, _ = nearest_code(search.detach(), codebook.detach(), self.metric, temperature if sample else 0.0)
+        codes = torch.gather(codebook, 1, indices.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
+
+        zero = z.new_zeros(())
+        commitment = diversity = orthogonal = zero
+        if targets is not None:  # cross-entropy of x's code distribution to the given codes
+            commitment = code_cross_entropy(search, codebook, targets, self.metric)
+        elif self.training:
+            commitment, diversity, orthogonal = self._losses(search, codebook, codes, indices, kept, freeze, sync)
+        if update:
+            self._codebook.update_(search.detach(), indices, kept, ema_update, sync, self.process_group)
+
+        quantized = self._route_gradients(search, codes, codebook, temperature) if self.training else codes.detach()
+        shown = indices
+        if keep is not None:
+            quantized = torch.where(kept.unsqueeze(-1), quantized, 0.0)
+            shown = indices.masked_fill(~kept, -1)
+        heads_view = (self.heads, b * n)
+        quantized = rearrange(quantized.reshape(*heads_view, -1), "h (b n) d -> b n (h d)", b=b)
+        out_indices = rearrange(shown.reshape(heads_view), "h (b n) -> b n h", b=b)
+        loss = (commitment * self.commitment_weight + diversity * self.codebook_diversity_loss_weight
+                + orthogonal * self.orthogonal_reg_weight)
+        if targets is not None:
+            loss = commitment
+        breakdown = LossBreakdown(commitment, diversity, orthogonal, zero)
+        return Quantized(quantized, out_indices, loss, breakdown, search.detach(), indices, kept)
+
+    def _route_gradients(self, search: Tensor, codes: Tensor, codebook: Tensor, temperature: float) -> Tensor:
+        """The codes in value; the gradient reaches the input by the chosen estimator."""
+        if self.straight_through and temperature > 0:  # Gumbel-softmax straight-through
+            return straight_through(codes, soft_codes(search, codebook, self.metric, 1.0 / temperature))
+        if self.rotation_trick and search.requires_grad:
+            return rotation_trick(search, codes.detach())
+        return straight_through(codes, search)
+
+    def _losses(self, search, codebook, codes, indices, kept, freeze, sync):
+        zero = search.new_zeros(())
+        commitment = diversity = orthogonal = zero
+        rows = search.new_tensor(float(search.shape[0] * search.shape[1])) if kept is None else kept.sum().float()
+        if self.commitment_weight > 0:
+            if self.commitment_use_cross_entropy_loss:
+                targets = indices if kept is None else indices.masked_fill(~kept, -1)
+                commitment = code_cross_entropy(search, codebook, targets, self.metric)
+            else:
+                target = codes if self.learnable_codebook and not freeze else codes.detach()
+                error = (search - target).square()
+                if kept is not None:
+                    error = torch.where(kept.unsqueeze(-1), error, 0.0)
+                commitment = error.sum() / (rows * search.shape[-1]).clamp(min=1)
+        if self.codebook_diversity_loss_weight > 0:
+            probs = code_probs_sum(search, codebook, self.metric, self.codebook_diversity_temperature, kept)
+            count = search.new_full((search.shape[0], 1), float(search.shape[1])) if kept is None else kept.sum(-1, keepdim=True, dtype=torch.float32)
+            if sync:  # the codebook's distribution over the global batch
+                probs = all_reduce_sum(probs, self.process_group)
+                count = all_reduce_sum_(count.clone(), self.process_group)
+            diversity = -entropy(probs / count.clamp(min=1)).mean()
+        if self.orthogonal_reg_weight > 0:
+            orthogonal = self._orthogonal_loss(indices, kept)
+        return commitment, diversity, orthogonal
+
+    def _orthogonal_loss(self, indices: Tensor, kept: Tensor | None) -> Tensor:
+        """Eq. 2 of arXiv 2112.00384, mean over codebooks of ||C^ C^T||_F^2 / K^2 - 1/K on
+        normalized codes C^, computed as ||C^T C^||_F^2 (a d x d product, not K x K)."""
+        losses = []
+        for g, codebook in enumerate(self._codebook.codes()):
+            if self.orthogonal_reg_active_codes_only:
+                used = indices[g] if kept is None else indices[g][kept[g]]
+                codebook = codebook[torch.unique(used)]
+            if self.orthogonal_reg_max_codes is not None and codebook.shape[0] > self.orthogonal_reg_max_codes:
+                codebook = codebook[torch.randperm(codebook.shape[0], device=codebook.device)[:self.orthogonal_reg_max_codes]]
+            k = codebook.shape[0]
+            if k == 0:
+                losses.append(codebook.sum() * 0)
+                continue
+            normed = F.normalize(codebook, dim=-1)
+            gram = normed.t() @ normed
+            losses.append(gram.square().sum() / k**2 - 1 / k)
+        return torch.stack(losses).mean()
+
+    # the layer
+
+    def _to_tokens(self, x: Tensor):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input: expected a tensor, got {type(x).__name__}")
+        expected_ndim = 4 if self.accept_image_fmap else 5 if self.accept_3d_fmap else None
+        if expected_ndim is not None and x.ndim != expected_ndim:
+            raise ValueError(f"input: expected {expected_ndim} dims (b, dim, ...) with "
+                             f"{'accept_image_fmap' if self.accept_image_fmap else 'accept_3d_fmap'}, got shape "
+                             f"{tuple(x.shape)}")
+        only_one = x.ndim == 2
+        channel_first = not only_one and (self.accept_image_fmap or self.accept_3d_fmap or not self.channel_last)
+        tokens, spatial = to_tokens(x.unsqueeze(1) if only_one else x, channel_first, self.dim, "VectorQuantize")
+        return tokens, spatial, channel_first, only_one
+
+    def forward(self, x: Tensor, indices: Tensor | None = None, mask: Tensor | None = None, lens: Tensor | None = None,
+                sample_codebook_temp: float | None = None, freeze_codebook: bool | None = None,
+                return_loss_breakdown: bool = False, ema_update: bool | None = None):
+        dtype = x.dtype
+        tokens, spatial, channel_first, only_one = self._to_tokens(x)
+        if mask is not None and lens is not None:
+            raise ValueError("mask, lens: give at most one of them, got both")
+        keep = lens_to_mask(lens, tokens, spatial) if lens is not None else check_mask(
+            mask.reshape(-1, 1) if only_one and mask is not None and mask.ndim == 1 else mask, tokens, spatial)
+        targets = None if indices is None else self._targets(indices, tokens, keep)
+        temperature = self.sample_codebook_temp if sample_codebook_temp is None else _check_weight(
+            "sample_codebook_temp", sample_codebook_temp)
+        freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
+        ema_update = self.ema_update if ema_update is None else ema_update
+        updating = self.training and torch.is_grad_enabled() and not freeze and targets is None
+
+        result = self._quantize(project(self.project_in, tokens), keep, temperature, updating, updating,
+                                ema_update, freeze, targets)
+        out = project(self.project_out, result.quantized)
+        if keep is not None:
+            masked_value = torch.zeros_like(out) if self.return_zeros_for_masked_padding else tokens.to(out.dtype)
+            out = torch.where(keep.unsqueeze(-1), out, masked_value)
+        out = from_tokens(out.to(dtype), spatial, channel_first)
+        if only_one:
+            out = out[:, 0]
+        if targets is not None:
+            return out, result.loss
+        codes = indices_from_tokens(result.indices, spatial)
+        if self.heads == 1:
+            codes = codes[..., 0]
+        if only_one:
+            codes = codes[:, 0]
+        return (out, codes, result.loss, result.breakdown) if return_loss_breakdown else (out, codes, result.loss)
+
+    def _targets(self, indices: Tensor, tokens: Tensor, keep: Tensor | None) -> Tensor:
+        """Given indices (b, ...[, heads]) -> per-codebook targets (g, m), -1 ignored."""
+        idx = self._check_code_indices(indices)
+        idx = idx.reshape(tokens.shape[0], -1, self.heads)
+        if idx.shape[1] != tokens.shape[1]:
+            raise ValueError(f"indices: expected {tokens.shape[1]} positions per batch item, got shape {tuple(indices.shape)}")
+        if keep is not None:
+            idx = idx.masked_fill(~keep.unsqueeze(-1), -1)
+        return self._per_codebook(rearrange(idx, "b n h -> h (b n)"))
+
+    def _check_code_indices(self, indices: Tensor) -> Tensor:
+        """indices (b, ...[, heads]) integer in [-1, codebook_size) -> (b, ..., heads)."""
+        if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
+            raise TypeError(f"indices: expected an integer tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
+        if self.heads > 1 and (indices.ndim < 2 or indices.shape[-1] != self.heads):
+            raise ValueError(f"indices: expected a last axis of heads={self.heads}, got shape {tuple(indices.shape)}")
+        if indices.numel() and not torch.compiler.is_compiling():
+            low, high = int(indices.min()), int(indices.max())
+            if low < -1 or high >= self.codebook_size:
+                raise ValueError(f"indices: expected values in [0, {self.codebook_size}) (or -1 for masked), "
+                                 f"got values in [{low}, {high}]")
+        return indices.long() if self.heads > 1 else indices.long().unsqueeze(-1)
+
+    def _lookup(self, indices: Tensor) -> Tensor:
+        """indices (..., heads) checked -> codes (..., heads * codebook_dim) fp32; -1 -> zeros."""
+        codebook = self._codebook.codes()
+        if self.use_cosine_sim and self.learnable_codebook:
+            codebook = F.normalize(codebook, dim=-1)
+        safe = indices.clamp(min=0)
+        if self.separate_codebook_per_head:
+            codes = codebook[torch.arange(self.heads, device=indices.device), safe]
+        else:
+            codes = codebook[0][safe]
+        codes = codes.masked_fill((indices < 0).unsqueeze(-1), 0.0)
+        return rearrange(codes, "... h d -> ... (h d)")
+
+    def _channel_first_output(self, codes: Tensor) -> bool:
+        return (self.accept_image_fmap or self.accept_3d_fmap or not self.channel_last) and codes.ndim > 2
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """indices as forward returns them -> codes before project_out, fp32 (-1 -> zeros)."""
+        codes = self._lookup(self._check_code_indices(indices))
+        return rearrange(codes, "b ... d -> b d ...") if self._channel_first_output(codes) else codes
+
+    def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """indices as forward returns them -> the output forward gave (bitwise, in eval).
+
+        float32 (the projection's dtype with projections) unless `dtype` is given; positions with
+        index -1 (masked) are zeros.
+        """
+        idx = self._check_code_indices(indices)
+        out = project(self.project_out, self._lookup(idx))
+        out = out.masked_fill((idx[..., :1] < 0), 0.0)
+        out = out if dtype is None else out.to(dtype)
+        return rearrange(out, "b ... d -> b d ...") if self._channel_first_output(out) else out
+
+    # health
+
+    def code_usage(self, indices: Tensor, process_group=None) -> CodeUsage:
+        """Perplexity and fraction of the codebook used by `indices` (heads pooled; -1 ignored)."""
+        group = process_group if process_group is not None else self.process_group
+        return code_usage(indices, self.codebook_size, group)
+
+    def codebook_health(self, indices: Tensor, process_group=None) -> CodebookHealth:
+        """Usage of `indices` (the global batch's under torch.distributed: every rank must call)
+        and the number of dead codes the last training step replaced."""
+        usage = self.code_usage(indices, process_group)
+        return CodebookHealth(*usage, self._codebook.dead_codes_replaced.to(indices.device))
