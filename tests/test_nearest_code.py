@@ -628,8 +628,9 @@ def test_tiny_temperature_is_argmin(tile, metric):
 def brute64_costs(x, codebook, metric):
     """(n, k) fp64 cost, minimized: ||x - c||^2 or -x . c."""
     x64, c64 = x.to(F64), codebook.to(F64)
-    if metric == "l2":
-        return (x64[:, None] - c64[None]).square().sum(-1)
+    if metric in ("l2", "euclidean"):
+        squared = (x64[:, None] - c64[None]).square().sum(-1)
+        return squared.sqrt() if metric == "euclidean" else squared
     return -(x64 @ c64.t())
 
 
@@ -649,7 +650,8 @@ def sampled_distribution_check(x_row, codebook, metric, t, samples, tile, seed):
 
 
 # tile 3: code tiles 3, 3, 2 and one row per tile (slow: fewer samples, one metric)
-@pytest.mark.parametrize("metric, tile, samples", [("l2", None, 50_000), ("dot", None, 50_000), ("l2", 3, 1_000)])
+@pytest.mark.parametrize("metric, tile, samples", [("l2", None, 50_000), ("dot", None, 50_000), ("l2", 3, 1_000),
+                                                  ("euclidean", None, 50_000), ("euclidean", 3, 1_000)])
 def test_sampling_distribution(metric, tile, samples):
     k, d = 8, 4
     codebook = randn(k, d, seed=25)
@@ -774,3 +776,24 @@ def test_no_rows(tile, metric, temperature):
                                           temperature=temperature, generator=gen(0))
             assert indices.shape == score.shape == (3, 0)
             assert indices.dtype == torch.int64 and score.dtype == torch.float32
+
+
+@pytest.mark.parametrize("tile", [None, 7])
+def test_euclidean_is_l2_without_sampling(tile):
+    """"euclidean" only changes what is sampled from: its nearest code and score are l2's."""
+    x, codebook = randn(2, 300, 8, seed=40, offset=3.0), randn(2, 50, 8, seed=41, offset=3.0)
+    with tiles(tile):
+        a, score_a = nearest_code(x, codebook, metric="l2")
+        b, score_b = nearest_code(x, codebook, metric="euclidean")
+    assert a.equal(b) and score_a.equal(score_b)
+
+
+def test_euclidean_and_l2_sample_different_distributions():
+    """At one temperature, softmax(-d / t) and softmax(-d^2 / t) differ, and each metric matches its own."""
+    codebook = randn(6, 3, seed=42)
+    x_row = randn(3, seed=43)
+    t = 1.0
+    chi2, _, p_euclid = sampled_distribution_check(x_row, codebook, "euclidean", t, 40_000, None, seed=6)
+    assert chi2 < 35, chi2
+    p_l2 = torch.softmax(-brute64_costs(x_row[None], codebook, "l2")[0] / t, dim=0)
+    assert (p_euclid - p_l2).abs().max() > 0.05

@@ -2,7 +2,9 @@
 
 x (h, n, d) against codebooks (h, k, d) — or x (n, d) against one codebook (k, d) — in fp32:
 squared L2 (argmin ||x - c||^2) or dot product (argmax x . c, for cosine codebooks on
-normalized inputs), optionally Gumbel-max sampling at a temperature. Rows and codes go in
+normalized inputs), optionally Gumbel-max sampling at a temperature. "euclidean" finds the
+same nearest code as "l2" but samples from softmax(-||x - c|| / t), the distance
+vector-quantize-pytorch samples with. Rows and codes go in
 tiles of at most TILE_ELEMENTS scores with a running best across code tiles, so memory is
 O(n + k) plus one tile. Ties go to the lowest index, as torch.argmin.
 """
@@ -18,7 +20,7 @@ from ..precision import fp32_island
 
 # at most this many (row, code) scores exist at once: 16 MiB of fp32
 TILE_ELEMENTS = 2**22
-METRICS = ("l2", "dot")
+METRICS = ("l2", "euclidean", "dot")
 
 
 @contextlib.contextmanager
@@ -84,11 +86,14 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: f
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """-> (indices (h, n) or (n,) int64, score of the chosen code fp32).
 
-    The score is ||x - c||^2 for "l2" and x . c for "dot", computed directly for the chosen
-    code. With temperature > 0 the code is sampled: argmax of -||x - c||^2 / t (or x . c / t)
-    plus Gumbel noise drawn from `generator`.
+    The score is ||x - c||^2 for "l2" and "euclidean", x . c for "dot", computed directly for
+    the chosen code. With temperature > 0 the code is sampled: argmax of -||x - c||^2 / t
+    ("l2"), -||x - c|| / t ("euclidean") or x . c / t ("dot") plus Gumbel noise drawn from
+    `generator`.
     """
     _check(x, codebook, metric, temperature)
+    euclidean = metric == "euclidean" and temperature > 0
+    metric = "l2" if metric == "euclidean" else metric
     single = x.ndim == 2
     if single:
         x, codebook = x.unsqueeze(0), codebook.unsqueeze(0)
@@ -102,6 +107,7 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: f
     # minimize cost = ||c||^2 - 2 x.c (||x||^2 is common to a row and only adds cancellation)
     # or -x.c; sampling minimizes cost / t - gumbel
     code_norms = codebook.square().sum(-1) if metric == "l2" else None
+    row_norms = x.square().sum(-1, keepdim=True) if euclidean else None
     best = x.new_full((h, n), float("inf"))
     indices = torch.zeros((h, n), dtype=torch.long, device=x.device)
     with _ieee_fp32_matmul(x.device):
@@ -111,6 +117,8 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: f
                 codes = slice(c, c + code_tile)
                 dots = torch.einsum("hnd,hkd->hnk", x[:, rows], codebook[:, codes])
                 cost = code_norms[:, None, codes] - 2 * dots if metric == "l2" else -dots
+                if euclidean:  # the distance itself: ||x||^2 no longer cancels out
+                    cost = (cost + row_norms[:, rows]).clamp(min=0).sqrt()
                 if temperature > 0:
                     cost = cost / temperature - _gumbel(cost.shape, generator, x.device)
                 tile_best, tile_index = cost.min(dim=-1)  # first minimum within the tile
