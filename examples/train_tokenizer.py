@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from vq_layers import FSQ, LFQ, ResidualFSQ
+from vq_layers import FSQ, LFQ, ResidualFSQ, ResidualVQ, VectorQuantize
 
 # scikit-learn and matplotlib are imported where used, so that --help and bad arguments
 # answer without their seconds of import time
@@ -37,7 +37,7 @@ CODEBOOK_SIZES = [2**8, 2**10, 2**12, 2**14, 2**16]  # the sizes FSQ.levels_for 
 
 # Quantizer registry: name -> builder(dim, codebook_size). A built quantizer maps channel-first
 # features (b, dim, h, w) to (quantized (b, dim, h, w), indices[, aux_loss]) and has
-# code_usage(indices). Residual quantizers give indices (b, q, h, w), one map per stage.
+# code_usage(indices). Residual quantizers add a stage axis to the indices (see per_stage).
 
 
 def build_fsq(dim: int, codebook_size: int) -> nn.Module:
@@ -57,7 +57,19 @@ def build_lfq(dim: int, codebook_size: int) -> nn.Module:
     return LFQ(dim=dim, codebook_size=codebook_size, entropy_loss_weight=0.1, spherical=True)
 
 
-QUANTIZERS = {"fsq": build_fsq, "rfsq": build_rfsq, "lfq": build_lfq}
+def build_vq(dim: int, codebook_size: int) -> nn.Module:
+    # EMA codebook of 8-dim codes, k-means init on the first batch, unused codes revived from
+    # the batch: the usual recipe against codebook collapse
+    return VectorQuantize(dim=dim, codebook_size=codebook_size, codebook_dim=8, accept_image_fmap=True,
+                          kmeans_init=True, threshold_ema_dead_code=2)
+
+
+def build_rvq(dim: int, codebook_size: int) -> nn.Module:
+    return ResidualVQ(dim=dim, num_quantizers=2, codebook_size=codebook_size, codebook_dim=8,
+                      accept_image_fmap=True, kmeans_init=True, threshold_ema_dead_code=2)
+
+
+QUANTIZERS = {"fsq": build_fsq, "rfsq": build_rfsq, "lfq": build_lfq, "vq": build_vq, "rvq": build_rvq}
 
 
 class Tokenizer(nn.Module):
@@ -144,11 +156,12 @@ def load_splits(seed: int) -> tuple[Tensor, Tensor, tuple[float, float]]:
     return (train - mean) / std, (test - mean) / std, (mean, std)
 
 
-def per_stage(indices: Tensor) -> Tensor:
-    """(b, h, w) or residual (b, q, h, w) indices -> (q, b*h*w)."""
+def per_stage(indices: Tensor, quantizer: nn.Module) -> Tensor:
+    """(b, h, w), or residual (b, q, h, w) (ResidualFSQ) or (b, h, w, q) (ResidualVQ) -> (q, b*h*w)."""
     if indices.ndim == 3:
-        indices = rearrange(indices, "b h w -> b 1 h w")
-    return rearrange(indices, "b q h w -> q (b h w)")
+        return rearrange(indices, "b h w -> 1 (b h w)")
+    pattern = "b h w q" if isinstance(quantizer, ResidualVQ) else "b q h w"
+    return rearrange(indices, f"{pattern} -> q (b h w)")
 
 
 def fmt(values: Tensor, spec: str) -> str:
@@ -174,11 +187,12 @@ def save_reconstructions(path: Path, originals: Tensor, recons: Tensor, columns:
     fig.savefig(path, dpi=100)
 
 
-def save_usage_histogram(path: Path, indices: Tensor, codebook_size: int, usage) -> None:
+def save_usage_histogram(path: Path, indices: Tensor, quantizer: nn.Module, usage) -> None:
     """Held-out tokens per code index, one panel per residual stage; `usage` titles them."""
     from matplotlib.figure import Figure
 
-    stages = per_stage(indices)
+    codebook_size = quantizer.codebook_size
+    stages = per_stage(indices, quantizer)
     fig = Figure(figsize=(8, 2.5 * len(stages)), layout="constrained")
     axes = fig.subplots(len(stages), 1, squeeze=False)[:, 0]
     for k, (ax, codes) in enumerate(zip(axes, stages)):
@@ -247,8 +261,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     to_pixels = lambda x: (x.float().cpu() * std + mean).clamp(0, 16)  # noqa: E731
     save_reconstructions(args.out / "reconstructions.png", to_pixels(test), to_pixels(recon))
-    save_usage_histogram(args.out / "codebook_usage.png", indices.cpu(), quantizer.codebook_size,
-                         usage)
+    save_usage_histogram(args.out / "codebook_usage.png", indices.cpu(), quantizer, usage)
     print(f"wrote reconstructions.png and codebook_usage.png to {args.out.resolve()}")
 
 

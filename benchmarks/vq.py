@@ -1,0 +1,127 @@
+"""One VectorQuantize / ResidualVQ training step (forward + backward + EMA update) side by side:
+vq_layers vs vector-quantize-pytorch, and the plain fp32 matmul x @ codebook^T of the same
+shape that bounds the code search (the distances alone, no argmin, no update).
+
+    python -m benchmarks.vq            # all configurations, writes benchmarks/results/
+    python -m benchmarks.vq --quick    # the small ones only
+
+Every measurement runs in a fresh subprocess (peak RSS on CPU, peak allocated on CUDA); the time
+is the median of several steps after one warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.common import (
+    describe_machine,
+    markdown_table,
+    results_path,
+    run_isolated,
+    time_steps,
+    write_results,
+)
+
+CONFIGS = [  # (layer, dim, codebook_size, tokens, num_quantizers)
+    ("VectorQuantize", 256, 1024, 16384, 1),
+    ("VectorQuantize", 256, 8192, 16384, 1),
+    ("VectorQuantize", 256, 65536, 16384, 1),
+    ("ResidualVQ", 256, 1024, 16384, 8),
+]
+IMPLS = ["vq_layers", "vector-quantize-pytorch", "matmul bound"]
+# the peer materializes (tokens x codes) fp32 several times over (distances, one-hot): skip what cannot fit
+PEER_MAX_PAIRS = 2**28
+
+
+def step_fn(impl: str, layer: str, dim: int, codebook_size: int, num_quantizers: int):
+    import torch
+
+    if impl == "matmul bound":
+        codebook = torch.randn(codebook_size, dim)
+
+        def step(x):
+            for _ in range(num_quantizers):
+                x.detach().reshape(-1, dim) @ codebook.t()
+        return step
+    package = __import__("vq_layers" if impl == "vq_layers" else "vector_quantize_pytorch")
+    kwargs = {"dim": dim, "codebook_size": codebook_size}
+    if layer == "ResidualVQ":
+        kwargs["num_quantizers"] = num_quantizers
+    module = getattr(package, layer)(**kwargs).train()
+
+    def step(x):
+        out, _, loss = module(x)
+        (out.square().mean() + loss.sum()).backward()
+    return step
+
+
+def measure_one(layer: str, dim: int, codebook_size: int, tokens: int, num_quantizers: int, impl: str,
+                repeats: int, device: str) -> dict:
+    """Runs inside the subprocess."""
+    import torch
+
+    torch.manual_seed(0)
+    x = torch.randn(16, tokens // 16, dim, device=device, requires_grad=True)
+    step = step_fn(impl, layer, dim, codebook_size, num_quantizers)
+    return time_steps(step, x, repeats, device)
+
+
+COLUMNS = [
+    ("layer", lambda r: r["layer"] + (f" × {r['num_quantizers']}" if r["num_quantizers"] > 1 else "")),
+    ("dim", lambda r: str(r["dim"])),
+    ("codes", lambda r: str(r["codebook_size"])),
+    ("tokens", lambda r: str(r["tokens"])),
+]
+
+
+def render(path) -> str:
+    payload = json.loads(path.read_text())
+    return markdown_table(payload["rows"], COLUMNS, IMPLS, reference="vq_layers")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only configurations up to 1024 codes")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--render", help="print the table of an existing results .json and exit")
+    args = parser.parse_args()
+    if args.render:
+        print(render(Path(args.render)))
+        return
+    if args.one:
+        print(json.dumps(measure_one(*json.loads(args.one), args.repeats, args.device)))
+        return
+
+    rows = []
+    for layer, dim, codebook_size, tokens, num_quantizers in CONFIGS:
+        if args.quick and codebook_size > 1024:
+            continue
+        row = {"layer": layer, "dim": dim, "codebook_size": codebook_size, "tokens": tokens,
+               "num_quantizers": num_quantizers}
+        for impl in IMPLS:
+            if impl == "vector-quantize-pytorch" and codebook_size * tokens > PEER_MAX_PAIRS:
+                row[impl] = {"error": "not run: needs the tokens x codes matrix several times over"}
+                continue
+            config = [layer, dim, codebook_size, tokens, num_quantizers, impl]
+            row[impl] = run_isolated("benchmarks.vq", config, args.repeats, args.device, args.timeout)
+            print(layer, codebook_size, tokens, impl, row[impl], flush=True)
+        rows.append(row)
+
+    machine = describe_machine(args.device)
+    table = markdown_table(rows, COLUMNS, IMPLS, reference="vq_layers")
+    table += ("\n\n(× = that implementation's time or added peak memory over vq_layers'; > 1 means vq_layers is "
+              "faster or leaner. The matmul bound computes the distances' matmul only: < 1 is expected.)")
+    path = results_path("vq", args.device)
+    write_results(path, {"benchmark": "VectorQuantize / ResidualVQ training step (forward + backward + EMA)",
+                         "machine": machine, "rows": rows}, table)
+    print(table)
+    print(f"written: {path}.json, {path}.md")
+
+
+if __name__ == "__main__":
+    main()
