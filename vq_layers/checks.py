@@ -24,11 +24,14 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
-def check_indices(indices: Tensor, codebook_size: int, name: str = "indices") -> None:
-    """Integer dtype and every value in [0, codebook_size) (one host sync; skipped when compiling)."""
-    if indices.is_floating_point() or indices.is_complex():
-        raise TypeError(f"{name}: expected an integer tensor, got dtype {indices.dtype}")
+def check_indices(indices, codebook_size: int, name: str = "indices", allow_dropped: bool = False) -> None:
+    """An integer tensor with every value in [0, codebook_size), or -1 (masked or dropped) when
+    `allow_dropped` (one host sync; the value check is skipped when compiling)."""
+    if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
     if indices.numel() and not torch.compiler.is_compiling():
         low, high = int(indices.min()), int(indices.max())
-        if low < 0 or high >= codebook_size:
-            raise ValueError(f"{name}: expected values in [0, {codebook_size}), got values in [{low}, {high}]")
+        lowest = -1 if allow_dropped else 0
+        if low < lowest or high >= codebook_size:
+            dropped = " (or -1 for masked or dropped)" if allow_dropped else ""
+            raise ValueError(f"{name}: expected values in [0, {codebook_size}){dropped}, got values in [{low}, {high}]")

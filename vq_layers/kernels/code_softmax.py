@@ -86,6 +86,7 @@ def soft_codes(x: Tensor, codebook: Tensor, metric: str, scale: float) -> Tensor
 
 
 def entropy(probs: Tensor) -> Tensor:
-    """-sum p log p over the last axis (0 log 0 = 0, no clamping)."""
-    return -torch.special.xlogy(probs, probs).sum(-1)
+    """-sum p log p over the last axis; 0 log 0 = 0, with a finite gradient where p underflowed to 0
+    (log of the smallest normal there, not log 0 = -inf times 0)."""
+    return -torch.special.xlogy(probs, probs.clamp(min=torch.finfo(probs.dtype).tiny)).sum(-1)
 

@@ -9,6 +9,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..checks import check_indices
 from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens
 from ..precision import cat, fp32_island, project
 from .residual import GroupedResidual, ResidualQuantizer, last_kept_stage, run_stages
@@ -151,16 +152,26 @@ class ResidualVQ(ResidualQuantizer):
 
     def _check_targets(self, indices: Tensor, tokens: Tensor) -> Tensor:
         """indices (b, ..., q) -> (b, n, q) int64, checked."""
-        if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
-            raise TypeError(f"indices: expected an integer tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
+        check_indices(indices, self.codebook_size)  # no -1: every stage needs its given code
         expected = (tokens.shape[0], tokens.shape[1], self.num_quantizers)
         if indices.numel() != tokens.shape[0] * tokens.shape[1] * self.num_quantizers or indices.shape[-1] != self.num_quantizers:
             raise ValueError(f"indices: expected one index per token and quantizer, (b, ..., q) = {expected}, "
                              f"got shape {tuple(indices.shape)}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
-            raise ValueError(f"indices: expected values in [0, {self.codebook_size}) (no dropped quantizers), "
-                             f"got values in [{int(indices.min())}, {int(indices.max())}]")
         return indices.long().reshape(expected)
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """indices (b, ..., q'), q' <= q, -1 = dropped or masked -> each stage's codes (q, b, ..., d) fp32."""
+        check_indices(indices, self.codebook_size, allow_dropped=True)
+        if indices.ndim < 2:
+            raise ValueError(f"indices: expected (b, ..., q), got shape {tuple(indices.shape)}")
+        return super().get_codes_from_indices(indices)
+
+    def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """indices as forward returns them -> the output forward gave (bitwise in eval; masked
+        tokens, all of whose indices are -1, are zeros)."""
+        out = super().get_output_from_indices(indices, dtype)
+        masked = (indices < 0).all(-1)
+        return out.masked_fill(masked.unsqueeze(1 if self.accept_image_fmap else -1), 0.0)
 
     def _lookup_stage(self, k: int, indices: Tensor) -> Tensor:
         return self.layers[k]._lookup(indices.unsqueeze(-1))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_positive_int
+from ..checks import check_indices, check_positive_int
 from ..codebook import Codebook
 from ..distributed import all_reduce_sum, all_reduce_sum_, is_distributed
 from ..kernels.code_softmax import code_cross_entropy, code_probs_sum, entropy, soft_codes
@@ -199,7 +199,7 @@ class VectorQuantize(nn.Module):
                   ema_update: bool, freeze: bool, targets: Tensor | None = None) -> Quantized:
         """z (b, n, heads*d), keep (b, n) bool or None -> Quantized (fp32)."""
         b, n, _ = z.shape
-        z = rearrange(z, "b n (h d) -> h (b n) d", h=self.heads)
+        z = z.reshape(b * n, self.heads, self.codebook_dim).transpose(0, 1)  # (h, b*n, d)
         keep_heads = None if keep is None else keep.reshape(1, b * n).expand(self.heads, -1)
         if keep is not None:
             z = torch.where(keep_heads.unsqueeze(-1), z, 0.0)  # padding (NaN included) never enters
@@ -216,6 +216,8 @@ class VectorQuantize(nn.Module):
                 self._codebook.init_(samples, sync and self.sync_kmeans, self.process_group)
 
         codebook = self._codebook.codes()
+        if update:  # a snapshot: the update below rewrites the codes in place, and the backward
+            codebook = codebook.clone()  # (recomputed softmax tiles) must see this step's codebook
         if self.use_cosine_sim and self.learnable_codebook:
             codebook = F.normalize(codebook, dim=-1)
         sample = self.training and self.stochastic_sample_codes and temperature > 0
@@ -238,9 +240,9 @@ class VectorQuantize(nn.Module):
         if keep is not None:
             quantized = torch.where(kept.unsqueeze(-1), quantized, 0.0)
             shown = indices.masked_fill(~kept, -1)
-        heads_view = (self.heads, b * n)
-        quantized = rearrange(quantized.reshape(*heads_view, -1), "h (b n) d -> b n (h d)", b=b)
-        out_indices = rearrange(shown.reshape(heads_view), "h (b n) -> b n h", b=b)
+        # explicit shapes (not einops' b=...): they also hold for b * n == 0
+        quantized = quantized.reshape(self.heads, b, n, self.codebook_dim).permute(1, 2, 0, 3).reshape(b, n, self.heads * self.codebook_dim)
+        out_indices = shown.reshape(self.heads, b, n).permute(1, 2, 0)
         loss = (commitment * self.commitment_weight + diversity * self.codebook_diversity_loss_weight
                 + orthogonal * self.orthogonal_reg_weight)
         if targets is not None:
@@ -361,15 +363,9 @@ class VectorQuantize(nn.Module):
 
     def _check_code_indices(self, indices: Tensor) -> Tensor:
         """indices (b, ...[, heads]) integer in [-1, codebook_size) -> (b, ..., heads)."""
-        if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
-            raise TypeError(f"indices: expected an integer tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
+        check_indices(indices, self.codebook_size, allow_dropped=True)
         if self.heads > 1 and (indices.ndim < 2 or indices.shape[-1] != self.heads):
             raise ValueError(f"indices: expected a last axis of heads={self.heads}, got shape {tuple(indices.shape)}")
-        if indices.numel() and not torch.compiler.is_compiling():
-            low, high = int(indices.min()), int(indices.max())
-            if low < -1 or high >= self.codebook_size:
-                raise ValueError(f"indices: expected values in [0, {self.codebook_size}) (or -1 for masked), "
-                                 f"got values in [{low}, {high}]")
         return indices.long() if self.heads > 1 else indices.long().unsqueeze(-1)
 
     def _lookup(self, indices: Tensor) -> Tensor:
