@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -109,9 +110,31 @@ def run_isolated(module: str, config: list, repeats: int, device: str, timeout: 
     """Runs `python -m <module> --one <config>` in a fresh process; its last stdout line is the result."""
     args = [sys.executable, "-m", module, "--one", json.dumps(config), "--repeats", str(repeats), "--device", device]
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"over {timeout} s"}
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:120]}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def benchmark_cli(doc: str, quick_help: str, timeout: int, columns: list, impls: list[str], measure_one):
+    """The command line every benchmark script shares. Answers --render (re-print a results file's
+    table) and --one (one measurement, inside run_isolated's subprocess) itself and returns None;
+    otherwise returns the parsed arguments for the script's full run."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--timeout", type=int, default=timeout)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--render", help="print the table of an existing results .json and exit")
+    args = parser.parse_args()
+    if args.render:
+        payload = json.loads(Path(args.render).read_text())
+        print(markdown_table(payload["rows"], columns, impls, reference="vq_layers"))
+        return None
+    if args.one:
+        print(json.dumps(measure_one(*json.loads(args.one), args.repeats, args.device)))
+        return None
+    return args

@@ -10,11 +10,8 @@ Every measurement runs in a fresh subprocess, so its peak RSS (CPU) or peak allo
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 from benchmarks.common import (
+    benchmark_cli,
     describe_machine,
     markdown_table,
     results_path,
@@ -70,12 +67,6 @@ def measure_one(impl: str, codebook_size: int, tokens: int, inv_temperature: flo
     return time_steps(step, x, repeats, device)
 
 
-def render(path) -> str:
-    """Re-renders a results file's table (python -m benchmarks.lfq --render FILE.json)."""
-    payload = json.loads(path.read_text())
-    return markdown_table(payload["rows"], COLUMNS, IMPLS, reference="vq_layers")
-
-
 COLUMNS = [
     ("codes", lambda r: f"2^{r['codebook_size'].bit_length() - 1}"),
     ("tokens", lambda r: str(r["tokens"])),
@@ -84,20 +75,8 @@ COLUMNS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="only configurations under 2^16 x 4096")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--timeout", type=int, default=600)
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--render", help="print the table of an existing results .json and exit")
-    args = parser.parse_args()
-    if args.render:
-        print(render(Path(args.render)))
-        return
-    if args.one:
-        impl, codebook_size, tokens, inv_temperature = json.loads(args.one)
-        print(json.dumps(measure_one(impl, codebook_size, tokens, inv_temperature, args.repeats, args.device)))
+    args = benchmark_cli(__doc__, "only configurations under 2^16 x 4096", 600, COLUMNS, IMPLS, measure_one)
+    if args is None:
         return
 
     rows = []

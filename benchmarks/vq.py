@@ -11,11 +11,8 @@ is the median of several steps after one warm-up step.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 from benchmarks.common import (
+    benchmark_cli,
     describe_machine,
     markdown_table,
     results_path,
@@ -76,25 +73,9 @@ COLUMNS = [
 ]
 
 
-def render(path) -> str:
-    payload = json.loads(path.read_text())
-    return markdown_table(payload["rows"], COLUMNS, IMPLS, reference="vq_layers")
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="only configurations up to 1024 codes")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--timeout", type=int, default=900)
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--render", help="print the table of an existing results .json and exit")
-    args = parser.parse_args()
-    if args.render:
-        print(render(Path(args.render)))
-        return
-    if args.one:
-        print(json.dumps(measure_one(*json.loads(args.one), args.repeats, args.device)))
+    args = benchmark_cli(__doc__, "only configurations up to 1024 codes", 900, COLUMNS, IMPLS, measure_one)
+    if args is None:
         return
 
     rows = []
