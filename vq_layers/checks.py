@@ -7,7 +7,6 @@ import numbers
 import torch
 from torch import Tensor
 
-
 # the largest implicit codebook a layer builds on request (codes x dims fp32): 256 MiB
 MAX_MATERIALIZED_ELEMENTS = 2**26
 

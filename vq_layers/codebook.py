@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributed import shared_generator
-from .ema import code_statistics, ema_update_, normalized_codebook, smoothed_cluster_size
+from .ema import (
+    code_statistics,
+    ema_update_,
+    normalized_codebook,
+    smoothed_cluster_size,
+)
 from .kmeans import draw_rows, kmeans, offered_rows
 from .precision import Fp32BuffersModule, fp32_island
 

@@ -19,9 +19,20 @@ from torch import Tensor, nn
 from ..checks import check_indices, check_positive_int
 from ..codebook import Codebook
 from ..distributed import all_reduce_sum, all_reduce_sum_, is_distributed
-from ..kernels.code_softmax import code_cross_entropy, code_probs_sum, entropy, soft_codes
+from ..kernels.code_softmax import (
+    code_cross_entropy,
+    code_probs_sum,
+    entropy,
+    soft_codes,
+)
 from ..kernels.nearest_code import nearest_code
-from ..layout import check_mask, from_tokens, indices_from_tokens, lens_to_mask, to_tokens
+from ..layout import (
+    check_mask,
+    from_tokens,
+    indices_from_tokens,
+    lens_to_mask,
+    to_tokens,
+)
 from ..precision import fp32_island, project
 from ..rotation_trick import rotation_trick
 from ..straight_through import straight_through
@@ -212,7 +223,8 @@ class VectorQuantize(nn.Module):
                 raise ValueError("input: non-finite values (NaN or Inf) in a training batch; the codebook "
                                  "and its statistics were left untouched")
             if may_init and not bool(self._codebook.initted):
-                samples = [s if k is None else s[k] for s, k in zip(search.detach(), kept if kept is not None else [None] * len(search))]
+                rows = search.detach()
+                samples = list(rows) if kept is None else [r[k] for r, k in zip(rows, kept)]
                 self._codebook.init_(samples, sync and self.sync_kmeans, self.process_group)
 
         codebook = self._codebook.codes()
@@ -241,7 +253,8 @@ class VectorQuantize(nn.Module):
             quantized = torch.where(kept.unsqueeze(-1), quantized, 0.0)
             shown = indices.masked_fill(~kept, -1)
         # explicit shapes (not einops' b=...): they also hold for b * n == 0
-        quantized = quantized.reshape(self.heads, b, n, self.codebook_dim).permute(1, 2, 0, 3).reshape(b, n, self.heads * self.codebook_dim)
+        quantized = quantized.reshape(self.heads, b, n, self.codebook_dim).permute(1, 2, 0, 3)
+        quantized = quantized.reshape(b, n, self.heads * self.codebook_dim)
         out_indices = shown.reshape(self.heads, b, n).permute(1, 2, 0)
         loss = (commitment * self.commitment_weight + diversity * self.codebook_diversity_loss_weight
                 + orthogonal * self.orthogonal_reg_weight)
