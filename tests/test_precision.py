@@ -159,3 +159,46 @@ def test_statistics_buffers_state_dict_round_trip():
     assert target.ema.dtype == torch.float32 and torch.equal(target.ema, Stats().ema)
     nested = nn.Sequential(Stats()).half()
     assert dict(fp32_buffers(nested)) and all(b.dtype == torch.float32 for _, b in fp32_buffers(nested))
+
+
+def _cast_like_fsdp1(module: nn.Module, dtype: torch.dtype) -> None:
+    """FSDP1's MixedPrecision(buffer_dtype=...) assigns `buffer.data`, going around `_apply`."""
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            buf.data = buf.to(dtype)
+
+
+def test_cast_around_apply_is_undone_before_the_next_call():
+    class Called(Stats):
+        def forward(self, x):
+            return x * self.ema
+
+    module = Called()
+    ema = module.ema  # wrappers (DDP) hold the buffer objects: they must stay the same ones
+    _cast_like_fsdp1(module, torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"Called\.ema: .*bfloat16.*buffer_dtype"):
+        module(torch.ones(3))
+    assert module.ema is ema and ema.dtype == torch.float32
+    # the values were rounded once (what the warning says), no more
+    expected = torch.tensor([1e-8, 70000.0, 1.0 + 2**-20]).bfloat16().float()
+    assert torch.equal(ema, expected)
+    assert module.plain.dtype == torch.bfloat16  # only the registered statistics are restored
+
+
+def test_vq_statistics_stay_fp32_when_a_wrapper_casts_them():
+    from vq_layers import VectorQuantize
+
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=4, codebook_size=8, decay=0.5).train()
+    _cast_like_fsdp1(vq, torch.bfloat16)
+    # the reference: the same rounded values, in float32 buffers from the start
+    reference = VectorQuantize(dim=4, codebook_size=8, decay=0.5).train()
+    reference.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in vq.state_dict().items()})
+    x = torch.randn(2, 16, 4)
+    with pytest.warns(UserWarning, match="restored to float32"):
+        vq(x)
+    reference(x)
+    for name, buf in vq._codebook.named_buffers():
+        if buf.is_floating_point():
+            assert buf.dtype == torch.float32, name
+        assert torch.equal(buf, reference._codebook.get_buffer(name)), name

@@ -6,6 +6,10 @@ State (names as vector-quantize-pytorch's `_codebook`, so checkpoints load both 
     cluster_size (h, k)    EMA of the per-code counts, fp32
     initted ()             False until k-means init ran
 The statistics stay float32 under `.half()`/`.bfloat16()` (Fp32BuffersModule).
+
+Under sync, the first training step broadcasts this state from the group's first rank, so
+ranks that built the layer from different seeds (no DDP to broadcast it) start alike; from then
+on every rank applies the same all-reduced update.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distributed import shared_generator
+from .distributed import broadcast_, first_rank, shared_generator
 from .ema import (
     code_statistics,
     ema_update_,
@@ -23,6 +27,11 @@ from .ema import (
 )
 from .kmeans import draw_rows, kmeans, offered_rows
 from .precision import Fp32BuffersModule, fp32_island
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch without distributed support
+    DTensor = ()
 
 
 class Codebook(Fp32BuffersModule):
@@ -52,17 +61,55 @@ class Codebook(Fp32BuffersModule):
             self.register_fp32_buffer("embed", embed)
         # dead codes replaced by the last update (health statistic; not state)
         self.dead_codes_replaced = torch.zeros((), dtype=torch.long)
+        self._state_broadcast = False  # per process: has a synced step made the ranks' state one?
 
     def extra_repr(self) -> str:
         return f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, dim={self.dim}"
 
     def codes(self) -> Tensor:
-        """The codes in fp32 (h, k, d); differentiable when learnable."""
-        return self.embed.float() if self.learnable else self.embed.detach()
+        """The codes in fp32 (h, k, d); differentiable when learnable.
+
+        A learnable codebook that FSDP2 holds sharded (outside its forward) is all-gathered:
+        every rank must call."""
+        self.keep_fp32_buffers_()
+        if not self.learnable:
+            return self.embed.detach()
+        embed = self.embed.full_tensor() if isinstance(self.embed, DTensor) else self.embed
+        return embed.float()
+
+    def _check_in_place_write(self, what: str) -> None:
+        """FSDP (1 and 2) hands forward an unsharded copy of each parameter, rebuilt from the
+        shards at every all-gather: an in-place write to a learnable codebook would be undone
+        silently, and shards could disagree. Raised on every rank alike (it depends on the
+        configuration only), before anything changed."""
+        if self.learnable and (getattr(self, "_is_fsdp_managed_module", False) or isinstance(self.embed, DTensor)):
+            raise ValueError(
+                f"learnable_codebook: {what} rewrites the codebook in place, but FSDP shards it (a "
+                "parameter when learnable_codebook=True or orthogonal_reg_weight > 0) and would undo the "
+                "write at the next all-gather. Under FSDP use an EMA codebook (learnable_codebook=False, "
+                "orthogonal_reg_weight=0), or a learnable one with ema_update=False, kmeans_init=False and "
+                "threshold_ema_dead_code=0; k-means init can run before wrapping (one training forward per "
+                "rank, then fully_shard)")
+
+    @torch.no_grad()
+    def broadcast_state_once_(self, group=None) -> None:
+        """On the first synced step: every rank takes the group's first rank's state (one
+        collective). A codebook parameter under FSDP is skipped: its shards are the truth."""
+        if self._state_broadcast:
+            return
+        self.keep_fp32_buffers_()
+        sharded = getattr(self, "_is_fsdp_managed_module", False) or isinstance(self.embed, DTensor)
+        tensors = [self.embed_avg, self.cluster_size, self.initted] + ([] if self.learnable and sharded else [self.embed])
+        flat = broadcast_(torch.cat([t.detach().reshape(-1).float() for t in tensors]), first_rank(group), group)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.data.copy_(part.reshape(t.shape).to(t.dtype))
+        self._state_broadcast = True
 
     @torch.no_grad()
     def set_codes_(self, codes: Tensor) -> None:
         """New codes (h, k, d); the EMA sums follow so the next EMA step starts from them."""
+        self.keep_fp32_buffers_()
+        self._check_in_place_write("setting the codebook")
         codes = codes.to(torch.float32)
         self.embed.data.copy_(codes)
         self.embed_avg.copy_(codes * smoothed_cluster_size(self.cluster_size, self.eps).unsqueeze(-1))
@@ -72,6 +119,8 @@ class Codebook(Fp32BuffersModule):
     @torch.no_grad()
     def init_(self, samples: list[Tensor], sync: bool, group=None) -> None:
         """k-means on the first batch: samples per codebook (n_h, d), unmasked only."""
+        self.keep_fp32_buffers_()
+        self._check_in_place_write("kmeans_init")
         generator = shared_generator(samples[0].device, group, sync)
         found = kmeans(samples, self.codebook_size, self.kmeans_iters, self.metric, generator, sync, group)
         if found is None:  # no vectors anywhere: stay uninitialized until a batch has some
@@ -98,6 +147,8 @@ class Codebook(Fp32BuffersModule):
         self.dead_codes_replaced = torch.zeros((), dtype=torch.long, device=x.device)
         if not ema_update and self.threshold_ema_dead_code <= 0:
             return
+        self.keep_fp32_buffers_()
+        self._check_in_place_write("threshold_ema_dead_code" if not ema_update else "the EMA update")
         counts, sums = code_statistics(x, indices, self.codebook_size, keep, sync, group)
         ema_update_(self.cluster_size, self.embed_avg, counts, sums, self.decay)
         if ema_update:

@@ -53,6 +53,16 @@ def shared_generator(device, group=None, sync: bool = True) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def any_rank(flag: Tensor, group=None, sync: bool = True) -> bool:
+    """True when the boolean scalar `flag` is True on any rank of the group (on this one alone
+    when not `sync`). Every rank gets the same answer, so a decision on it (raising, skipping)
+    keeps the ranks' collectives in step."""
+    flag = flag.reshape(1).to(torch.float32)
+    if sync:
+        all_reduce_sum_(flag, group)
+    return bool(flag.item() > 0)
+
+
 def all_reduce_sum_(tensor: Tensor, group=None) -> Tensor:
     """Sums `tensor` over the group in place (no autograd); returns it."""
     if is_distributed(group):

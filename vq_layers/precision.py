@@ -10,12 +10,15 @@ DESIGN.md's precision contract in one place:
   without it the input is cast to the weight's dtype, so a bf16 input meeting an fp32 weight
   (or the reverse) can never raise "mat1 and mat2 must have the same dtype".
 - `Fp32BuffersModule` keeps registered statistics buffers float32 under `.half()`,
-  `.bfloat16()`, `.to(dtype)`; device moves still apply.
+  `.bfloat16()`, `.to(dtype)`; device moves still apply. A cast that goes around `.to()`
+  (FSDP1 mixed precision's `buffer.data = ...`) is undone by `keep_fp32_buffers_`, which the
+  layers call before they read or write their statistics.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -117,6 +120,10 @@ def project(module: nn.Module, x: Tensor) -> Tensor:
     return module(x)
 
 
+def _keep_fp32_buffers_hook(module, args) -> None:
+    module.keep_fp32_buffers_()  # a named function, not a lambda: modules stay picklable
+
+
 class Fp32BuffersModule(nn.Module):
     """nn.Module whose buffers registered with `register_fp32_buffer` stay float32.
 
@@ -127,11 +134,26 @@ class Fp32BuffersModule(nn.Module):
     def register_fp32_buffer(self, name: str, tensor: Tensor, persistent: bool = True) -> None:
         # explicit float32: a default dtype of bf16 (HF `torch_dtype=`) must not leak in
         self.register_buffer(name, tensor.to(torch.float32), persistent=persistent)
-        names = self.__dict__.setdefault("_fp32_buffer_names", set())
-        names.add(name)
+        if "_fp32_buffer_names" not in self.__dict__:  # first one: check them before every call
+            self.register_forward_pre_hook(_keep_fp32_buffers_hook)
+        self.__dict__.setdefault("_fp32_buffer_names", set()).add(name)
 
     def fp32_buffer_names(self) -> set[str]:
         return set(self.__dict__.get("_fp32_buffer_names", ()))
+
+    def keep_fp32_buffers_(self) -> None:
+        """Undoes a cast that bypassed `_apply`: FSDP1's MixedPrecision(buffer_dtype=...) sets
+        `buffer.data` directly. The buffer object stays the same (wrappers hold references to
+        it); its values were rounded once, which the warning says."""
+        for name in sorted(self.fp32_buffer_names()):
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype != torch.float32:
+                warnings.warn(
+                    f"{type(self).__name__}.{name}: a wrapper cast this statistics buffer to {buf.dtype} "
+                    "(FSDP1's MixedPrecision(buffer_dtype=...) does); restored to float32, its values "
+                    f"rounded once. Leave buffer_dtype=None or list {type(self).__name__} in "
+                    "MixedPrecision(_module_classes_to_ignore=...)", stacklevel=2)
+                buf.data = buf.data.to(torch.float32)
 
     def _apply(self, fn, recurse=True):
         originals = {

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..distributed import all_reduce_sum, all_reduce_sum_
+from ..distributed import all_reduce_sum
 
 # sigmoid(-30) = 9.4e-14: a bit with |l| >= 30 puts at most that fraction of the token's mass on
 # its unlikely side. Fixing all such bits (d <= 64 of them) drops at most 64 * 9.4e-14 = 6e-12 of
@@ -221,23 +221,25 @@ def binary_entropy(logits: Tensor) -> Tensor:
     return BinaryEntropy.apply(logits)
 
 
-def lfq_entropy(logits: Tensor, process_group=None) -> tuple[Tensor, Tensor]:
+def lfq_entropy(logits: Tensor, process_group=None, sync: bool = True) -> tuple[Tensor, Tensor]:
     """(per-sample entropy, codebook entropy), exact, from bit logits (n, c, d) in fp32.
 
     per-sample: mean over tokens and codebooks of each token's entropy over the 2^d codes;
     codebook: mean over codebooks of the entropy of the batch's mean code distribution.
-    Under torch.distributed both are over the global batch (tokens of all ranks), with
-    gradients reaching every rank's logits. No tokens anywhere: both are zero.
+    Under torch.distributed (and `sync`) both are over the global batch (tokens of all ranks),
+    with gradients reaching every rank's logits; `sync=False` keeps them to this rank's tokens
+    and issues no collective. No tokens anywhere: both are zero.
     """
+    def over_ranks(t: Tensor) -> Tensor:  # differentiable sum over the group, or t alone
+        return all_reduce_sum(t, process_group) if sync else t
+
     n, c, d = logits.shape
     # an overflowed logit (inf) would give 0 * inf = NaN entropies; past |l| = 1e4 every
     # probability and gradient involved is exp(-1e4) = 0 in fp32 anyway
     logits = logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
-    count = torch.tensor([float(n)], device=logits.device)
-    all_reduce_sum_(count, process_group)
-    total = count.clamp(min=1)
-    per_sample = all_reduce_sum(binary_entropy(logits).sum(), process_group) / (total * c)
-    mass = all_reduce_sum(code_mass(logits), process_group)
+    total = over_ranks(torch.tensor([float(n)], device=logits.device)).clamp(min=1)
+    per_sample = over_ranks(binary_entropy(logits).sum()) / (total * c)
+    mass = over_ranks(code_mass(logits))
     probs = mass / total
     # 0 log 0 = 0 with a zero (not NaN) gradient for codes nobody uses
     codebook = -(probs * torch.where(probs > 0, probs, 1.0).log()).sum(-1).mean()

@@ -217,7 +217,9 @@ class LFQ(Fp32BuffersModule):
             kept = z[mask] if mask is not None else rearrange(z, "b n c d -> (b n) c d")
             # softmax over codes of 2 T <z, code> factorizes into bits: logit_i = 4 T |code| z_i
             logits = kept * (4 * inv_temperature * self.code_value)
-            per_sample, batch = lfq_entropy(logits, self.process_group)
+            # the global batch's entropy when gradients flow; under no_grad this rank's alone, so
+            # that no_grad forwards (a GAN's discriminator step) issue no collective
+            per_sample, batch = lfq_entropy(logits, self.process_group, sync=torch.is_grad_enabled())
             if self.commitment_loss_weight > 0 and kept.numel():
                 kept_codes = codes[mask] if mask is not None else rearrange(codes, "b n c d -> (b n) c d")
                 commitment = F.mse_loss(kept, kept_codes)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..checks import check_indices, check_positive_int
 from ..codebook import Codebook
-from ..distributed import all_reduce_sum, all_reduce_sum_, is_distributed
+from ..distributed import all_reduce_sum, all_reduce_sum_, any_rank, is_distributed
 from ..kernels.code_softmax import (
     code_cross_entropy,
     code_probs_sum,
@@ -195,7 +195,9 @@ class VectorQuantize(nn.Module):
         self._codebook.set_codes_(codes if self.separate_codebook_per_head else codes[None])
 
     def _sync(self) -> bool:
-        if self.sync_codebook is False:
+        """Whether this forward talks to the other ranks: only training forwards with gradients
+        do (eval, no_grad and inference forwards issue no collective), unless sync_codebook=False."""
+        if self.sync_codebook is False or not (self.training and torch.is_grad_enabled()):
             return False
         return is_distributed(self.process_group)
 
@@ -219,9 +221,12 @@ class VectorQuantize(nn.Module):
         search, kept = self._per_codebook(z), None if keep is None else self._per_codebook(keep_heads)
         sync = self._sync()
         if may_init or update:
-            if not bool(torch.isfinite(search).all()):
-                raise ValueError("input: non-finite values (NaN or Inf) in a training batch; the codebook "
-                                 "and its statistics were left untouched")
+            if sync:
+                self._codebook.broadcast_state_once_(self.process_group)
+            # decided on every rank alike, so a NaN on one rank cannot leave the others waiting
+            if any_rank(~torch.isfinite(search).all(), self.process_group, sync):
+                raise ValueError("input: non-finite values (NaN or Inf) in a training batch (on this rank or "
+                                 "another); the codebook and its statistics were left untouched")
             if may_init and not bool(self._codebook.initted):
                 rows = search.detach()
                 samples = list(rows) if kept is None else [r[k] for r, k in zip(rows, kept)]
