@@ -21,7 +21,9 @@ from dist_utils import free_port, init_group, run_in_processes
 from vq_layers.distributed import (
     all_gather,
     all_reduce_mean,
+    all_reduce_sum,
     all_reduce_sum_,
+    any_rank,
     broadcast_,
     is_distributed,
     world_size,
@@ -152,6 +154,23 @@ def _check_explicit_groups(rank: int) -> None:
     assert all_gather(t, group=alone) is t
 
 
+def _check_sum_without_graph_on_one_rank(rank):
+    # Rank 0's share carries no graph (its batch was empty); rank 1's does. Both backward
+    # passes must run the all-reduce, or rank 1 would wait for rank 0 forever; any_rank agrees.
+    x = torch.arange(3.0) + rank
+    if rank == 1:
+        x.requires_grad_()
+    total = all_reduce_sum(x)
+    assert total.requires_grad  # on rank 0 too: the backward all-reduce will run there
+    total.mul(torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    if rank == 1:
+        assert torch.equal(x.grad, torch.tensor([2.0, 4.0, 6.0]))  # both ranks' gradients summed
+    with torch.no_grad():
+        assert not all_reduce_sum(torch.ones(1)).requires_grad
+    assert any_rank(torch.tensor(rank == 1)) and not any_rank(torch.tensor(False))
+    assert any_rank(torch.tensor(rank == 1), sync=False) == (rank == 1)
+
+
 def _worker_helpers(rank, world):
     # One spawn for all the group checks (spawning torch costs seconds). Started with
     # init=False so that is_distributed is seen before, during and after the group.
@@ -162,6 +181,7 @@ def _worker_helpers(rank, world):
     _check_collectives(rank, None)
     _check_strided_inputs(rank)
     _check_explicit_groups(rank)
+    _check_sum_without_graph_on_one_rank(rank)
 
     dist.destroy_process_group()
     assert not is_distributed() and world_size() == 1  # not cached from inside the group

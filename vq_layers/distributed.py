@@ -86,7 +86,7 @@ class _AllReduceSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tensor, group):
+    def forward(ctx, tensor, group, anchor):
         ctx.group = group
         out = tensor.clone(memory_format=torch.contiguous_format)  # gloo ignores strides
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
@@ -96,21 +96,34 @@ class _AllReduceSum(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+        return grad, None, None
+
+
+def _sum_node(tensor: Tensor, group) -> Tensor:
+    # A rank whose share has no graph (an empty batch: nothing was computed from the input)
+    # must still join the all-reduce the other ranks' backward issues; a leaf that requires
+    # grad gives the sum a backward node on every rank alike.
+    anchor = None
+    if torch.is_grad_enabled() and not tensor.requires_grad:
+        anchor = torch.zeros((), device=tensor.device, requires_grad=True)
+    return _AllReduceSum.apply(tensor, group, anchor)
 
 
 def all_reduce_sum(tensor: Tensor, group=None) -> Tensor:
-    """Differentiable sum of `tensor` over the group (a new tensor); identity when alone."""
+    """Differentiable sum of `tensor` over the group (a new tensor); identity when alone.
+
+    With grad enabled, the backward all-reduce runs on every rank, whether or not this rank's
+    `tensor` requires grad."""
     if not is_distributed(group):
         return tensor
-    return _AllReduceSum.apply(tensor, group)
+    return _sum_node(tensor, group)
 
 
 def all_reduce_mean(tensor: Tensor, group=None) -> Tensor:
     """Differentiable mean over the group (backward: mean of the ranks' gradients)."""
     if not is_distributed(group):
         return tensor
-    return _AllReduceSum.apply(tensor, group) / dist.get_world_size(group)
+    return _sum_node(tensor, group) / dist.get_world_size(group)
 
 
 def all_gather(tensor: Tensor, group=None) -> Tensor:

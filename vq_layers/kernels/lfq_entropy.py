@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..distributed import all_reduce_sum
+from ..distributed import all_reduce_sum, all_reduce_sum_
 
 # sigmoid(-30) = 9.4e-14: a bit with |l| >= 30 puts at most that fraction of the token's mass on
 # its unlikely side. Fixing all such bits (d <= 64 of them) drops at most 64 * 9.4e-14 = 6e-12 of
@@ -237,7 +237,8 @@ def lfq_entropy(logits: Tensor, process_group=None, sync: bool = True) -> tuple[
     # an overflowed logit (inf) would give 0 * inf = NaN entropies; past |l| = 1e4 every
     # probability and gradient involved is exp(-1e4) = 0 in fp32 anyway
     logits = logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
-    total = over_ranks(torch.tensor([float(n)], device=logits.device)).clamp(min=1)
+    count = torch.tensor([float(n)], device=logits.device)
+    total = (all_reduce_sum_(count, process_group) if sync else count).clamp(min=1)  # no gradient
     per_sample = over_ranks(binary_entropy(logits).sum()) / (total * c)
     mass = over_ranks(code_mass(logits))
     probs = mass / total
