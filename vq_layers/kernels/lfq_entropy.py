@@ -233,7 +233,7 @@ def lfq_entropy(logits: Tensor, process_group=None, sync: bool = True) -> tuple[
     def over_ranks(t: Tensor) -> Tensor:  # differentiable sum over the group, or t alone
         return all_reduce_sum(t, process_group) if sync else t
 
-    n, c, d = logits.shape
+    n, c, _ = logits.shape
     # an overflowed logit (inf) would give 0 * inf = NaN entropies; past |l| = 1e4 every
     # probability and gradient involved is exp(-1e4) = 0 in fp32 anyway
     logits = logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
