@@ -386,6 +386,18 @@ def _fsdp_worker(rank: int, world: int) -> None:
             model(_batch(0, rank))
         dist.barrier()  # both ranks raised and are still in step
 
+    # Codebook has no forward for FSDP2 to hook: sharded on its own, its codes would stay sharded
+    # in the layer's forward, and full_tensor's backward would skip the reduce-scatter
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = _AutoEncoder(codebook_size=8, learnable_codebook=True, ema_update=False)
+    fully_shard(model.vq._codebook)
+    model = _fully_shard(model)
+    with pytest.raises(ValueError, match="still sharded"):
+        model(_batch(0, rank))
+    dist.barrier()
+
 
 @pytest.mark.timeout(150)
 def test_fsdp2_training_mixed_precision_and_learnable_codebook():
@@ -714,6 +726,23 @@ def _plain_group_worker(rank: int, world: int) -> None:
         _assert_identical_across_ranks(state, f"{name}: after the first step")
         _assert_close_state(state, _state(single), f"{name}: first step from rank 0's state")
 
+    # sync_kmeans=False: k-means on each rank's own data, which differ a lot here (rank 0's has
+    # empty clusters, rank 1's none); the codebooks must still agree, or the ranks would disagree
+    # on which codes are dead and issue different collectives (a hang)
+    torch.manual_seed(0)
+    layer = VectorQuantize(4, 16, kmeans_init=True, kmeans_iters=2, sync_kmeans=False,
+                           threshold_ema_dead_code=0.5, decay=0.99).train()
+    replaced = 0
+    for step in range(4):
+        if rank == 0:
+            x = torch.cat([torch.ones(36, 4), torch.randn(4, 4, generator=torch.Generator().manual_seed(step))])
+        else:
+            x = torch.randn(16, 4, generator=torch.Generator().manual_seed(7)) * 50
+        layer(x[None].requires_grad_())
+        replaced += int(layer._codebook.dead_codes_replaced)
+        _assert_identical_across_ranks(_state(layer), f"sync_kmeans=False, step {step}")
+    assert replaced > 0, "the dead-code path never ran"
+
     # sync_codebook=False: each rank trains alone, as a process without a group would
     for kwargs in ({}, {"kmeans_init": True, "kmeans_iters": 2, "threshold_ema_dead_code": 1.0}):
         torch.manual_seed(0)
@@ -739,3 +768,47 @@ def _plain_group_worker(rank: int, world: int) -> None:
 @pytest.mark.timeout(90)
 def test_first_step_broadcasts_state_and_sync_codebook_false_stays_per_rank():
     run_in_processes(_plain_group_worker, WORLD, timeout=60)
+
+
+# ------------------------------------------------------------------------------------------
+# FSDP1 (CUDA only: "FSDP does not support CPU only execution"), one rank on nccl. Runs on a
+# GPU machine; skipped in CI.
+
+
+def _fsdp1_worker(rank: int, world: int) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    device = torch.device("cuda", rank)
+    policy = MixedPrecision(param_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    model = FullyShardedDataParallel(_AutoEncoder(codebook_size=8).to(device), mixed_precision=policy,
+                                     device_id=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    # FSDP1 casts buffers by assigning buffer.data at its lazy init: the layer restores float32
+    # (and says so) before it reads or writes a statistic
+    with pytest.warns(UserWarning, match="restored to float32"):
+        _train_step(model, optimizer, _batch(0, rank).to(device))
+    codebook = model.module.vq._codebook
+    for step in range(1, STEPS):
+        before = codebook.embed_avg.clone()
+        _train_step(model, optimizer, _batch(step, rank).to(device))
+        assert not torch.equal(before, codebook.embed_avg)
+    for name in ("embed", "embed_avg", "cluster_size"):
+        buf = codebook.get_buffer(name)
+        assert buf.dtype == torch.float32 and bool(torch.isfinite(buf).all()), name
+
+    # the in-place rule holds under FSDP1 too
+    torch.manual_seed(0)
+    model = FullyShardedDataParallel(
+        _AutoEncoder(codebook_size=8, learnable_codebook=True, ema_update=False, kmeans_init=True).to(device),
+        device_id=device)
+    with pytest.raises(ValueError, match="learnable_codebook"):
+        model(_batch(0, rank).to(device))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP1 runs on CUDA only")
+@pytest.mark.timeout(150)
+def test_fsdp1_mixed_precision_buffers_stay_fp32():
+    run_in_processes(_fsdp1_worker, 1, timeout=120, init=False)

@@ -462,6 +462,27 @@ def test_shared_codebook_step_searches_pre_step_codebook_and_updates_once(masked
         close(layer.codebook, embed, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("loss", ["diversity", "cross_entropy_commitment"])
+def test_shared_codebook_backward_sees_the_codebook_the_step_searched(loss):
+    # the losses whose backward recomputes softmax tiles over the codebook: the shared
+    # codebook's update after all stages must not leak into them. Reference: the same step
+    # with the codebook frozen (no update at all) gives the same losses and input gradients.
+    kwargs = dict(codebook_diversity_loss_weight=1.0, codebook_diversity_temperature=1.0, commitment_weight=0.0) \
+        if loss == "diversity" else dict(commitment_use_cross_entropy_loss=True)
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=4, num_quantizers=2, codebook_size=8, shared_codebook=True, decay=0.0, **kwargs).train()
+    frozen = copy.deepcopy(rvq)
+    x = randn(1, 32, 4, seed=19) * 3
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    _, _, updated_losses = rvq(x1)
+    _, _, frozen_losses = frozen(x2, freeze_codebook=True)
+    assert not torch.equal(rvq.codebooks, frozen.codebooks)  # the premise: this step moved the codebook
+    updated_losses.sum().backward()
+    frozen_losses.sum().backward()
+    assert torch.equal(updated_losses, frozen_losses)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-9)
+
+
 def test_shared_codebook_eval_equals_train_with_frozen_codebook():
     torch.manual_seed(0)
     rvq = ResidualVQ(dim=10, codebook_dim=4, num_quantizers=4, codebook_size=16, shared_codebook=True).train()

@@ -69,12 +69,21 @@ class Codebook(Fp32BuffersModule):
     def codes(self) -> Tensor:
         """The codes in fp32 (h, k, d); differentiable when learnable.
 
-        A learnable codebook that FSDP2 holds sharded (outside its forward) is all-gathered:
-        every rank must call."""
+        A learnable codebook that FSDP2 holds sharded (outside its forward) is all-gathered under
+        no_grad (every rank must call); with gradients that would be wrong, and raises."""
         self.keep_fp32_buffers_()
         if not self.learnable:
             return self.embed.detach()
-        embed = self.embed.full_tensor() if isinstance(self.embed, DTensor) else self.embed
+        embed = self.embed
+        if isinstance(embed, DTensor):
+            if torch.is_grad_enabled():
+                # full_tensor's backward keeps each rank's own gradient slice: no reduce-scatter
+                raise ValueError(
+                    "learnable_codebook: the codebook is still sharded here (FSDP2 unshards it only around "
+                    "the forward of the module fully_shard wraps, and Codebook has none): shard the layer "
+                    "or a parent, not its Codebook, and decode with gradients inside that forward (or "
+                    "under torch.no_grad())")
+            embed = embed.full_tensor()
         return embed.float()
 
     def _check_in_place_write(self, what: str) -> None:
@@ -92,10 +101,11 @@ class Codebook(Fp32BuffersModule):
                 "rank, then fully_shard)")
 
     @torch.no_grad()
-    def broadcast_state_once_(self, group=None) -> None:
-        """On the first synced step: every rank takes the group's first rank's state (one
-        collective). A codebook parameter under FSDP is skipped: its shards are the truth."""
-        if self._state_broadcast:
+    def broadcast_state_(self, group=None, once: bool = False) -> None:
+        """Every rank takes the group's first rank's state (one collective); with `once`, only
+        the first time in this process (the first synced step). A codebook parameter under FSDP
+        is skipped: its shards are the truth."""
+        if once and self._state_broadcast:
             return
         self.keep_fp32_buffers_()
         sharded = getattr(self, "_is_fsdp_managed_module", False) or isinstance(self.embed, DTensor)

@@ -221,20 +221,23 @@ class VectorQuantize(nn.Module):
         search, kept = self._per_codebook(z), None if keep is None else self._per_codebook(keep_heads)
         sync = self._sync()
         if may_init or update:
-            if sync:
-                self._codebook.broadcast_state_once_(self.process_group)
             # decided on every rank alike, so a NaN on one rank cannot leave the others waiting
             if any_rank(~torch.isfinite(search).all(), self.process_group, sync):
                 raise ValueError("input: non-finite values (NaN or Inf) in a training batch (on this rank or "
                                  "another); the codebook and its statistics were left untouched")
+            if sync:
+                self._codebook.broadcast_state_(self.process_group, once=True)
             if may_init and not bool(self._codebook.initted):
                 rows = search.detach()
                 samples = list(rows) if kept is None else [r[k] for r, k in zip(rows, kept)]
                 self._codebook.init_(samples, sync and self.sync_kmeans, self.process_group)
+                if sync and not self.sync_kmeans:  # k-means on each rank's own data: rank 0's wins,
+                    self._codebook.broadcast_state_(self.process_group)  # or later steps would diverge
 
         codebook = self._codebook.codes()
-        if update:  # a snapshot: the update below rewrites the codes in place, and the backward
-            codebook = codebook.clone()  # (recomputed softmax tiles) must see this step's codebook
+        if may_init or update:  # a snapshot: this step's update (here, or a shared codebook's after all
+            codebook = codebook.clone()  # stages) rewrites the codes in place; the backward (recomputed
+            # softmax tiles) must see the codebook this step searched
         if self.use_cosine_sim and self.learnable_codebook:
             codebook = F.normalize(codebook, dim=-1)
         sample = self.training and self.stochastic_sample_codes and temperature > 0
