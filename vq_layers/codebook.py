@@ -86,12 +86,16 @@ class Codebook(Fp32BuffersModule):
             embed = embed.full_tensor()
         return embed.float()
 
+    def _under_fsdp(self) -> bool:
+        """FSDP (1 or 2) manages this module (its mark) or holds the codebook sharded (DTensor)."""
+        return getattr(self, "_is_fsdp_managed_module", False) or isinstance(self.embed, DTensor)
+
     def _check_in_place_write(self, what: str) -> None:
         """FSDP (1 and 2) hands forward an unsharded copy of each parameter, rebuilt from the
         shards at every all-gather: an in-place write to a learnable codebook would be undone
         silently, and shards could disagree. Raised on every rank alike (it depends on the
         configuration only), before anything changed."""
-        if self.learnable and (getattr(self, "_is_fsdp_managed_module", False) or isinstance(self.embed, DTensor)):
+        if self.learnable and self._under_fsdp():
             raise ValueError(
                 f"learnable_codebook: {what} rewrites the codebook in place, but FSDP shards it (a "
                 "parameter when learnable_codebook=True or orthogonal_reg_weight > 0) and would undo the "
@@ -108,8 +112,9 @@ class Codebook(Fp32BuffersModule):
         if once and self._state_broadcast:
             return
         self.keep_fp32_buffers_()
-        sharded = getattr(self, "_is_fsdp_managed_module", False) or isinstance(self.embed, DTensor)
-        tensors = [self.embed_avg, self.cluster_size, self.initted] + ([] if self.learnable and sharded else [self.embed])
+        tensors = [self.embed_avg, self.cluster_size, self.initted]
+        if not (self.learnable and self._under_fsdp()):
+            tensors.append(self.embed)
         flat = broadcast_(torch.cat([t.detach().reshape(-1).float() for t in tensors]), first_rank(group), group)
         for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.data.copy_(part.reshape(t.shape).to(t.dtype))
