@@ -19,7 +19,10 @@ setup(
             "matplotlib",
             "scikit-learn",
             "vector-quantize-pytorch==1.32.0",
+            # the Triton kernels' tests run them in triton's interpreter on the CPU
+            "triton>=3.2; platform_system == 'Linux'",
         ],
+        "triton": ["triton>=3.2"],
         "examples": ["tqdm", "matplotlib", "scikit-learn"],
         "bench": ["vector-quantize-pytorch==1.32.0", "matplotlib"],
     },

@@ -316,6 +316,21 @@ def test_exact_ties_off_center_lattice(tile):
     assert score.double().equal(ref_score)
 
 
+@pytest.mark.parametrize("metric", ["l2", "euclidean"])
+def test_far_codes_do_not_cost_the_near_ones_accuracy(metric):
+    """Data around the origin, a quarter of the codes with it and the rest 1000 away (dead codes
+    a batch never reaches): the codebook's mean is far, the data's is not. Centring on the
+    codebook would put every competing code ~500 from the origin, where the rounding of
+    ||c||^2 - 2 x.c (~6e-2) exceeds many rows' gaps (measured: 261 wrong rows of 4000)."""
+    x = randn(4000, 4, seed=60)
+    codebook = torch.cat([randn(16, 4, seed=61), 1000 + randn(48, 4, seed=62)])
+    indices, score = nearest_code(x, codebook, metric=metric)
+    assert_matches_brute_force(x, codebook, "l2", indices, score)
+    # and the same data moved far away together with its codes: centred on the data
+    indices, score = nearest_code(x + 3000, codebook + 3000, metric=metric)
+    assert_matches_brute_force(x + 3000, codebook + 3000, "l2", indices, score)
+
+
 @pytest.mark.parametrize("offset", [0.0, 3.0, 100.0])
 def test_score_accurate_next_to_the_code(offset):
     """x a hair from its code (1e-4: the regime of a converged commitment loss): the chosen

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..distributed import all_reduce_sum, all_reduce_sum_
+from .backend import use_triton
 
 # sigmoid(-30) = 9.4e-14: a bit with |l| >= 30 puts at most that fraction of the token's mass on
 # its unlikely side. Fixing all such bits (d <= 64 of them) drops at most 64 * 9.4e-14 = 6e-12 of
@@ -69,14 +70,20 @@ def _half_probs(logits: Tensor) -> Tensor:
     return torch.exp(_bit_logprobs(logits) @ _both_sides(bits).T)
 
 
-def _bits_grad(logits: Tensor, weighted: Tensor) -> Tensor:
-    """d/dlogits of sum_k w_nk where w_nk = p(k | n) c_nk (c held fixed), for one block of bits.
+def _grad_from_bit_sums(logits: Tensor, set_sum: Tensor, clear_sum: Tensor) -> Tensor:
+    """d/dlogits of sum_k w_nk where w_nk = p(k | n) c_nk (c held fixed), from the sums of w over
+    the codes with each bit set and clear.
 
     dp(k | n)/dl_i = p(k | n) (b_ki - sigmoid(l_i)); written as
     sigmoid(-l_i) sum_{b_ki=1} w_nk - sigmoid(l_i) sum_{b_ki=0} w_nk, two same-sign sums.
     """
+    return torch.sigmoid(-logits) * set_sum - torch.sigmoid(logits) * clear_sum
+
+
+def _bits_grad(logits: Tensor, weighted: Tensor) -> Tensor:
+    """As `_grad_from_bit_sums`, for weights w (n, 2^h) over all corners of one block of h bits."""
     bits = code_bits(0, weighted.shape[-1], logits.shape[-1], logits.device)
-    return torch.sigmoid(-logits) * (weighted @ bits) - torch.sigmoid(logits) * (weighted @ (1 - bits))
+    return _grad_from_bit_sums(logits, weighted @ bits, weighted @ (1 - bits))
 
 
 def _dense_mass(logits: Tensor, grad_mass: Tensor | None = None) -> Tensor:
@@ -86,6 +93,12 @@ def _dense_mass(logits: Tensor, grad_mass: Tensor | None = None) -> Tensor:
     so the mass is one matmul A^T B, (2^(d/2), n) @ (n, 2^(d/2)), with no (n, 2^d) tensor. Tokens
     go in chunks of at most TILE_ELEMENTS / 2^(d/2); the backward recomputes A and B per chunk.
     """
+    if use_triton(logits.device):  # the whole matrix in tiles on the GPU
+        from . import triton_lfq_entropy
+        pos, neg = logsigmoid(logits), logsigmoid(-logits)
+        if grad_mass is None:
+            return triton_lfq_entropy.code_mass(pos, neg)
+        return _grad_from_bit_sums(logits, *triton_lfq_entropy.bit_sums(pos, neg, grad_mass))
     n, d = logits.shape
     high = d // 2
     token_chunk = max(1, TILE_ELEMENTS // 2 ** (d - high))
@@ -148,7 +161,7 @@ def _sparse_mass(logits: Tensor, u: int, grad_mass: Tensor | None = None) -> Ten
 def _partition(logits: Tensor) -> list[tuple[Tensor, int | None]]:
     """(token index, u or None for dense) groups of one codebook's tokens (n, d).
 
-    Data-dependent (host syncs), so the forward computes it once and the backward reuses it.
+    Data-dependent (host syncs): it lives inside the torch.library ops.
     """
     d = logits.shape[-1]
     uncertain = (logits.abs() < CONFIDENT_LOGIT).sum(-1)
@@ -175,30 +188,46 @@ def _mass(logits: Tensor, groups, grad_mass: Tensor | None = None) -> Tensor:
     return out
 
 
-class CodeMass(torch.autograd.Function):
-    """logits (n, c, d) -> sum over tokens of p(code | token), (c, 2^d); backward recomputes."""
-
-    @staticmethod
-    def forward(ctx, logits):
-        ctx.groups = [_partition(logits[:, c]) for c in range(logits.shape[1])]
-        mass = torch.stack([_mass(logits[:, c], groups) for c, groups in enumerate(ctx.groups)])
-        ctx.save_for_backward(logits, mass)
-        return mass
-
-    @staticmethod
-    def backward(ctx, grad_mass):
-        logits, mass = ctx.saved_tensors
-        # every token's probabilities sum to 1, so a constant shift of grad_mass changes nothing;
-        # centring it on its mass-weighted mean removes most cancellation from the sums below
-        centre = (grad_mass * mass).sum(-1, keepdim=True) / mass.sum(-1, keepdim=True).clamp(min=1e-30)
-        grad_mass = grad_mass - centre
-        grads = [_mass(logits[:, c], groups, grad_mass[c].contiguous()) for c, groups in enumerate(ctx.groups)]
-        return torch.stack(grads, dim=1)
-
-
+# The code mass is one opaque torch.library op (with its backward another): its partition of the
+# tokens is data-dependent (host syncs), which torch.compile(fullgraph=True) could not trace.
+@torch.library.custom_op("vq_layers::code_mass", mutates_args=())
 def code_mass(logits: Tensor) -> Tensor:
-    """Sum over tokens of each code's probability: logits (n, c, d) fp32 -> (c, 2^d) fp32."""
-    return CodeMass.apply(logits)
+    """Sum over tokens of each code's probability: logits (n, c, d) fp32 -> (c, 2^d) fp32; the
+    backward recomputes the probabilities."""
+    return torch.stack([_mass(logits[:, c], _partition(logits[:, c])) for c in range(logits.shape[1])])
+
+
+@code_mass.register_fake
+def _(logits):
+    return logits.new_empty(logits.shape[1], 2 ** logits.shape[2])
+
+
+@torch.library.custom_op("vq_layers::code_mass_backward", mutates_args=())
+def _code_mass_backward(logits: Tensor, mass: Tensor, grad_mass: Tensor) -> Tensor:
+    # every token's probabilities sum to 1, so a constant shift of grad_mass changes nothing;
+    # centring it on its mass-weighted mean removes most cancellation from the sums below
+    centre = (grad_mass * mass).sum(-1, keepdim=True) / mass.sum(-1, keepdim=True).clamp(min=1e-30)
+    grad_mass = grad_mass - centre
+    # the partition is recomputed (cheap: one pass over the logits) rather than carried from the forward
+    return torch.stack([_mass(logits[:, c], _partition(logits[:, c]), grad_mass[c].contiguous())
+                        for c in range(logits.shape[1])], dim=1)
+
+
+@_code_mass_backward.register_fake
+def _(logits, mass, grad_mass):
+    return torch.empty_like(logits)
+
+
+def _save_for_backward(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output)
+
+
+def _code_mass_grad(ctx, grad_mass):
+    logits, mass = ctx.saved_tensors
+    return _code_mass_backward(logits, mass, grad_mass)
+
+
+torch.library.register_autograd("vq_layers::code_mass", _code_mass_grad, setup_context=_save_for_backward)
 
 
 class BinaryEntropy(torch.autograd.Function):

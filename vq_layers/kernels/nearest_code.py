@@ -1,4 +1,5 @@
-"""Nearest-code search without the N x K distance matrix (pure-torch reference).
+"""Nearest-code search without the N x K distance matrix: the pure-torch reference, and the
+dispatch to its Triton kernel (triton_nearest_code.py) behind one torch.library op.
 
 x (h, n, d) against codebooks (h, k, d) — or x (n, d) against one codebook (k, d) — in fp32:
 squared L2 (argmin ||x - c||^2) or dot product (argmax x . c, for cosine codebooks on
@@ -17,10 +18,12 @@ import torch
 from torch import Tensor
 
 from ..precision import fp32_island
+from .backend import check_backend, use_triton
 
 # at most this many (row, code) scores exist at once: 16 MiB of fp32
 TILE_ELEMENTS = 2**22
 METRICS = ("l2", "euclidean", "dot")
+PRECISIONS = ("ieee", "tf32x3", "tf32")  # of the Triton kernel's products
 
 
 @contextlib.contextmanager
@@ -64,16 +67,17 @@ def _check(x: Tensor, codebook: Tensor, metric: str, temperature: float) -> None
 
 
 def _centred(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
-    """x and codebook moved by a common centre when the codebook sits far from the origin.
+    """x and codebook moved by a common centre when the rows sit far from the origin.
 
-    ||x - c||^2 is translation invariant, but the rounding of ||c||^2 - 2 x.c scales with
-    ||c||^2: for a codebook far from the origin compared with its spread it would pick wrong
-    codes. The centre is the codebook mean rounded to a power-of-two grid of about the spread's
-    size, so the subtractions are exact (Sterbenz) and exact data (ties) stays exact; a codebook
-    around the origin is left as it is.
+    ||x - c||^2 is translation invariant, but the rounding of ||c||^2 - 2 x.c scales with the
+    magnitude of the codes competing for a row, which lie near the row: for data far from the
+    origin compared with its spread it would pick wrong codes. The centre is the rows' mean
+    (the data, not the codebook: codes far from every row, e.g. dead ones, never compete),
+    rounded to a power-of-two grid of about the rows' spread, so the subtractions are exact
+    (Sterbenz) and exact data (ties) stays exact; data around the origin is left as it is.
     """
-    mean = codebook.mean(dim=1, keepdim=True)  # (h, 1, d)
-    spread = (codebook - mean).square().sum(-1).mean(dim=1, keepdim=True).sqrt()  # (h, 1)
+    mean = x.mean(dim=1, keepdim=True)  # (h, 1, d); NaN without rows: then no centre
+    spread = (x - mean).square().sum(-1).mean(dim=1, keepdim=True).sqrt()  # (h, 1)
     far = mean.square().sum(-1) > spread.square()
     floor = mean.abs().amax(-1) * 2.0**-40  # keeps mean / step finite when the spread is 0
     step = torch.exp2(torch.floor(torch.log2(torch.maximum(spread, floor)))).unsqueeze(-1)
@@ -81,32 +85,17 @@ def _centred(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     return x - centre, codebook - centre
 
 
-@fp32_island
-def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """-> (indices (h, n) or (n,) int64, score of the chosen code fp32).
-
-    The score is ||x - c||^2 for "l2" and "euclidean", x . c for "dot", computed directly for
-    the chosen code. With temperature > 0 the code is sampled: argmax of -||x - c||^2 / t
-    ("l2"), -||x - c|| / t ("euclidean") or x . c / t ("dot") plus Gumbel noise drawn from
-    `generator`.
-    """
-    _check(x, codebook, metric, temperature)
-    euclidean = metric == "euclidean" and temperature > 0
-    metric = "l2" if metric == "euclidean" else metric
-    single = x.ndim == 2
-    if single:
-        x, codebook = x.unsqueeze(0), codebook.unsqueeze(0)
+def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temperature: float,
+                  seed: int) -> Tensor:
+    """The reference search: x (h, n, d), codebook (h, k, d) fp32 -> indices (h, n) int64."""
     h, n, _ = x.shape
     k = codebook.shape[1]
     code_tile = min(k, max(1, TILE_ELEMENTS // h))
     row_tile = max(1, TILE_ELEMENTS // (code_tile * h))  # one tile: (h, rows, codes)
-    original_x, original_codebook = x, codebook
-    if metric == "l2":
-        x, codebook = _centred(x, codebook)
+    generator = torch.Generator(device=x.device).manual_seed(seed) if temperature > 0 else None
     # minimize cost = ||c||^2 - 2 x.c (||x||^2 is common to a row and only adds cancellation)
     # or -x.c; sampling minimizes cost / t - gumbel
-    code_norms = codebook.square().sum(-1) if metric == "l2" else None
+    code_norms = codebook.square().sum(-1) if l2 else None
     row_norms = x.square().sum(-1, keepdim=True) if euclidean else None
     best = x.new_full((h, n), float("inf"))
     indices = torch.zeros((h, n), dtype=torch.long, device=x.device)
@@ -116,7 +105,7 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: f
             for c in range(0, k, code_tile):
                 codes = slice(c, c + code_tile)
                 dots = torch.einsum("hnd,hkd->hnk", x[:, rows], codebook[:, codes])
-                cost = code_norms[:, None, codes] - 2 * dots if metric == "l2" else -dots
+                cost = code_norms[:, None, codes] - 2 * dots if l2 else -dots
                 if euclidean:  # the distance itself: ||x||^2 no longer cancels out
                     cost = (cost + row_norms[:, rows]).clamp(min=0).sqrt()
                 if temperature > 0:
@@ -125,7 +114,53 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: f
                 better = tile_best < best[:, rows]  # strict: an earlier tile keeps ties
                 best[:, rows] = torch.where(better, tile_best, best[:, rows])
                 indices[:, rows] = torch.where(better, tile_index + c, indices[:, rows])
-    x, codebook = original_x, original_codebook
+    return indices
+
+
+# One opaque op for the search, whichever backend runs it: torch.compile(fullgraph=True) traces
+# the layers through it (its fake implementation gives the shape), and the backend, the TF32
+# switch and the kernel launch are decided when it runs, not when it is traced.
+@torch.library.custom_op("vq_layers::nearest_code_search", mutates_args=())
+def _search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temperature: float, seed: int,
+            backend: str, precision: str) -> Tensor:
+    if use_triton(x.device, backend or None):
+        from .triton_nearest_code import search
+        return search(x, codebook, l2, euclidean, temperature, seed, precision)
+    return _torch_search(x, codebook, l2, euclidean, temperature, seed)
+
+
+@_search.register_fake
+def _(x, codebook, l2, euclidean, temperature, seed, backend, precision):
+    return x.new_empty(x.shape[:2], dtype=torch.long)
+
+
+@fp32_island
+def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: float = 0.0,
+                 generator: torch.Generator | None = None, backend: str | None = None,
+                 precision: str = "ieee") -> tuple[Tensor, Tensor]:
+    """-> (indices (h, n) or (n,) int64, score of the chosen code fp32).
+
+    The score is ||x - c||^2 for "l2" and "euclidean", x . c for "dot", computed directly for
+    the chosen code. With temperature > 0 the code is sampled: argmax of -||x - c||^2 / t
+    ("l2"), -||x - c|| / t ("euclidean") or x . c / t ("dot") plus Gumbel noise seeded from
+    `generator` (torch's default generator when None). `backend`: "auto", "torch" or "triton"
+    (default: VQ_LAYERS_BACKEND, else "auto"); `precision` of the Triton kernel's products:
+    "ieee" fp32, or "tf32x3" / "tf32" on explicit request.
+    """
+    _check(x, codebook, metric, temperature)
+    check_backend(backend)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    euclidean = metric == "euclidean" and temperature > 0
+    l2 = metric != "dot"
+    single = x.ndim == 2
+    if single:
+        x, codebook = x.unsqueeze(0), codebook.unsqueeze(0)
+    centred_x, centred_codebook = _centred(x, codebook) if l2 else (x, codebook)
+    # a draw from the caller's generator seeds the noise, so torch.manual_seed reproduces a run
+    seed = 0 if temperature == 0 else int(torch.randint(
+        0, 2**62, (), generator=generator, device=generator.device if generator is not None else "cpu"))
+    indices = _search(centred_x, centred_codebook, l2, euclidean, float(temperature), seed, backend or "", precision)
     chosen = torch.gather(codebook, 1, indices.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
-    score = (x - chosen).square().sum(-1) if metric == "l2" else (x * chosen).sum(-1)
+    score = (x - chosen).square().sum(-1) if l2 else (x * chosen).sum(-1)
     return (indices[0], score[0]) if single else (indices, score)
