@@ -395,6 +395,26 @@ def test_compile_fullgraph_eval_forward():
         torch.testing.assert_close(out, eager_out)
 
 
+def test_compile_fullgraph_training_forward_and_backward():
+    torch._dynamo.reset()
+    fsq = FSQ(LEVELS, dim=16).train()
+    compiled = torch.compile(fsq, fullgraph=True, backend="aot_eager")
+    for autocast in (False, True):
+        grads = []
+        for layer in (fsq, compiled):
+            x = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out, indices = layer(x)
+            out.float().square().sum().backward()
+            grads.append((out, indices, x.grad, fsq.project_in.weight.grad.clone()))
+            fsq.zero_grad()
+        (eager_out, eager_indices, *eager_grads), (out, indices, *got_grads) = grads
+        assert torch.equal(indices, eager_indices)
+        torch.testing.assert_close(out, eager_out)
+        for got, want in zip(got_grads, eager_grads):
+            torch.testing.assert_close(got, want)
+
+
 def test_code_usage_against_counting():
     fsq = FSQ([5, 5])
     indices = torch.tensor([[0, 0, 1, 1, 1, 7], [7, 7, 7, 24, 24, 3]])

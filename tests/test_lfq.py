@@ -663,6 +663,33 @@ def test_compile_fullgraph_eval_forward(kwargs, shape):
         assert got.entropy_aux_loss.item() == 0
 
 
+@pytest.mark.parametrize("inv_temperature", [100.0, 0.3], ids=["sparse_tokens", "dense_tokens"])
+def test_compile_fullgraph_training_forward_and_backward(inv_temperature):
+    """The entropy's code mass is a torch.library op (its data-dependent split into sparse and
+    dense tokens runs inside it): the training forward and backward compile without a break."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = LFQ(dim=20, codebook_size=2**8, num_codebooks=2, entropy_loss_weight=0.5,
+                commitment_loss_weight=0.25).train()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for autocast in (False, True):
+        results = []
+        for module in (layer, compiled):
+            x = randn(2, 10, 20, seed=28).requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = module(x, inv_temperature=inv_temperature)
+            (out.quantized.float().square().sum() + out.entropy_aux_loss).backward()
+            results.append((out, x.grad, layer.project_in.weight.grad.clone()))
+            layer.zero_grad()
+        (want, *want_grads), (got, *got_grads) = results
+        assert torch.equal(got.indices, want.indices)
+        assert got.entropy_aux_loss.item() != 0
+        torch.testing.assert_close(got.entropy_aux_loss, want.entropy_aux_loss)
+        torch.testing.assert_close(got.quantized, want.quantized)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w)
+
+
 def test_code_usage_against_counting():
     layer = LFQ(dim=3)
     indices = torch.tensor([[0, 0, 1, 1, 1, 7], [7, 7, 7, 5, 5, 3]])
