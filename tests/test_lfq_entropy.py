@@ -329,6 +329,24 @@ def _all_confident_logits():
     return sign * (31 + 29 * torch.rand(shape, generator=g))
 
 
+@pytest.mark.parametrize("mode", ["default", "all_dense", "all_sparse"])
+def test_double_backward_matches_fp64(mode):
+    """backward(create_graph=True) differentiates the backward itself (gradient penalties,
+    Hessian-vector products): the HVP of a * per_sample + b * codebook equals the fp64 one."""
+    logits = normal_logits(40, 2, 5, 1.0, seed=11).requires_grad_()
+    v = torch.randn(40, 2, 5, generator=torch.Generator().manual_seed(12))
+    results = []
+    for x in (logits, logits.detach().double().requires_grad_()):
+        with constants(**MODES[mode]) if x.dtype == torch.float32 else contextlib.nullcontext():
+            per_sample, codebook = lfq_entropy(x) if x.dtype == torch.float32 else brute_force(x)[:2]
+            (grad,) = torch.autograd.grad(per_sample - 0.7 * codebook, x, create_graph=True)
+            (hvp,) = torch.autograd.grad((grad * v.to(x.dtype)).sum(), x)
+        results.append(hvp)
+    scale = results[1].abs().max().item()
+    assert scale > 1e-3
+    assert (results[0].double() - results[1]).abs().max().item() <= 1e-5 * scale
+
+
 def test_all_confident_batch_dense_is_exact():
     """The same batch through the dense path: fp32 resolves these 1e-14 gradients to 1e-7."""
     with constants(**ALL_DENSE):

@@ -331,6 +331,45 @@ def test_far_codes_do_not_cost_the_near_ones_accuracy(metric):
     assert_matches_brute_force(x + 3000, codebook + 3000, "l2", indices, score)
 
 
+@pytest.mark.parametrize("spoiler", ["nan_row", "inf_value", "outlier_rows", "padding_marked_invalid"])
+def test_centre_ignores_rows_that_are_not_data(spoiler):
+    """Data and codes around 1000: a NaN row, an Inf value, 1% outlier rows or zero-filled padding
+    (marked by `valid`) must not move the centre, or every other row loses its accuracy
+    (measured with a mean over all rows: 2700, 2700, 2100 and 1400 wrong rows)."""
+    x, codebook = 1000 + randn(4000, 32, seed=63), 1000 + randn(1024, 32, seed=64)
+    spoilt, valid = x.clone(), None
+    if spoiler == "nan_row":
+        spoilt[7] = float("nan")
+    elif spoiler == "inf_value":
+        spoilt[7, 3] = float("inf")
+    elif spoiler == "outlier_rows":
+        spoilt[:40] = 1e5
+    else:
+        spoilt[1500:] = 0.0
+        valid = torch.arange(4000) < 1500
+    indices, score = nearest_code(spoilt, codebook, valid=valid)
+    data = torch.ones(4000, dtype=torch.bool)
+    data[7] = spoiler not in ("nan_row", "inf_value")
+    if spoiler == "outlier_rows":
+        data[:40] = False
+    if valid is not None:
+        data = valid
+    assert_matches_brute_force(x[data], codebook, "l2", indices[data], score[data])
+
+
+def test_nan_code_is_never_the_nearest():
+    x, codebook = randn(50, 8, seed=65), randn(20, 8, seed=66)
+    codebook[4] = float("nan")
+    indices, _ = nearest_code(x, codebook)
+    ref, _, _ = brute64(x, torch.cat([codebook[:4], codebook[5:]]))
+    assert indices.equal(ref + (ref >= 4).long())
+
+
+def test_valid_mask_shape_is_checked():
+    with pytest.raises(ValueError, match=r"valid: expected a bool mask of shape \(5,\), got torch.bool \(4,\)"):
+        nearest_code(randn(5, 3), randn(4, 3), valid=torch.ones(4, dtype=torch.bool))
+
+
 @pytest.mark.parametrize("offset", [0.0, 3.0, 100.0])
 def test_score_accurate_next_to_the_code(offset):
     """x a hair from its code (1e-4: the regime of a converged commitment loss): the chosen
@@ -760,6 +799,8 @@ def test_heads_equal_separate_calls(metric, tile):
     ((2, 5, 4), (2, 0, 4), {}, "codebook", "0"),
     ((5, 4), (3, 4), {"temperature": -1.0}, "temperature", "-1.0"),
     ((5, 4), (3, 4), {"temperature": -1e-30}, "temperature", "-1e-30"),
+    ((5, 0), (3, 0), {}, "codebook", "got 0"),               # no features
+    ((5, 4), (3, 4), {"precision": "fp16"}, "precision", "'fp16'"),
 ])
 def test_errors_name_the_argument(x_shape, c_shape, kwargs, name, came):
     with pytest.raises(ValueError, match=rf"\b{name}\b") as error:

@@ -146,6 +146,31 @@ def test_backend_selection(monkeypatch):
         nearest_code(randn(3, 2), randn(4, 2))
 
 
+def test_auto_falls_back_to_torch_when_a_kernel_fails(monkeypatch):
+    """Under "auto" a kernel that cannot compile or launch (an unsupported GPU) hands over to the
+    reference, with one warning, for good; an explicit "triton" raises."""
+    import vq_layers.kernels.backend as backend
+
+    monkeypatch.setattr(backend, "_triton_failure", None)
+    monkeypatch.setenv("VQ_LAYERS_BACKEND", "auto")
+    calls = []
+
+    def broken():
+        calls.append("triton")
+        raise RuntimeError("no kernel for this GPU")
+
+    cuda = torch.device("cuda")  # auto picks Triton for CUDA tensors; nothing here touches a GPU
+    with pytest.raises(RuntimeError, match="no kernel"):
+        backend.run(cuda, "triton", broken, lambda: "torch")
+    with pytest.warns(RuntimeWarning, match="Triton kernels failed.*no kernel for this GPU"):
+        assert backend.run(cuda, "auto", broken, lambda: "torch") == "torch"
+    assert backend.run(cuda, None, broken, lambda: "torch") == "torch"
+    assert calls == ["triton", "triton"]  # not tried again after the failure
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        monkeypatch.setattr(backend, "_triton_failure", None)
+        backend.run(cuda, "auto", lambda: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("oom")), lambda: 0)
+
+
 # --------------------------------------------------------------------------------------------
 # 2. the reference suites, re-run against the kernels
 
@@ -273,7 +298,7 @@ def test_lfq_training_equals_torch_backend(monkeypatch, launches):
     torch.testing.assert_close(results["triton"][2], results["torch"][2], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("layer_kind", ["lfq"])
+@pytest.mark.parametrize("layer_kind", ["vq", "lfq"])
 def test_compile_fullgraph_with_the_kernels_inside(layer_kind, launches):
     """The torch.library ops are opaque to the compiler: a fullgraph compile of a training
     forward runs the interpreted kernels inside, and equals eager."""

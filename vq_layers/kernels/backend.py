@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -54,3 +55,30 @@ def use_triton(device: torch.device, backend: str | None = None) -> bool:
         raise ValueError(f"backend 'triton': expected CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
                          f"got tensors on {device}")
     return True
+
+
+_triton_failure: str | None = None  # why the kernels failed under "auto" (then the reference runs)
+
+
+def run(device: torch.device, backend: str | None, triton_fn, torch_fn):
+    """Runs `triton_fn()` where the Triton kernel is chosen, else `torch_fn()`.
+
+    Under "auto", a kernel that fails to compile or launch (a GPU or Triton version it does not
+    support) hands over to the reference for the rest of the process, with one warning; an
+    explicit "triton" raises instead. Running out of memory is not a kernel failure.
+    """
+    global _triton_failure
+    if not use_triton(device, backend) or (_triton_failure and check_backend(backend) == "auto"):
+        return torch_fn()
+    try:
+        return triton_fn()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:
+        if check_backend(backend) != "auto":
+            raise
+        _triton_failure = f"{type(error).__name__}: {error}"
+        warnings.warn(f"vq_layers: the Triton kernels failed ({_triton_failure[:300]}); the torch reference "
+                      f"runs instead from now on. {ENV}=torch silences this, {ENV}=triton raises the error.",
+                      RuntimeWarning, stacklevel=2)
+        return torch_fn()

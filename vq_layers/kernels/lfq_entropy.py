@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..distributed import all_reduce_sum, all_reduce_sum_
-from .backend import use_triton
+from .backend import run
 
 # sigmoid(-30) = 9.4e-14: a bit with |l| >= 30 puts at most that fraction of the token's mass on
 # its unlikely side. Fixing all such bits (d <= 64 of them) drops at most 64 * 9.4e-14 = 6e-12 of
@@ -86,19 +86,26 @@ def _bits_grad(logits: Tensor, weighted: Tensor) -> Tensor:
     return _grad_from_bit_sums(logits, weighted @ bits, weighted @ (1 - bits))
 
 
-def _dense_mass(logits: Tensor, grad_mass: Tensor | None = None) -> Tensor:
+def _triton_dense_mass(logits: Tensor, grad_mass: Tensor | None) -> Tensor:
+    from . import triton_lfq_entropy
+    pos, neg = logsigmoid(logits), logsigmoid(-logits)
+    if grad_mass is None:
+        return triton_lfq_entropy.code_mass(pos, neg)
+    return _grad_from_bit_sums(logits, *triton_lfq_entropy.bit_sums(pos, neg, grad_mass))
+
+
+def _dense_mass(logits: Tensor, grad_mass: Tensor | None = None, torch_only: bool = False) -> Tensor:
     """Forward: sum_n p(k | n) over all 2^d codes (2^d,). Backward (grad_mass given): d/dlogits.
 
     p(k | n) factorizes over the high and low halves of the bits: p = A[n, k_high] B[n, k_low],
     so the mass is one matmul A^T B, (2^(d/2), n) @ (n, 2^(d/2)), with no (n, 2^d) tensor. Tokens
     go in chunks of at most TILE_ELEMENTS / 2^(d/2); the backward recomputes A and B per chunk.
+    The Triton kernels take it where they run, unless `torch_only` (torch ops, which autograd can
+    differentiate: double backward).
     """
-    if use_triton(logits.device):  # the whole matrix in tiles on the GPU
-        from . import triton_lfq_entropy
-        pos, neg = logsigmoid(logits), logsigmoid(-logits)
-        if grad_mass is None:
-            return triton_lfq_entropy.code_mass(pos, neg)
-        return _grad_from_bit_sums(logits, *triton_lfq_entropy.bit_sums(pos, neg, grad_mass))
+    if not torch_only:  # on the GPU: the whole (n, 2^d) matrix in registers, tile by tile
+        return run(logits.device, None, lambda: _triton_dense_mass(logits, grad_mass),
+                   lambda: _dense_mass(logits, grad_mass, torch_only=True))
     n, d = logits.shape
     high = d // 2
     token_chunk = max(1, TILE_ELEMENTS // 2 ** (d - high))
@@ -173,14 +180,15 @@ def _partition(logits: Tensor) -> list[tuple[Tensor, int | None]]:
     return groups
 
 
-def _mass(logits: Tensor, groups, grad_mass: Tensor | None = None) -> Tensor:
+def _mass(logits: Tensor, groups, grad_mass: Tensor | None = None, torch_only: bool = False) -> Tensor:
     """logits (n, d) -> code mass (2^d,) or, with grad_mass (2^d,), its gradient (n, d)."""
     if grad_mass is None:
         out = logits.new_zeros(2 ** logits.shape[-1])
     else:
         out = torch.zeros_like(logits)
     for tokens, u in groups:
-        part = _dense_mass(logits[tokens], grad_mass) if u is None else _sparse_mass(logits[tokens], u, grad_mass)
+        part = (_dense_mass(logits[tokens], grad_mass, torch_only) if u is None
+                else _sparse_mass(logits[tokens], u, grad_mass))
         if grad_mass is None:
             out += part
         else:
@@ -202,15 +210,19 @@ def _(logits):
     return logits.new_empty(logits.shape[1], 2 ** logits.shape[2])
 
 
-@torch.library.custom_op("vq_layers::code_mass_backward", mutates_args=())
-def _code_mass_backward(logits: Tensor, mass: Tensor, grad_mass: Tensor) -> Tensor:
+def _mass_gradient(logits: Tensor, mass: Tensor, grad_mass: Tensor, torch_only: bool = False) -> Tensor:
     # every token's probabilities sum to 1, so a constant shift of grad_mass changes nothing;
     # centring it on its mass-weighted mean removes most cancellation from the sums below
     centre = (grad_mass * mass).sum(-1, keepdim=True) / mass.sum(-1, keepdim=True).clamp(min=1e-30)
     grad_mass = grad_mass - centre
     # the partition is recomputed (cheap: one pass over the logits) rather than carried from the forward
-    return torch.stack([_mass(logits[:, c], _partition(logits[:, c]), grad_mass[c].contiguous())
+    return torch.stack([_mass(logits[:, c], _partition(logits[:, c]), grad_mass[c].contiguous(), torch_only)
                         for c in range(logits.shape[1])], dim=1)
+
+
+@torch.library.custom_op("vq_layers::code_mass_backward", mutates_args=())
+def _code_mass_backward(logits: Tensor, mass: Tensor, grad_mass: Tensor) -> Tensor:
+    return _mass_gradient(logits, mass, grad_mass)
 
 
 @_code_mass_backward.register_fake
@@ -224,6 +236,8 @@ def _save_for_backward(ctx, inputs, output):
 
 def _code_mass_grad(ctx, grad_mass):
     logits, mass = ctx.saved_tensors
+    if torch.is_grad_enabled():  # backward(create_graph=True): autograd records the torch formula
+        return _mass_gradient(logits, mass, grad_mass, torch_only=True)
     return _code_mass_backward(logits, mass, grad_mass)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..precision import fp32_island
-from .backend import check_backend, use_triton
+from .backend import check_backend, run
 
 # at most this many (row, code) scores exist at once: 16 MiB of fp32
 TILE_ELEMENTS = 2**22
@@ -62,26 +62,45 @@ def _check(x: Tensor, codebook: Tensor, metric: str, temperature: float) -> None
                          f"{tuple(codebook.shape)}")
     if codebook.shape[-2] == 0:
         raise ValueError("codebook: expected at least one code, got 0")
+    if codebook.shape[-1] == 0:
+        raise ValueError("x, codebook: expected a feature dim of at least 1, got 0")
     if not temperature >= 0:  # NaN too
         raise ValueError(f"temperature: expected >= 0, got {temperature}")
 
 
-def _centred(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+# rows the centre is estimated from (a strided sample): enough for a median, cheap at any n
+CENTRE_ROWS = 1024
+
+
+def _centred(x: Tensor, codebook: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
     """x and codebook moved by a common centre when the rows sit far from the origin.
 
     ||x - c||^2 is translation invariant, but the rounding of ||c||^2 - 2 x.c scales with the
-    magnitude of the codes competing for a row, which lie near the row: for data far from the
-    origin compared with its spread it would pick wrong codes. The centre is the rows' mean
-    (the data, not the codebook: codes far from every row, e.g. dead ones, never compete),
-    rounded to a power-of-two grid of about the rows' spread, so the subtractions are exact
-    (Sterbenz) and exact data (ties) stays exact; data around the origin is left as it is.
+    squared norm of the codes competing for a row, which lie near the row: for data far from the
+    origin compared with its spread it would pick wrong codes. The centre is estimated from the
+    rows, not the codebook (codes far from every row, e.g. dead ones, never compete), robustly:
+    the per-dimension median of up to CENTRE_ROWS rows, leaving out non-finite values and rows
+    not `valid` (padding), so a NaN row, zero-filled padding or a few outliers cannot move it.
+    It is rounded to a power-of-two grid of about the rows' spread, so the subtractions are
+    exact (Sterbenz) and exact data (ties) stays exact; data around the origin is left as is.
+    One centre serves a head: data in clusters far apart from each other still loses accuracy.
     """
-    mean = x.mean(dim=1, keepdim=True)  # (h, 1, d); NaN without rows: then no centre
-    spread = (x - mean).square().sum(-1).mean(dim=1, keepdim=True).sqrt()  # (h, 1)
-    far = mean.square().sum(-1) > spread.square()
-    floor = mean.abs().amax(-1) * 2.0**-40  # keeps mean / step finite when the spread is 0
+    h, n, _ = x.shape
+    if n == 0:
+        return x, codebook
+    stride = -(-n // CENTRE_ROWS)
+    sample = x[:, ::stride]
+    usable = torch.isfinite(sample)
+    if valid is not None:
+        usable &= valid[:, ::stride, None]
+    sample = torch.where(usable, sample, float("nan"))
+    middle = sample.nanmedian(dim=1, keepdim=True).values  # (h, 1, d); NaN where no usable value
+    spread = (sample - middle).square().sum(-1, keepdim=True).nanmedian(dim=1).values.sqrt()  # (h, 1)
+    middle, spread = middle.nan_to_num(nan=0.0), spread.nan_to_num(nan=0.0)
+    far = middle.square().sum(-1) > spread.square()
+    floor = middle.abs().amax(-1) * 2.0**-40  # keeps middle / step finite when the spread is 0
     step = torch.exp2(torch.floor(torch.log2(torch.maximum(spread, floor)))).unsqueeze(-1)
-    centre = torch.where(far.unsqueeze(-1), torch.round(mean / step) * step, 0.0)
+    centre = torch.where(far.unsqueeze(-1), torch.round(middle / step) * step, 0.0)
     return x - centre, codebook - centre
 
 
@@ -110,6 +129,7 @@ def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temper
                     cost = (cost + row_norms[:, rows]).clamp(min=0).sqrt()
                 if temperature > 0:
                     cost = cost / temperature - _gumbel(cost.shape, generator, x.device)
+                cost = cost.masked_fill(cost.isnan(), float("inf"))  # a NaN code is never the nearest
                 tile_best, tile_index = cost.min(dim=-1)  # first minimum within the tile
                 better = tile_best < best[:, rows]  # strict: an earlier tile keeps ties
                 best[:, rows] = torch.where(better, tile_best, best[:, rows])
@@ -123,10 +143,12 @@ def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temper
 @torch.library.custom_op("vq_layers::nearest_code_search", mutates_args=())
 def _search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temperature: float, seed: int,
             backend: str, precision: str) -> Tensor:
-    if use_triton(x.device, backend or None):
+    def triton_search():
         from .triton_nearest_code import search
         return search(x, codebook, l2, euclidean, temperature, seed, precision)
-    return _torch_search(x, codebook, l2, euclidean, temperature, seed)
+
+    return run(x.device, backend or None, triton_search,
+               lambda: _torch_search(x, codebook, l2, euclidean, temperature, seed))
 
 
 @_search.register_fake
@@ -137,7 +159,7 @@ def _(x, codebook, l2, euclidean, temperature, seed, backend, precision):
 @fp32_island
 def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: float = 0.0,
                  generator: torch.Generator | None = None, backend: str | None = None,
-                 precision: str = "ieee") -> tuple[Tensor, Tensor]:
+                 precision: str = "ieee", valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """-> (indices (h, n) or (n,) int64, score of the chosen code fp32).
 
     The score is ||x - c||^2 for "l2" and "euclidean", x . c for "dot", computed directly for
@@ -145,7 +167,8 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: f
     ("l2"), -||x - c|| / t ("euclidean") or x . c / t ("dot") plus Gumbel noise seeded from
     `generator` (torch's default generator when None). `backend`: "auto", "torch" or "triton"
     (default: VQ_LAYERS_BACKEND, else "auto"); `precision` of the Triton kernel's products:
-    "ieee" fp32, or "tf32x3" / "tf32" on explicit request.
+    "ieee" fp32, or "tf32x3" / "tf32" on explicit request. `valid` (n,) or (h, n) bool: the
+    rows that are data; the others (padding) are searched too but do not place the centre.
     """
     _check(x, codebook, metric, temperature)
     check_backend(backend)
@@ -154,9 +177,13 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: f
     euclidean = metric == "euclidean" and temperature > 0
     l2 = metric != "dot"
     single = x.ndim == 2
+    if valid is not None and (valid.dtype != torch.bool or valid.shape != x.shape[:-1]):
+        raise ValueError(f"valid: expected a bool mask of shape {tuple(x.shape[:-1])}, got {valid.dtype} "
+                         f"{tuple(valid.shape)}")
     if single:
         x, codebook = x.unsqueeze(0), codebook.unsqueeze(0)
-    centred_x, centred_codebook = _centred(x, codebook) if l2 else (x, codebook)
+        valid = None if valid is None else valid.unsqueeze(0)
+    centred_x, centred_codebook = _centred(x, codebook, valid) if l2 else (x, codebook)
     # a draw from the caller's generator seeds the noise, so torch.manual_seed reproduces a run
     seed = 0 if temperature == 0 else int(torch.randint(
         0, 2**62, (), generator=generator, device=generator.device if generator is not None else "cpu"))

@@ -45,7 +45,7 @@ def _log_probs(pos_ptr, neg_ptr, rows, row_ok, dims, d, ones, zeros):
 @triton.jit
 def _mass_kernel(pos_ptr, neg_ptr, out_ptr, n, d, codes, tokens_per_split,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    code_block, split = tl.program_id(0), tl.program_id(1)
+    code_block, split = tl.program_id(0), tl.program_id(1).to(tl.int64)
     code = code_block * BLOCK_K + tl.arange(0, BLOCK_K)
     dims = tl.arange(0, BLOCK_D)
     ones, zeros = _code_bits(code, dims, d)
@@ -63,7 +63,7 @@ def _mass_kernel(pos_ptr, neg_ptr, out_ptr, n, d, codes, tokens_per_split,
 @triton.jit
 def _bit_sums_kernel(pos_ptr, neg_ptr, grad_ptr, ones_ptr, zeros_ptr, n, d, codes, codes_per_split,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    row_block, split = tl.program_id(0), tl.program_id(1)
+    row_block, split = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
     dims = tl.arange(0, BLOCK_D)
@@ -78,7 +78,7 @@ def _bit_sums_kernel(pos_ptr, neg_ptr, grad_ptr, ones_ptr, zeros_ptr, n, d, code
         weighted = tl.exp(_log_probs(pos_ptr, neg_ptr, rows, row_ok, dims, d, ones, zeros)) * grad[None, :]
         set_sum = tl.dot(weighted, tl.trans(ones), set_sum, input_precision="ieee")
         clear_sum = tl.dot(weighted, tl.trans(zeros), clear_sum, input_precision="ieee")
-    out = (split * n + rows.to(tl.int64))[:, None] * d + dims[None, :]
+    out = (split * n + rows)[:, None] * d + dims[None, :]
     mask = row_ok[:, None] & (dims < d)[None, :]
     tl.store(ones_ptr + out, set_sum, mask=mask)
     tl.store(zeros_ptr + out, clear_sum, mask=mask)

@@ -28,11 +28,12 @@ def _search_kernel(x_ptr, codebook_ptr, code_norms_ptr, row_norms_ptr, best_ptr,
                    L2: tl.constexpr, EUCLIDEAN: tl.constexpr, SAMPLE: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    PRECISION: tl.constexpr):
-    row_block, split, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # int64 offsets: h * n or h * k may pass 2^31
+    row_block, split, head = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
     dims = tl.arange(0, BLOCK_D)
-    x_rows = x_ptr + (head * n + rows.to(tl.int64)) * d  # (BLOCK_N,) row starts, contiguous (h, n, d)
+    x_rows = x_ptr + (head * n + rows) * d  # (BLOCK_N,) row starts, contiguous (h, n, d)
     start = split * codes_per_split
     stop = tl.minimum(start + codes_per_split, k)
     if EUCLIDEAN:
@@ -42,7 +43,7 @@ def _search_kernel(x_ptr, codebook_ptr, code_norms_ptr, row_norms_ptr, best_ptr,
     for first in range(start, stop, BLOCK_K):
         codes = first + tl.arange(0, BLOCK_K)
         code_ok = codes < stop
-        code_cols = codebook_ptr + (head * k + codes.to(tl.int64)) * d  # (BLOCK_K,)
+        code_cols = codebook_ptr + (head * k + codes) * d  # (BLOCK_K,)
         dots = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         for offset in range(0, d, BLOCK_D):
             dim_ok = offset + dims < d
@@ -59,10 +60,10 @@ def _search_kernel(x_ptr, codebook_ptr, code_norms_ptr, row_norms_ptr, best_ptr,
         if EUCLIDEAN:  # the distance itself: ||x||^2 no longer cancels out
             cost = tl.sqrt(tl.maximum(cost + row_norms[:, None], 0.0))
         if SAMPLE:  # Gumbel-max: one counter-based draw per (head, row, code), seeded from torch
-            counter = (head * n + rows.to(tl.int64))[:, None] * k + codes[None, :]
+            counter = (head * n + rows)[:, None] * k + codes[None, :]
             uniform = tl.minimum(tl.maximum(tl.rand(seed, counter), 1e-20), 1.0 - 1e-7)
             cost = cost / temperature + tl.log(-tl.log(uniform))
-        cost = tl.where(code_ok[None, :], cost, float("inf"))
+        cost = tl.where(code_ok[None, :] & (cost == cost), cost, float("inf"))  # a NaN code is never nearest
         tile_best = tl.min(cost, axis=1)
         tile_index = tl.argmin(cost, axis=1, tie_break_left=True)
         better = tile_best < best  # strict: an earlier tile keeps ties

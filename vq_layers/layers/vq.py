@@ -243,7 +243,8 @@ class VectorQuantize(nn.Module):
         sample = self.training and self.stochastic_sample_codes and temperature > 0
         # sampling uses the peer's distribution: softmax(-||x - c|| / t) (or x . c / t when cosine)
         metric = "euclidean" if sample and self.metric == "l2" else self.metric
-        indices, _ = nearest_code(search.detach(), codebook.detach(), metric, temperature if sample else 0.0)
+        indices, _ = nearest_code(search.detach(), codebook.detach(), metric, temperature if sample else 0.0,
+                                  valid=kept)
         codes = torch.gather(codebook, 1, indices.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
 
         zero = z.new_zeros(())
