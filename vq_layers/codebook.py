@@ -14,6 +14,8 @@ on every rank applies the same all-reduced update.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,6 +38,20 @@ except ImportError:  # torch without distributed support
 
 KMEANS_INIT_EAGER = ("kmeans_init=True: k-means runs once, eagerly, on the first training batch; compile with "
                      "fullgraph=False, or run one training step before compiling with fullgraph=True")
+
+
+def runs_eagerly(reason: str):
+    """Decorator: under torch.compile the function runs eagerly, a graph break (an error under
+    fullgraph=True). torch._dynamo is imported only then: importing it in every process (a
+    torch.compiler.disable at import) costs a second and hangs DDP workers at exit."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return torch.compiler.disable(fn, reason=reason)(*args, **kwargs)
+            return fn(*args, **kwargs)
+        return run
+    return wrap
 
 
 class Codebook(Fp32BuffersModule):
@@ -118,7 +134,7 @@ class Codebook(Fp32BuffersModule):
             self._known_initted = self._read_initted()
         return not self._known_initted
 
-    @torch.compiler.disable(reason=KMEANS_INIT_EAGER)
+    @runs_eagerly(KMEANS_INIT_EAGER)
     def _read_initted(self) -> bool:
         return bool(self.initted)
 
@@ -196,8 +212,8 @@ class Codebook(Fp32BuffersModule):
         if self.threshold_ema_dead_code > 0:
             self._replace_dead_codes(x, keep, sync, group)
 
-    @torch.compiler.disable(reason="threshold_ema_dead_code > 0: dead-code replacement runs eagerly (its "
-                            "sizes depend on the data), a graph break; compile with fullgraph=False")
+    @runs_eagerly("threshold_ema_dead_code > 0: dead-code replacement runs eagerly (its sizes depend on the "
+                  "data), a graph break; compile with fullgraph=False")
     def _replace_dead_codes(self, x: Tensor, keep: Tensor | None, sync: bool, group) -> None:
         """Codes whose EMA count fell below the threshold take vectors drawn from this batch (the
         union of the ranks'), and their statistics restart from that vector, so the next EMA

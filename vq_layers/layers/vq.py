@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_indices, check_positive_int
-from ..codebook import KMEANS_INIT_EAGER, Codebook
+from ..codebook import KMEANS_INIT_EAGER, Codebook, runs_eagerly
 from ..distributed import all_reduce_sum, all_reduce_sum_, check_finite, is_distributed
 from ..kernels.code_softmax import (
     code_cross_entropy,
@@ -267,7 +267,7 @@ class VectorQuantize(nn.Module):
         breakdown = LossBreakdown(commitment, diversity, orthogonal, zero)
         return Quantized(quantized, out_indices, loss, breakdown, search.detach(), indices, kept)
 
-    @torch.compiler.disable(reason=KMEANS_INIT_EAGER)
+    @runs_eagerly(KMEANS_INIT_EAGER)
     def _kmeans_init(self, search: Tensor, kept: Tensor | None, sync: bool) -> None:
         rows = search.detach()
         samples = list(rows) if kept is None else [r[k] for r, k in zip(rows, kept)]
