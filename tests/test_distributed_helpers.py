@@ -25,6 +25,7 @@ from vq_layers.distributed import (
     all_reduce_sum_,
     any_rank,
     broadcast_,
+    check_finite,
     is_distributed,
     world_size,
 )
@@ -169,6 +170,13 @@ def _check_sum_without_graph_on_one_rank(rank):
         assert not all_reduce_sum(torch.ones(1)).requires_grad
     assert any_rank(torch.tensor(rank == 1)) and not any_rank(torch.tensor(False))
     assert any_rank(torch.tensor(rank == 1), sync=False) == (rank == 1)
+    # a NaN on rank 1 raises on both ranks; alone (sync=False), on rank 1 only
+    x = torch.tensor([1.0, float("nan") if rank == 1 else 2.0])
+    with pytest.raises(ValueError, match="^bad$"):
+        check_finite(x, "bad")
+    with pytest.raises(ValueError) if rank == 1 else contextlib.nullcontext():
+        check_finite(x, "bad", sync=False)
+    check_finite(torch.ones(2), "bad")
 
 
 def _worker_helpers(rank, world):
@@ -221,6 +229,18 @@ def test_helpers_are_identities_without_process_group(group):
     assert y is x
     (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     assert torch.equal(x.grad, torch.tensor([1.0, 2.0, 3.0]))
+
+    check_finite(t, "bad", group=group)
+    with pytest.raises(ValueError, match="^bad$"):
+        check_finite(torch.tensor([0.0, float("inf")]), "bad", group=group)
+
+
+def test_check_finite_compiles_to_an_assert_in_the_graph():
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: check_finite(x, "bad", sync=False) or x * 2, fullgraph=True, backend="aot_eager")
+    assert torch.equal(fn(torch.ones(3)), torch.full((3,), 2.0))
+    with pytest.raises(RuntimeError, match="bad"):
+        fn(torch.tensor([1.0, float("nan"), 2.0]))
 
 
 def test_world_of_one_is_not_distributed():

@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 from dist_utils import run_in_processes
 from dtype_matrix import DTYPES, Parts, dtype_matrix, run_cell
 from reference import brute_force_usage, call_structure, linear64, randn
+from test_vq import assert_compiled_matches_eager
 from vq_layers import GroupedResidualVQ, ResidualVQ
 
 F64 = torch.float64
@@ -895,6 +896,14 @@ def test_non_finite_training_input_raises_before_touching_buffers():
         with pytest.raises(ValueError, match="non-finite"):
             rvq(x.requires_grad_(True))
         assert_buffers_equal(rvq, saved)
+
+
+def test_compile_fullgraph_training_matches_eager():
+    """torch.compile(fullgraph=True): every stage's EMA step, the output and the gradients as
+    eager; a NaN batch raises before any stage's buffers changed."""
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16)
+    assert_compiled_matches_eager(rvq, (2, 12, 8), mask=True)
 
 
 @pytest.mark.parametrize("shape", [(2, 0, 12), (0, 5, 12), (3, 12)], ids=["n0", "b0", "2d"])

@@ -690,6 +690,20 @@ def test_dead_codes_after_kmeans_init():
     assert died.any()
 
 
+def test_kmeans_init_runs_after_loading_an_uninitialized_state():
+    """The layer remembers on the host that init ran (no host sync per step); a loaded state
+    whose `initted` is False makes the next training step run k-means again."""
+    torch.manual_seed(0)
+    fresh = VectorQuantize(dim=4, codebook_size=8, kmeans_init=True)
+    layer = copy.deepcopy(fresh).train()
+    layer(randn(1, 40, 4, seed=35))
+    assert bool(layer._codebook.initted)
+    layer.load_state_dict(fresh.state_dict())
+    assert not bool(layer._codebook.initted)
+    layer(randn(1, 40, 4, seed=36))
+    assert bool(layer._codebook.initted) and layer.codebook.norm(dim=-1).min() > 0
+
+
 def test_kmeans_init_lowers_quantization_error():
     """Over a few seeds (k-means from random rows can end in a local minimum on one of them)."""
     centers = randn(4, 4, seed=33, scale=4.0)
@@ -1111,6 +1125,88 @@ def test_learnable_codebook_in_bf16():
     grad = layer._codebook.embed.grad
     assert grad is not None and grad.dtype == torch.bfloat16 and torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert torch.isfinite(x.grad).all()
+
+
+# ------------------------------------------------------------------------------------------
+# torch.compile: the training step (forward, backward, buffer updates) equals eager's
+
+
+def train_steps(layer, batches, masks, autocast=False):
+    """One forward + backward per batch -> per step (out, indices, loss, x.grad, param grads)."""
+    module = getattr(layer, "_orig_mod", layer)  # parameter names without the compile wrapper
+    steps = []
+    for step, (x, mask) in enumerate(zip(batches, masks)):
+        torch.manual_seed(step)  # random draws (k-means, dead codes) alike in both runs
+        x = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, indices, loss = layer(x, mask=mask)
+        (out.float().square().mean() + loss.sum()).backward()
+        grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+        module.zero_grad()
+        steps.append((out.detach(), indices, loss.detach(), x.grad, grads))
+    return steps
+
+
+def assert_compiled_matches_eager(layer, shape, steps=3, mask=False, autocast=False, fullgraph=True):
+    """`steps` training steps of `layer` compiled against an eager twin; then a non-finite batch
+    must raise in the compiled graph before any buffer changed (NaN in padding is fine)."""
+    torch._dynamo.reset()
+    eager = copy.deepcopy(layer.train())
+    compiled = torch.compile(layer, fullgraph=fullgraph, backend="aot_eager")
+    batches = [randn(*shape, seed=60 + s) for s in range(steps)]
+    masks = [randn(*shape[:2], seed=70 + s) > -0.5 if mask else None for s in range(steps)]
+    got, want = train_steps(compiled, batches, masks, autocast), train_steps(eager, batches, masks, autocast)
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g[1], w[1]), f"indices differ at step {step}"
+        torch.testing.assert_close(g[:1] + g[2:4], w[:1] + w[2:4], msg=lambda m: f"step {step}: {m}")
+        torch.testing.assert_close(g[4], w[4], msg=lambda m: f"parameter gradients, step {step}: {m}")
+    torch.testing.assert_close(layer.state_dict(), eager.state_dict(), rtol=1e-5, atol=1e-6)
+
+    before = buffers(layer)
+    x = batches[0].clone()
+    x[0, 0, 0] = float("nan")
+    keep = torch.ones(shape[:2], dtype=torch.bool) if mask else None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # the graph compiled above
+        # an assert inside the graph (no host sync): RuntimeError, with the eager message
+        with pytest.raises(RuntimeError, match="non-finite values"):
+            compiled(x.requires_grad_(True), mask=keep)
+        assert_buffers_equal(before, layer)
+        if mask:
+            keep[0, 0] = False
+            compiled(x, mask=keep)  # NaN in padding never enters
+            assert all(torch.isfinite(buf).all() for buf in layer.buffers() if buf.is_floating_point())
+    return eager
+
+
+@pytest.mark.parametrize("kwargs,mask,autocast", [
+    (dict(), False, False),
+    (dict(heads=2, codebook_dim=4, separate_codebook_per_head=True), True, False),
+    (dict(heads=2, codebook_dim=4, use_cosine_sim=True), False, False),
+    (dict(learnable_codebook=True, ema_update=False, commitment_weight=0.5,
+          codebook_diversity_loss_weight=0.2), True, False),
+    (dict(codebook_dim=4), False, True),
+], ids=["default", "separate_heads_mask", "shared_heads_cosine", "learnable_losses", "bf16_autocast"])
+def test_compile_fullgraph_training_matches_eager(kwargs, mask, autocast):
+    torch.manual_seed(0)
+    layer = VectorQuantize(dim=8, codebook_size=16, **kwargs)
+    assert_compiled_matches_eager(layer, (2, 12, 8), mask=mask, autocast=autocast)
+
+
+def test_compile_kmeans_init_and_dead_codes_match_eager():
+    """Both run eagerly: a graph break (fullgraph=False). After k-means, a compile with
+    fullgraph=True holds (it only reads the init flag on the host until init ran)."""
+    torch.manual_seed(0)
+    layer = VectorQuantize(dim=4, codebook_size=16, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=2.0)
+    eager = assert_compiled_matches_eager(layer, (2, 12, 4), steps=2, mask=True, fullgraph=False)
+    assert bool(eager._codebook.initted) and int(eager._codebook.dead_codes_replaced) > 0
+
+    torch.manual_seed(0)
+    layer = VectorQuantize(dim=4, codebook_size=16, kmeans_init=True, kmeans_iters=3).train()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="needs_init"):  # k-means runs eagerly
+        torch.compile(layer, fullgraph=True, backend="aot_eager")(randn(2, 12, 4))
+    assert not bool(layer._codebook.initted)
+    layer(randn(2, 12, 4, seed=59))  # k-means, eagerly
+    assert_compiled_matches_eager(layer, (2, 12, 4))
 
 
 # ------------------------------------------------------------------------------------------

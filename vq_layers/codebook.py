@@ -14,6 +14,8 @@ on every rank applies the same all-reduced update.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,6 +34,24 @@ try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch without distributed support
     DTensor = ()
+
+
+KMEANS_INIT_EAGER = ("kmeans_init=True: k-means runs once, eagerly, on the first training batch; compile with "
+                     "fullgraph=False, or run one training step before compiling with fullgraph=True")
+
+
+def runs_eagerly(reason: str):
+    """Decorator: under torch.compile the function runs eagerly, a graph break (an error under
+    fullgraph=True). torch._dynamo is imported only then: importing it in every process (a
+    torch.compiler.disable at import) costs a second and hangs DDP workers at exit."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return torch.compiler.disable(fn, reason=reason)(*args, **kwargs)
+            return fn(*args, **kwargs)
+        return run
+    return wrap
 
 
 class Codebook(Fp32BuffersModule):
@@ -62,6 +82,7 @@ class Codebook(Fp32BuffersModule):
         # dead codes replaced by the last update (health statistic; not state)
         self.dead_codes_replaced = torch.zeros((), dtype=torch.long)
         self._state_broadcast = False  # per process: has a synced step made the ranks' state one?
+        self._known_initted = not kmeans_init  # `initted` known True on the host (see needs_init)
 
     def extra_repr(self) -> str:
         return f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, dim={self.dim}"
@@ -104,6 +125,23 @@ class Codebook(Fp32BuffersModule):
                 "threshold_ema_dead_code=0; k-means init can run before wrapping (one training forward per "
                 "rank, then fully_shard)")
 
+    def needs_init(self) -> bool:
+        """Whether k-means init is still to run. Asks the `initted` buffer (a host sync, a graph
+        break under torch.compile) until it is known True; from then on a Python flag answers, so
+        a compiled step after init has neither. Every write to `initted` goes through this class
+        (init_, set_codes_, broadcast_state_, load_state_dict), which keeps the flag honest."""
+        if not self._known_initted:
+            self._known_initted = self._read_initted()
+        return not self._known_initted
+
+    @runs_eagerly(KMEANS_INIT_EAGER)
+    def _read_initted(self) -> bool:
+        return bool(self.initted)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_initted = False  # `initted` may have changed: ask it again
+
     @torch.no_grad()
     def broadcast_state_(self, group=None, once: bool = False) -> None:
         """Every rank takes the group's first rank's state (one collective); with `once`, only
@@ -119,6 +157,7 @@ class Codebook(Fp32BuffersModule):
         for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.data.copy_(part.reshape(t.shape).to(t.dtype))
         self._state_broadcast = True
+        self._known_initted = False  # rank 0's `initted`: ask it again
 
     @torch.no_grad()
     def set_codes_(self, codes: Tensor) -> None:
@@ -129,6 +168,7 @@ class Codebook(Fp32BuffersModule):
         self.embed.data.copy_(codes)
         self.embed_avg.copy_(codes * smoothed_cluster_size(self.cluster_size, self.eps).unsqueeze(-1))
         self.initted.fill_(True)
+        self._known_initted = True
 
     @fp32_island
     @torch.no_grad()
@@ -146,6 +186,7 @@ class Codebook(Fp32BuffersModule):
         self.embed.data.copy_(means)
         self._refresh()
         self.initted.fill_(True)
+        self._known_initted = True
 
     def _refresh(self) -> None:
         self.embed.data.copy_(normalized_codebook(self.cluster_size, self.embed_avg, self.eps, self.use_cosine_sim))
@@ -171,6 +212,8 @@ class Codebook(Fp32BuffersModule):
         if self.threshold_ema_dead_code > 0:
             self._replace_dead_codes(x, keep, sync, group)
 
+    @runs_eagerly("threshold_ema_dead_code > 0: dead-code replacement runs eagerly (its sizes depend on the "
+                  "data), a graph break; compile with fullgraph=False")
     def _replace_dead_codes(self, x: Tensor, keep: Tensor | None, sync: bool, group) -> None:
         """Codes whose EMA count fell below the threshold take vectors drawn from this batch (the
         union of the ranks'), and their statistics restart from that vector, so the next EMA

@@ -63,6 +63,19 @@ def any_rank(flag: Tensor, group=None, sync: bool = True) -> bool:
     return bool(flag.item() > 0)
 
 
+def check_finite(x: Tensor, message: str, group=None, sync: bool = True) -> None:
+    """Raises ValueError(message) when `x` holds a NaN or Inf on any rank of the group (this
+    one alone when not `sync`); every rank raises alike.
+
+    Under torch.compile without sync the check is an assert inside the graph (no host sync, no
+    graph break): it raises RuntimeError with the same message, before the graph's buffer writes
+    take effect."""
+    if torch.compiler.is_compiling() and not sync:
+        torch._assert_async(torch.isfinite(x).all(), message)
+    elif any_rank(~torch.isfinite(x).all(), group, sync):
+        raise ValueError(message)
+
+
 def all_reduce_sum_(tensor: Tensor, group=None) -> Tensor:
     """Sums `tensor` over the group in place (no autograd); returns it."""
     if is_distributed(group):

@@ -17,8 +17,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_indices, check_positive_int
-from ..codebook import Codebook
-from ..distributed import all_reduce_sum, all_reduce_sum_, any_rank, is_distributed
+from ..codebook import KMEANS_INIT_EAGER, Codebook, runs_eagerly
+from ..distributed import all_reduce_sum, all_reduce_sum_, check_finite, is_distributed
 from ..kernels.code_softmax import (
     code_cross_entropy,
     code_probs_sum,
@@ -37,6 +37,9 @@ from ..precision import fp32_island, project
 from ..rotation_trick import rotation_trick
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
+
+_NON_FINITE = ("input: non-finite values (NaN or Inf) in a training batch (on this rank or another); the "
+               "codebook and its statistics were left untouched")
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
@@ -221,18 +224,11 @@ class VectorQuantize(nn.Module):
         search, kept = self._per_codebook(z), None if keep is None else self._per_codebook(keep_heads)
         sync = self._sync()
         if may_init or update:
-            # decided on every rank alike, so a NaN on one rank cannot leave the others waiting
-            if any_rank(~torch.isfinite(search).all(), self.process_group, sync):
-                raise ValueError("input: non-finite values (NaN or Inf) in a training batch (on this rank or "
-                                 "another); the codebook and its statistics were left untouched")
+            check_finite(search, _NON_FINITE, self.process_group, sync)
             if sync:
                 self._codebook.broadcast_state_(self.process_group, once=True)
-            if may_init and not bool(self._codebook.initted):
-                rows = search.detach()
-                samples = list(rows) if kept is None else [r[k] for r, k in zip(rows, kept)]
-                self._codebook.init_(samples, sync and self.sync_kmeans, self.process_group)
-                if sync and not self.sync_kmeans:  # k-means on each rank's own data: rank 0's wins,
-                    self._codebook.broadcast_state_(self.process_group)  # or later steps would diverge
+            if may_init and self._codebook.needs_init():
+                self._kmeans_init(search, kept, sync)
 
         codebook = self._codebook.codes()
         if may_init or update:  # a snapshot: this step's update (here, or a shared codebook's after all
@@ -271,6 +267,14 @@ class VectorQuantize(nn.Module):
             loss = commitment
         breakdown = LossBreakdown(commitment, diversity, orthogonal, zero)
         return Quantized(quantized, out_indices, loss, breakdown, search.detach(), indices, kept)
+
+    @runs_eagerly(KMEANS_INIT_EAGER)
+    def _kmeans_init(self, search: Tensor, kept: Tensor | None, sync: bool) -> None:
+        rows = search.detach()
+        samples = list(rows) if kept is None else [r[k] for r, k in zip(rows, kept)]
+        self._codebook.init_(samples, sync and self.sync_kmeans, self.process_group)
+        if sync and not self.sync_kmeans:  # k-means on each rank's own data: rank 0's wins,
+            self._codebook.broadcast_state_(self.process_group)  # or later steps would diverge
 
     def _route_gradients(self, search: Tensor, codes: Tensor, codebook: Tensor, temperature: float) -> Tensor:
         """The codes in value; the gradient reaches the input by the chosen estimator."""
