@@ -306,14 +306,15 @@ class VectorQuantize(nn.Module):
                 count = all_reduce_sum_(count.clone(), self.process_group)
             diversity = -entropy(probs / count.clamp(min=1)).mean()
         if self.orthogonal_reg_weight > 0:
-            orthogonal = self._orthogonal_loss(indices, kept)
+            orthogonal = self._orthogonal_loss(codebook, indices, kept)
         return commitment, diversity, orthogonal
 
-    def _orthogonal_loss(self, indices: Tensor, kept: Tensor | None) -> Tensor:
+    def _orthogonal_loss(self, codebooks: Tensor, indices: Tensor, kept: Tensor | None) -> Tensor:
         """Eq. 2 of arXiv 2112.00384, mean over codebooks of ||C^ C^T||_F^2 / K^2 - 1/K on
-        normalized codes C^, computed as ||C^T C^||_F^2 (a d x d product, not K x K)."""
+        normalized codes C^, computed as ||C^T C^||_F^2 (a d x d product, not K x K). `codebooks`:
+        the step's snapshot (the EMA update rewrites the live codes before the backward runs)."""
         losses = []
-        for g, codebook in enumerate(self._codebook.codes()):
+        for g, codebook in enumerate(codebooks):
             if self.orthogonal_reg_active_codes_only:
                 used = indices[g] if kept is None else indices[g][kept[g]]
                 codebook = codebook[torch.unique(used)]
