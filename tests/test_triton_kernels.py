@@ -3,8 +3,9 @@ TRITON_INTERPRET=1 before triton is first imported), with VQ_LAYERS_BACKEND=trit
 
 1. Shapes that exercise ragged tiles and codebook splits (D in {1, 3, 8, 64, 256}, K from 1 to
    70000, heads, no rows), against the fp64 brute force and the torch reference.
-2. The reference suites of tests/test_nearest_code.py and tests/test_lfq_entropy.py, re-run
-   here against the kernels: every test but those listed in NOT_RERUN (with the reason).
+2. The reference suites of tests/test_nearest_code.py and tests/test_lfq_entropy.py, and the
+   layer suites of tests/test_vq.py and tests/test_lfq.py, re-run here against the kernels:
+   every test but those listed in NOT_RERUN and LAYER_SUITES_SKIP (with the reasons).
 3. Layers end to end with the kernels equal the torch backend, and torch.compile(fullgraph=True)
    through the torch.library ops with the kernels inside.
 
@@ -20,8 +21,10 @@ import torch
 
 pytest.importorskip("triton")  # the test extra installs it (Linux); the kernels need it
 
+import test_lfq as lfq_layer_suite  # noqa: E402
 import test_lfq_entropy as lfq_suite  # noqa: E402
 import test_nearest_code as search_suite  # noqa: E402
+import test_vq as vq_suite  # noqa: E402
 import vq_layers.kernels.triton_lfq_entropy as triton_lfq  # noqa: E402
 import vq_layers.kernels.triton_nearest_code as triton_search  # noqa: E402
 from test_nearest_code import assert_matches_brute_force, brute64, gen, randn, sampled_distribution_check  # noqa: E402
@@ -190,10 +193,18 @@ NOT_RERUN = {
     "test_distributed_matches_single_process",
 }
 
-for _prefix, _suite in (("search", search_suite), ("lfq", lfq_suite)):
+# and the layers that use them, but for the dtype matrix (hundreds of cells, the search is the
+# same in each), the 2-process tests and the compile tests (test 3 compiles with the kernels)
+LAYER_SUITES_SKIP = ("dtype_matrix", "distributed", "compile")
+
+for _prefix, _suite in (("search", search_suite), ("lfq", lfq_suite), ("vq_layer", vq_suite),
+                        ("lfq_layer", lfq_layer_suite)):
     for _name, _test in vars(_suite).items():
-        if _name.startswith("test_") and callable(_test) and _name not in NOT_RERUN:
-            globals()[f"test_{_prefix}_suite_{_name[5:]}"] = _test
+        if not (_name.startswith("test_") and callable(_test)) or _name in NOT_RERUN:
+            continue
+        if _suite in (vq_suite, lfq_layer_suite) and any(part in _name for part in LAYER_SUITES_SKIP):
+            continue
+        globals()[f"test_{_prefix}_suite_{_name[5:]}"] = _test
 del _prefix, _suite, _name, _test
 
 
@@ -219,7 +230,7 @@ def brute_lfq(logits):
 
 
 @pytest.mark.parametrize("n, c, d, scale", [(1, 1, 1, 1.0), (37, 2, 4, 0.3), (200, 1, 10, 1.0), (70, 3, 13, 0.2),
-                                            (129, 1, 16, 0.1)])
+                                            (33, 1, 16, 0.1)])
 def test_dense_entropy_and_gradients_match_fp64(n, c, d, scale, launches):
     logits = (scale * torch.randn(n, c, d, generator=gen(n + d))).requires_grad_()
     per_sample, codebook = lfq_entropy(logits)

@@ -651,6 +651,23 @@ def far_codebook(layer, near, seed=28):
     return codes
 
 
+@pytest.mark.parametrize("kmeans_init", [False, True])
+def test_compile_fullgraph_after_loading_a_checkpoint(kmeans_init):
+    """Loading reads `initted` eagerly: the first compiled training step after it needs no host
+    sync (k-means already ran in the checkpoint's model)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    trained = VectorQuantize(dim=16, codebook_size=32, kmeans_init=kmeans_init).train()
+    trained(randn(2, 40, 16, seed=72))
+    restored = VectorQuantize(dim=16, codebook_size=32, kmeans_init=kmeans_init).train()
+    restored.load_state_dict(trained.state_dict())
+    x = randn(2, 40, 16, seed=73)
+    got = torch.compile(restored, fullgraph=True, backend="aot_eager")(x)
+    want = trained(x)
+    assert got[1].equal(want[1])
+    torch.testing.assert_close(restored._codebook.embed, trained._codebook.embed)
+
+
 def test_masked_padding_does_not_cost_the_kept_rows_accuracy():
     """Data and codes around 1000, half the batch padding (zeroed before the search): the mask
     reaches the search's centring, so the kept rows still get their fp64 nearest codes (with

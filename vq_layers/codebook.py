@@ -140,7 +140,9 @@ class Codebook(Fp32BuffersModule):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._known_initted = False  # `initted` may have changed: ask it again
+        # `initted` may have changed: read it now (loading is eager), so a compiled forward after
+        # loading a checkpoint need not; a meta buffer (not materialized yet) is asked later
+        self._known_initted = not self.initted.is_meta and bool(self.initted)
 
     @torch.no_grad()
     def broadcast_state_(self, group=None, once: bool = False) -> None:
@@ -157,7 +159,7 @@ class Codebook(Fp32BuffersModule):
         for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.data.copy_(part.reshape(t.shape).to(t.dtype))
         self._state_broadcast = True
-        self._known_initted = False  # rank 0's `initted`: ask it again
+        self._known_initted = bool(self.initted)  # rank 0's
 
     @torch.no_grad()
     def set_codes_(self, codes: Tensor) -> None:
