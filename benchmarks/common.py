@@ -1,4 +1,16 @@
-"""Shared by the benchmark scripts: machine description, memory probe, tables, result files."""
+"""Shared by the benchmark scripts: machine description, memory probe, tables, result files, and the
+measure-every-implementation-per-configuration loop.
+
+A benchmark module (benchmarks.lfq, .vq, .fsq) describes itself with module-level names that
+`measure_rows`, `render` and `write_benchmark` read, so benchmarks.run can drive all of them:
+
+    NAME     results file stem            TITLE    one line for the results file
+    KEYS     names of a config's fields   CONFIGS  the script's own configurations (tuples)
+    IMPLS    implementations, vq_layers first, then the peer, then the bound
+    COLUMNS  (header, row -> cell) pairs  NOTE     the sentence under the table
+    measure_one(*config, impl, repeats, device) -> {"seconds", "peak_mib_added"}   (in the subprocess)
+    peer_gib(*config) -> float | None     what the peer would allocate, to skip what cannot fit
+"""
 
 from __future__ import annotations
 
@@ -14,6 +26,12 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PEER = "vector-quantize-pytorch"
+# The peer materializes the (tokens x codes) fp32 matrix about 7 times over (measured: 6.7x for
+# VectorQuantize at 8192 x 16384, 7.0x for LFQ at 2^16 x 4096). Above this estimate it is not run:
+# 2^28 pairs (7 GiB, ~30 s a step on 2 cores) still run, 2^29 do not.
+PEER_MAX_GIB = 8.0
+PEER_COPIES = 7
 
 
 def describe_machine(device: str) -> str:
@@ -45,8 +63,16 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def results_path(name: str, device: str) -> Path:
-    return RESULTS / f"{name}-{machine_slug(device)}"
+def results_path(name: str, device: str, out: Path | str | None = None) -> Path:
+    return Path(out or RESULTS) / f"{name}-{machine_slug(device)}"
+
+
+def matrix_gib(*sizes: int, copies: float = PEER_COPIES) -> float:
+    """GiB of `copies` fp32 tensors of shape `sizes` (the peer's estimated peak)."""
+    total = copies * 4
+    for size in sizes:
+        total *= size
+    return total / 2**30
 
 
 def _cell(result: dict, key: str, fmt: str) -> str:
@@ -88,6 +114,11 @@ def time_steps(step, x, repeats: int, device: str) -> dict:
     added over the baseline (run it in a fresh process: `run_isolated`)."""
     import torch
 
+    # vector-quantize-pytorch imports torch._dynamo (and with it triton, ~110 MiB RSS) when it is
+    # imported; vq_layers' torch.library custom ops import it on their first call. Import it before
+    # the baseline so that one-time cost counts for no one's step.
+    import torch._dynamo  # noqa: F401
+
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     baseline = peak_memory_mib(device)
@@ -127,6 +158,7 @@ def benchmark_cli(doc: str, quick_help: str, timeout: int, columns: list, impls:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timeout", type=int, default=timeout)
+    parser.add_argument("--out", default=str(RESULTS), help="folder for the results files (default: %(default)s)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--render", help="print the table of an existing results .json and exit")
     args = parser.parse_args()
@@ -138,3 +170,48 @@ def benchmark_cli(doc: str, quick_help: str, timeout: int, columns: list, impls:
         print(json.dumps(measure_one(*json.loads(args.one), args.repeats, args.device)))
         return None
     return args
+
+
+def measure_rows(bench, configs: list, repeats: int, device: str, timeout: int, isolated: bool = True) -> list[dict]:
+    """One row per config of benchmark module `bench`: each implementation measured in its own
+    subprocess (`run_isolated`), the peer skipped, with the memory it would need, when
+    `bench.peer_gib` puts it over PEER_MAX_GIB. `isolated=False` measures in this process instead:
+    quick, for smoke checks of the pipeline, but the memory figures then mean nothing."""
+    module = bench.__spec__.name  # "benchmarks.lfq" also when it runs as __main__ (python -m)
+    rows = []
+    for config in configs:
+        row = dict(zip(bench.KEYS, config))
+        for impl in bench.IMPLS:
+            need = bench.peer_gib(*config) if impl == PEER else None
+            if need is not None and need > PEER_MAX_GIB:
+                row[impl] = {"error": f"skipped: would need ~{need:.0f} GiB"}
+            else:
+                row[impl] = (run_isolated(module, [*config, impl], repeats, device, timeout) if isolated
+                             else bench.measure_one(*config, impl, repeats, device))
+            print(f"{bench.NAME} {list(config)} {impl}: {row[impl]}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def render(bench, rows: list[dict]) -> str:
+    """The markdown table of `rows` (ratios to vq_layers) and the module's note under it."""
+    return markdown_table(rows, bench.COLUMNS, bench.IMPLS, reference="vq_layers") + "\n\n" + bench.NOTE
+
+
+def write_benchmark(bench, rows: list[dict], args) -> Path:
+    """Writes <out>/<NAME>-<machine>.{json,md} for one benchmark script's run, prints the table."""
+    table = render(bench, rows)
+    path = results_path(bench.NAME, args.device, args.out)
+    write_results(path, {"benchmark": bench.TITLE, "machine": describe_machine(args.device), "rows": rows}, table)
+    print(table)
+    print(f"written: {path}.json, {path}.md")
+    return path
+
+
+def bench_main(bench, quick_help: str, timeout: int, quick) -> None:
+    """The whole main() of a benchmark script: `quick(config)` says which configs --quick keeps."""
+    args = benchmark_cli(bench.__doc__, quick_help, timeout, bench.COLUMNS, bench.IMPLS, bench.measure_one)
+    if args is None:
+        return
+    configs = [config for config in bench.CONFIGS if not args.quick or quick(*config)]
+    write_benchmark(bench, measure_rows(bench, configs, args.repeats, args.device, args.timeout), args)

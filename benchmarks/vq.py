@@ -11,32 +11,34 @@ is the median of several steps after one warm-up step.
 
 from __future__ import annotations
 
-from benchmarks.common import (
-    benchmark_cli,
-    describe_machine,
-    markdown_table,
-    results_path,
-    run_isolated,
-    time_steps,
-    write_results,
-)
+import sys
 
+from benchmarks.common import PEER, bench_main, matrix_gib, time_steps
+
+NAME = "vq"
+TITLE = "VectorQuantize / ResidualVQ training step (forward + backward + EMA)"
+KEYS = ["layer", "dim", "codebook_size", "tokens", "num_quantizers"]
 CONFIGS = [  # (layer, dim, codebook_size, tokens, num_quantizers)
     ("VectorQuantize", 256, 1024, 16384, 1),
     ("VectorQuantize", 256, 8192, 16384, 1),
     ("VectorQuantize", 256, 65536, 16384, 1),
     ("ResidualVQ", 256, 1024, 16384, 8),
 ]
-IMPLS = ["vq_layers", "vector-quantize-pytorch", "matmul bound"]
-# the peer materializes (tokens x codes) fp32 several times over (distances, one-hot): skip what cannot fit
-PEER_MAX_PAIRS = 2**28
+IMPLS = ["vq_layers", PEER, "matmul bound"]
+NOTE = ("(× = that implementation's time or added peak memory over vq_layers'; > 1 means vq_layers is "
+        "faster or leaner. The matmul bound computes the distances' matmul only: < 1 is expected.)")
 
 
-def step_fn(impl: str, layer: str, dim: int, codebook_size: int, num_quantizers: int):
+def peer_gib(layer: str, dim: int, codebook_size: int, tokens: int, num_quantizers: int) -> float:
+    """The peer materializes (tokens x codes) fp32 several times over (distances, one-hot), per stage."""
+    return matrix_gib(tokens, codebook_size)
+
+
+def step_fn(impl: str, layer: str, dim: int, codebook_size: int, num_quantizers: int, device: str):
     import torch
 
     if impl == "matmul bound":
-        codebook = torch.randn(codebook_size, dim)
+        codebook = torch.randn(codebook_size, dim, device=device)
 
         def step(x):
             for _ in range(num_quantizers):
@@ -46,7 +48,7 @@ def step_fn(impl: str, layer: str, dim: int, codebook_size: int, num_quantizers:
     kwargs = {"dim": dim, "codebook_size": codebook_size}
     if layer == "ResidualVQ":
         kwargs["num_quantizers"] = num_quantizers
-    module = getattr(package, layer)(**kwargs).train()
+    module = getattr(package, layer)(**kwargs).to(device).train()
 
     def step(x):
         out, _, loss = module(x)
@@ -61,8 +63,7 @@ def measure_one(layer: str, dim: int, codebook_size: int, tokens: int, num_quant
 
     torch.manual_seed(0)
     x = torch.randn(16, tokens // 16, dim, device=device, requires_grad=True)
-    step = step_fn(impl, layer, dim, codebook_size, num_quantizers)
-    return time_steps(step, x, repeats, device)
+    return time_steps(step_fn(impl, layer, dim, codebook_size, num_quantizers, device), x, repeats, device)
 
 
 COLUMNS = [
@@ -74,34 +75,8 @@ COLUMNS = [
 
 
 def main() -> None:
-    args = benchmark_cli(__doc__, "only configurations up to 1024 codes", 900, COLUMNS, IMPLS, measure_one)
-    if args is None:
-        return
-
-    rows = []
-    for layer, dim, codebook_size, tokens, num_quantizers in CONFIGS:
-        if args.quick and codebook_size > 1024:
-            continue
-        row = {"layer": layer, "dim": dim, "codebook_size": codebook_size, "tokens": tokens,
-               "num_quantizers": num_quantizers}
-        for impl in IMPLS:
-            if impl == "vector-quantize-pytorch" and codebook_size * tokens > PEER_MAX_PAIRS:
-                row[impl] = {"error": "not run: needs the tokens x codes matrix several times over"}
-                continue
-            config = [layer, dim, codebook_size, tokens, num_quantizers, impl]
-            row[impl] = run_isolated("benchmarks.vq", config, args.repeats, args.device, args.timeout)
-            print(layer, codebook_size, tokens, impl, row[impl], flush=True)
-        rows.append(row)
-
-    machine = describe_machine(args.device)
-    table = markdown_table(rows, COLUMNS, IMPLS, reference="vq_layers")
-    table += ("\n\n(× = that implementation's time or added peak memory over vq_layers'; > 1 means vq_layers is "
-              "faster or leaner. The matmul bound computes the distances' matmul only: < 1 is expected.)")
-    path = results_path("vq", args.device)
-    write_results(path, {"benchmark": "VectorQuantize / ResidualVQ training step (forward + backward + EMA)",
-                         "machine": machine, "rows": rows}, table)
-    print(table)
-    print(f"written: {path}.json, {path}.md")
+    bench_main(sys.modules[__name__], "only configurations up to 1024 codes", 900,
+               quick=lambda layer, dim, codebook_size, tokens, num_quantizers: codebook_size <= 1024)
 
 
 if __name__ == "__main__":
