@@ -357,6 +357,17 @@ def test_centre_ignores_rows_that_are_not_data(spoiler):
     assert_matches_brute_force(x[data], codebook, "l2", indices[data], score[data])
 
 
+def test_centre_comes_from_valid_rows_off_the_sampling_stride():
+    """8192 rows (the centre samples every 8th), the valid ones all off that stride: the centre
+    still comes from them (measured when it did not: most valid rows wrong)."""
+    x = torch.zeros(8192, 32)
+    valid = (torch.arange(8192) % 8 == 3) & (torch.arange(8192) < 800)
+    x[valid] = 1000 + randn(int(valid.sum()), 32, seed=67)
+    codebook = 1000 + randn(512, 32, seed=68)
+    indices, score = nearest_code(x, codebook, valid=valid)
+    assert_matches_brute_force(x[valid], codebook, "l2", indices[valid], score[valid])
+
+
 def test_nan_code_is_never_the_nearest():
     x, codebook = randn(50, 8, seed=65), randn(20, 8, seed=66)
     codebook[4] = float("nan")

@@ -202,3 +202,29 @@ def test_vq_statistics_stay_fp32_when_a_wrapper_casts_them():
         if buf.is_floating_point():
             assert buf.dtype == torch.float32, name
         assert torch.equal(buf, reference._codebook.get_buffer(name)), name
+
+
+@pytest.mark.parametrize("name", ["VectorQuantize", "ResidualVQ", "LFQ", "ResidualLFQ"])
+def test_nan_in_masked_padding_reaches_no_gradient(name):
+    """Padding is zeroed before the input projection: a NaN there would otherwise make the
+    projection's weight gradient NaN (0 * NaN), though every output row is finite."""
+    import vq_layers
+
+    kwargs = dict(dim=16, codebook_size=2**4)
+    if name == "VectorQuantize":
+        kwargs["codebook_dim"] = 4
+    elif name == "ResidualVQ":
+        kwargs.update(codebook_dim=4, num_quantizers=2)
+    elif name == "ResidualLFQ":
+        kwargs["num_quantizers"] = 2
+    layer = getattr(vq_layers, name)(**kwargs).train()
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    x[1, 5] = float("nan")
+    x.requires_grad_()
+    out = layer(x, mask=mask)
+    loss = out[0][mask].square().sum() + sum(t.sum() for t in out[2:] if isinstance(t, torch.Tensor))
+    loss.backward()
+    assert torch.isfinite(layer.project_in.weight.grad).all()
+    assert torch.isfinite(x.grad[mask]).all()

@@ -59,3 +59,9 @@ def lens_to_mask(lens, tokens: Tensor, spatial: tuple[int, ...]) -> Tensor:
         raise ValueError(f"lens: expected shape ({tokens.shape[0]},) for a batch of sequences, got lens of shape "
                          f"{tuple(lens.shape)} for an input with spatial shape {spatial}")
     return torch.arange(tokens.shape[1], device=tokens.device) < lens.to(tokens.device)[:, None]
+
+
+def without_padding(tokens: Tensor, keep: Tensor | None) -> Tensor:
+    """tokens (b, n, d) with masked rows zeroed, before any projection: a NaN in padding would
+    otherwise reach the projection's weight gradient (0 * NaN)."""
+    return tokens if keep is None else torch.where(keep.unsqueeze(-1), tokens, 0.0)

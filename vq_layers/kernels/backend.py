@@ -72,13 +72,14 @@ def run(device: torch.device, backend: str | None, triton_fn, torch_fn):
         return torch_fn()
     try:
         return triton_fn()
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, ValueError, TypeError):  # not the kernel's fault
         raise
     except Exception as error:
         if check_backend(backend) != "auto":
             raise
+        result = torch_fn()  # raises too when the failure was not the kernel's (a broken CUDA context)
         _triton_failure = f"{type(error).__name__}: {error}"
         warnings.warn(f"vq_layers: the Triton kernels failed ({_triton_failure[:300]}); the torch reference "
                       f"runs instead from now on. {ENV}=torch silences this, {ENV}=triton raises the error.",
                       RuntimeWarning, stacklevel=2)
-        return torch_fn()
+        return result

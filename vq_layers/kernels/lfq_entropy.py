@@ -196,18 +196,8 @@ def _mass(logits: Tensor, groups, grad_mass: Tensor | None = None, torch_only: b
     return out
 
 
-# The code mass is one opaque torch.library op (with its backward another): its partition of the
-# tokens is data-dependent (host syncs), which torch.compile(fullgraph=True) could not trace.
-@torch.library.custom_op("vq_layers::code_mass", mutates_args=())
-def code_mass(logits: Tensor) -> Tensor:
-    """Sum over tokens of each code's probability: logits (n, c, d) fp32 -> (c, 2^d) fp32; the
-    backward recomputes the probabilities."""
+def _mass_per_codebook(logits: Tensor) -> Tensor:
     return torch.stack([_mass(logits[:, c], _partition(logits[:, c])) for c in range(logits.shape[1])])
-
-
-@code_mass.register_fake
-def _(logits):
-    return logits.new_empty(logits.shape[1], 2 ** logits.shape[2])
 
 
 def _mass_gradient(logits: Tensor, mass: Tensor, grad_mass: Tensor, torch_only: bool = False) -> Tensor:
@@ -220,12 +210,43 @@ def _mass_gradient(logits: Tensor, mass: Tensor, grad_mass: Tensor, torch_only: 
                         for c in range(logits.shape[1])], dim=1)
 
 
-@torch.library.custom_op("vq_layers::code_mass_backward", mutates_args=())
-def _code_mass_backward(logits: Tensor, mass: Tensor, grad_mass: Tensor) -> Tensor:
+def _backward(ctx, grad_mass):
+    logits, mass = ctx.saved_tensors
+    if torch.is_grad_enabled():  # backward(create_graph=True): autograd records the torch formula
+        return _mass_gradient(logits, mass, grad_mass, torch_only=True)
+    if torch.compiler.is_compiling():
+        return _code_mass_backward_op(logits, mass, grad_mass)
     return _mass_gradient(logits, mass, grad_mass)
 
 
-@_code_mass_backward.register_fake
+class _CodeMass(torch.autograd.Function):
+    """Eager: logits (n, c, d) -> (c, 2^d); the backward recomputes the probabilities."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        mass = _mass_per_codebook(logits)
+        ctx.save_for_backward(logits, mass)
+        return mass
+
+    backward = staticmethod(_backward)
+
+
+# Under torch.compile the code mass is one opaque torch.library op (its backward another): its
+# partition of the tokens is data-dependent (host syncs), which fullgraph=True could not trace.
+# Eager calls take the autograd.Function instead: the op's wrapper would import torch._dynamo
+# in every process (see nearest_code.py).
+_code_mass_op = torch.library.custom_op("vq_layers::code_mass", _mass_per_codebook, mutates_args=())
+@_code_mass_op.register_fake
+def _(logits):
+    return logits.new_empty(logits.shape[1], 2 ** logits.shape[2])
+
+
+@torch.library.custom_op("vq_layers::code_mass_backward", mutates_args=())
+def _code_mass_backward_op(logits: Tensor, mass: Tensor, grad_mass: Tensor) -> Tensor:
+    return _mass_gradient(logits, mass, grad_mass)
+
+
+@_code_mass_backward_op.register_fake
 def _(logits, mass, grad_mass):
     return torch.empty_like(logits)
 
@@ -234,14 +255,13 @@ def _save_for_backward(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], output)
 
 
-def _code_mass_grad(ctx, grad_mass):
-    logits, mass = ctx.saved_tensors
-    if torch.is_grad_enabled():  # backward(create_graph=True): autograd records the torch formula
-        return _mass_gradient(logits, mass, grad_mass, torch_only=True)
-    return _code_mass_backward(logits, mass, grad_mass)
+torch.library.register_autograd("vq_layers::code_mass", _backward, setup_context=_save_for_backward)
 
 
-torch.library.register_autograd("vq_layers::code_mass", _code_mass_grad, setup_context=_save_for_backward)
+def code_mass(logits: Tensor) -> Tensor:
+    """Sum over tokens of each code's probability: logits (n, c, d) fp32 -> (c, 2^d) fp32; the
+    backward recomputes the probabilities."""
+    return _code_mass_op(logits) if torch.compiler.is_compiling() else _CodeMass.apply(logits)
 
 
 class BinaryEntropy(torch.autograd.Function):

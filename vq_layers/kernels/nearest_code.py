@@ -88,11 +88,15 @@ def _centred(x: Tensor, codebook: Tensor, valid: Tensor | None) -> tuple[Tensor,
     h, n, _ = x.shape
     if n == 0:
         return x, codebook
-    stride = -(-n // CENTRE_ROWS)
-    sample = x[:, ::stride]
-    usable = torch.isfinite(sample)
-    if valid is not None:
-        usable &= valid[:, ::stride, None]
+    if valid is None:
+        sample = x[:, :: -(-n // CENTRE_ROWS)]
+        usable = torch.isfinite(sample)
+    else:  # up to CENTRE_ROWS rows, valid ones first, spread over the batch
+        stride = -(-n // CENTRE_ROWS)
+        on_stride = torch.arange(n, device=x.device) % stride == 0
+        rows = (valid.float() * 2 + on_stride).topk(min(n, CENTRE_ROWS), dim=1).indices  # (h, m)
+        sample = x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        usable = torch.isfinite(sample) & valid.gather(1, rows).unsqueeze(-1)
     sample = torch.where(usable, sample, float("nan"))
     middle = sample.nanmedian(dim=1, keepdim=True).values  # (h, 1, d); NaN where no usable value
     spread = (sample - middle).square().sum(-1, keepdim=True).nanmedian(dim=1).values.sqrt()  # (h, 1)
@@ -137,12 +141,8 @@ def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temper
     return indices
 
 
-# One opaque op for the search, whichever backend runs it: torch.compile(fullgraph=True) traces
-# the layers through it (its fake implementation gives the shape), and the backend, the TF32
-# switch and the kernel launch are decided when it runs, not when it is traced.
-@torch.library.custom_op("vq_layers::nearest_code_search", mutates_args=())
-def _search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temperature: float, seed: int,
-            backend: str, precision: str) -> Tensor:
+def _run_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temperature: float, seed: int,
+                backend: str, precision: str) -> Tensor:
     def triton_search():
         from .triton_nearest_code import search
         return search(x, codebook, l2, euclidean, temperature, seed, precision)
@@ -151,9 +151,21 @@ def _search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temperature:
                lambda: _torch_search(x, codebook, l2, euclidean, temperature, seed))
 
 
-@_search.register_fake
+# One opaque op for the search, whichever backend runs it: torch.compile(fullgraph=True) traces
+# the layers through it (its fake implementation gives the shape), and the backend, the TF32
+# switch and the kernel launch are decided when it runs, not when it is traced. Eager calls skip
+# the op's wrapper, which would import torch._dynamo in every process (a second of import, and
+# torch._dynamo in gloo workers can abort them at exit).
+_search_op = torch.library.custom_op("vq_layers::nearest_code_search", _run_search, mutates_args=())
+
+
+@_search_op.register_fake
 def _(x, codebook, l2, euclidean, temperature, seed, backend, precision):
     return x.new_empty(x.shape[:2], dtype=torch.long)
+
+
+def _search(*args) -> Tensor:
+    return _search_op(*args) if torch.compiler.is_compiling() else _run_search(*args)
 
 
 @fp32_island

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_indices, check_positive_int
 from ..kernels.lfq_entropy import lfq_entropy
-from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens
+from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens, without_padding
 from ..precision import Fp32BuffersModule, fp32_island, project
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
@@ -241,7 +241,8 @@ class LFQ(Fp32BuffersModule):
         mask = check_mask(mask, tokens, spatial)
         if not inv_temperature > 0:
             raise ValueError(f"inv_temperature: expected > 0, got {inv_temperature}")
-        quantized, indices, aux_loss, breakdown = self._quantize(project(self.project_in, tokens), mask, inv_temperature)
+        quantized, indices, aux_loss, breakdown = self._quantize(project(self.project_in, without_padding(tokens, mask)), mask,
+                                                                 inv_temperature)
         out = from_tokens(project(self.project_out, quantized).to(dtype), spatial, channel_first)
         indices = indices_from_tokens(indices, spatial)
         if not self.keep_num_codebooks_dim:

@@ -8,7 +8,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens
+from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens, without_padding
 from ..precision import fp32_island, project
 from .lfq import LFQ, check_codebook_size
 from .residual import GroupedResidual, ResidualQuantizer, last_kept_stage, run_stages
@@ -76,7 +76,7 @@ class ResidualLFQ(ResidualQuantizer):
         tokens, spatial = to_tokens(x, channel_first, self.dim, "ResidualLFQ")
         mask = check_mask(mask, tokens, spatial)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
-        quantized, indices, codes, losses = self._residual_quantize(project(self.project_in, tokens), mask,
+        quantized, indices, codes, losses = self._residual_quantize(project(self.project_in, without_padding(tokens, mask)), mask,
                                                                     last_kept, inv_temperature)
         out = from_tokens(project(self.project_out, quantized).to(dtype), spatial, channel_first)
         indices = indices_from_tokens(indices, spatial)

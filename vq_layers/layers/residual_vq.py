@@ -10,7 +10,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_indices
-from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens
+from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens, without_padding
 from ..precision import cat, fp32_island, project
 from .residual import GroupedResidual, ResidualQuantizer, last_kept_stage, run_stages
 from .vq import VectorQuantize
@@ -128,7 +128,7 @@ class ResidualVQ(ResidualQuantizer):
         dtype = x.dtype
         tokens, spatial = to_tokens(x, self.accept_image_fmap, self.dim, "ResidualVQ")
         keep = check_mask(mask, tokens, spatial)
-        z = project(self.project_in, tokens)
+        z = project(self.project_in, without_padding(tokens, keep))
         if indices is not None:
             targets = self._check_targets(indices, tokens)
             quantized, ce = self._teacher_forced(z, keep, targets)

@@ -32,6 +32,7 @@ from ..layout import (
     indices_from_tokens,
     lens_to_mask,
     to_tokens,
+    without_padding,
 )
 from ..precision import fp32_island, project
 from ..rotation_trick import rotation_trick
@@ -360,7 +361,7 @@ class VectorQuantize(nn.Module):
         ema_update = self.ema_update if ema_update is None else ema_update
         updating = self.training and torch.is_grad_enabled() and not freeze and targets is None
 
-        result = self._quantize(project(self.project_in, tokens), keep, temperature, updating, updating,
+        result = self._quantize(project(self.project_in, without_padding(tokens, keep)), keep, temperature, updating, updating,
                                 ema_update, freeze, targets)
         out = project(self.project_out, result.quantized)
         if keep is not None:
