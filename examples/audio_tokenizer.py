@@ -25,13 +25,11 @@ import argparse
 import math
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from tqdm import tqdm
 
 # the command-line and printing helpers of the image example, which sits next to this one
-from train_tokenizer import OneLineParser, fmt, positive
+from train_tokenizer import OneLineParser, evaluate, fmt, positive, train_loop
 
 from vq_layers import FSQ, ResidualVQ, VectorQuantize
 
@@ -171,28 +169,10 @@ def main(argv=None) -> None:
     print(f"{args.quantizer}: {quantizer.codebook_size}-code codebook, {tokens_per_second:g} tokens/s, "
           f"{CLIP_SAMPLES / SAMPLE_RATE * 1000:g} ms clips at {SAMPLE_RATE} Hz, {precision} on {device}")
 
-    bar = tqdm(range(args.steps), desc=f"train {args.quantizer}")
-    for step in bar:
-        audio = make_clips(args.batch_size, batches).to(device)
-        with autocast():
-            recon, indices, aux_loss = model(audio)
-        mse = F.mse_loss(recon.float(), audio)  # loss in fp32 whatever the decoder's dtype
-        loss = mse + aux_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 10 == 0 or step == args.steps - 1:  # .item() syncs; not every step
-            usage = quantizer.code_usage(indices)
-            bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{mse.item():.4f}",
-                            ppl=fmt(usage.perplexity, ".1f"), usage=fmt(usage.usage, ".2f"))
-
-    model.eval()
-    with torch.no_grad(), autocast():
-        recon, indices, _ = model(test)
-    mse = F.mse_loss(recon.float(), test).item()
+    train_loop(model, quantizer, lambda: make_clips(args.batch_size, batches).to(device), args.steps,
+               optimizer, schedule, autocast, f"train {args.quantizer}")
+    mse, _, indices, usage = evaluate(model, quantizer, test, autocast)
     zeros_mse = test.square().mean().item()  # the MSE of predicting silence
-    usage = quantizer.code_usage(indices)
     codes_per_token = indices[0, 0].numel()  # 1, or one per residual stage
     bits_per_second = tokens_per_second * codes_per_token * math.log2(quantizer.codebook_size)
     print(f"held-out: mse={mse:.5f} zeros_mse={zeros_mse:.5f} perplexity={fmt(usage.perplexity, '.1f')} "

@@ -33,6 +33,7 @@ from train_tokenizer import (
     QUANTIZERS,
     OneLineParser,
     Tokenizer,
+    evaluate,
     load_splits,
     positive,
 )
@@ -126,11 +127,8 @@ def run(variant: Variant, steps: int, seed: int, autocast_on: bool) -> Result:
         if replaced is not None:  # the codes this step's dead-code replacement revived
             replaced += quantizer.codebook_health(indices).dead_codes_replaced
 
-    model.eval()
-    with torch.no_grad(), autocast():
-        recon, indices, _ = model(test)
-    usage = quantizer.code_usage(indices)
-    return Result(F.mse_loss(recon.float(), test).item(), usage.perplexity.item(), usage.usage.item(),
+    mse, _, _, usage = evaluate(model, quantizer, test, autocast)
+    return Result(mse, usage.perplexity.item(), usage.usage.item(),
                   None if replaced is None else int(replaced), time.perf_counter() - start)
 
 

@@ -209,6 +209,35 @@ def save_usage_histogram(path: Path, indices: Tensor, quantizer: nn.Module, usag
     fig.savefig(path, dpi=100)
 
 
+def train_loop(model: nn.Module, quantizer: nn.Module, next_batch, steps: int, optimizer, schedule, autocast,
+               desc: str) -> None:
+    """Reconstruction MSE (fp32) + the quantizer's aux loss, with a progress bar of loss, MSE,
+    perplexity and usage. `model(batch)` -> (reconstruction, indices, aux_loss)."""
+    bar = tqdm(range(steps), desc=desc)
+    for step in bar:
+        batch = next_batch()
+        with autocast():
+            recon, indices, aux_loss = model(batch)
+        mse = F.mse_loss(recon.float(), batch)  # loss in fp32 whatever the decoder's dtype
+        loss = mse + aux_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 10 == 0 or step == steps - 1:  # .item() syncs; not every step
+            usage = quantizer.code_usage(indices)
+            bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{mse.item():.4f}",
+                            ppl=fmt(usage.perplexity, ".1f"), usage=fmt(usage.usage, ".2f"))
+
+
+def evaluate(model: nn.Module, quantizer: nn.Module, batch, autocast):
+    """-> (MSE, reconstruction, indices, code usage) of the model in eval mode on `batch`."""
+    model.eval()
+    with torch.no_grad(), autocast():
+        recon, indices, _ = model(batch)
+    return F.mse_loss(recon.float(), batch).item(), recon, indices, quantizer.code_usage(indices)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = args.device
@@ -233,27 +262,9 @@ def main(argv=None) -> None:
           f"{len(train)} train / {len(test)} held-out digits, {precision} on {device}")
 
     batches = torch.Generator().manual_seed(args.seed)  # own stream: batch order is seeded too
-    bar = tqdm(range(args.steps), desc=f"train {args.quantizer}")
-    for step in bar:
-        images = train[torch.randint(len(train), (args.batch_size,), generator=batches)]
-        with autocast():
-            recon, indices, aux_loss = model(images)
-        mse = F.mse_loss(recon.float(), images)  # loss in fp32 whatever the decoder's dtype
-        loss = mse + aux_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 10 == 0 or step == args.steps - 1:  # .item() syncs; not every step
-            usage = quantizer.code_usage(indices)
-            bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{mse.item():.4f}",
-                            ppl=fmt(usage.perplexity, ".1f"), usage=fmt(usage.usage, ".2f"))
-
-    model.eval()
-    with torch.no_grad(), autocast():
-        recon, indices, _ = model(test)
-    mse = F.mse_loss(recon.float(), test).item()
-    usage = quantizer.code_usage(indices)
+    train_loop(model, quantizer, lambda: train[torch.randint(len(train), (args.batch_size,), generator=batches)],
+               args.steps, optimizer, schedule, autocast, f"train {args.quantizer}")
+    mse, recon, indices, usage = evaluate(model, quantizer, test, autocast)
     # mse is in standardized pixel units: 1.0 is what always predicting the mean scores
     print(f"held-out: mse={mse:.4f} perplexity={fmt(usage.perplexity, '.1f')} "
           f"usage={fmt(usage.usage, '.3f')}")
