@@ -88,11 +88,11 @@ def _centred(x: Tensor, codebook: Tensor, valid: Tensor | None) -> tuple[Tensor,
     h, n, _ = x.shape
     if n == 0:
         return x, codebook
+    stride = -(-n // CENTRE_ROWS)
     if valid is None:
-        sample = x[:, :: -(-n // CENTRE_ROWS)]
+        sample = x[:, ::stride]
         usable = torch.isfinite(sample)
     else:  # up to CENTRE_ROWS rows, valid ones first, spread over the batch
-        stride = -(-n // CENTRE_ROWS)
         on_stride = torch.arange(n, device=x.device) % stride == 0
         rows = (valid.float() * 2 + on_stride).topk(min(n, CENTRE_ROWS), dim=1).indices  # (h, m)
         sample = x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
