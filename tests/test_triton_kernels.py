@@ -134,6 +134,18 @@ def test_tf32x3_precision_is_accepted_and_bad_precision_names_the_argument():
         nearest_code(x, codebook, precision="fp16")
 
 
+@pytest.mark.parametrize("metric, temperature", [("l2", 0.0), ("dot", 0.7), ("euclidean", 0.7)])
+def test_kernels_create_no_float64(metric, temperature, launches):
+    x, codebook = randn(2, 300, 8, seed=17), randn(2, 40, 8, seed=18)
+    logits = (0.3 * randn(50, 1, 8, seed=19)).requires_grad_()
+    with search_suite.Recorder() as recorder:
+        nearest_code(x, codebook, metric=metric, temperature=temperature, generator=gen(0))
+        per_sample, codebook_entropy = lfq_entropy(logits)
+        (per_sample - codebook_entropy).backward()
+    assert launches["search"] == 1 and launches["code_mass"] == 1 and launches["bit_sums"] == 1
+    assert torch.float32 in recorder.dtypes and torch.float64 not in recorder.dtypes, recorder.dtypes
+
+
 def test_backend_selection(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert use_triton(cpu) and use_triton(cpu, "auto") is False and use_triton(cpu, "torch") is False
@@ -186,6 +198,9 @@ NOT_RERUN = {
     "test_no_n_by_k_tensor", "test_heads_respect_the_tile_budget", "test_recorder_sees_a_dense_tensor",
     "test_cuda_matmul_is_ieee_fp32_and_restored", "test_allocation_recorder_sees_a_dense_tensor",
     "test_no_n_by_codes_tensor", "test_recorder_sees_float64",
+    # its dtype set is the torch path's; the kernel adds its int32 index buffer and the
+    # interpreter its own buffers (no float64: test_kernels_create_no_float64 below)
+    "test_no_float64_created",
     # 50 000 samples: minutes in the interpreter; the kernel's sampling is tested above
     "test_sampling_distribution", "test_sampling_temperature_scales",
     "test_euclidean_and_l2_sample_different_distributions",
