@@ -668,6 +668,19 @@ def test_compile_fullgraph_after_loading_a_checkpoint(kmeans_init):
     torch.testing.assert_close(restored._codebook.embed, trained._codebook.embed)
 
 
+def test_kmeans_runs_again_after_initted_is_reset_by_hand():
+    """`initted.fill_(False)` (the peer's idiom to redo k-means) is noticed: the next training
+    step runs k-means on its batch, and `initted` is True again (a checkpoint saved then does
+    not redo k-means when loaded)."""
+    torch.manual_seed(0)
+    layer = VectorQuantize(dim=8, codebook_size=4, kmeans_init=True).train()
+    layer(randn(1, 64, 8, seed=74))
+    layer._codebook.initted.fill_(False)
+    layer(randn(1, 64, 8, seed=75) - 100)
+    assert bool(layer._codebook.initted)
+    assert layer._codebook.embed.mean().item() < -50  # k-means on the shifted batch
+
+
 def test_masked_padding_does_not_cost_the_kept_rows_accuracy():
     """Data and codes around 1000, half the batch padding (zeroed before the search): the mask
     reaches the search's centring, so the kept rows still get their fp64 nearest codes (with

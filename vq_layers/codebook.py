@@ -82,7 +82,7 @@ class Codebook(Fp32BuffersModule):
         # dead codes replaced by the last update (health statistic; not state)
         self.dead_codes_replaced = torch.zeros((), dtype=torch.long)
         self._state_broadcast = False  # per process: has a synced step made the ranks' state one?
-        self._known_initted = not kmeans_init  # `initted` known True on the host (see needs_init)
+        self._know_initted(not kmeans_init)  # `initted` known True on the host (see needs_init)
 
     def extra_repr(self) -> str:
         return f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, dim={self.dim}"
@@ -128,11 +128,18 @@ class Codebook(Fp32BuffersModule):
     def needs_init(self) -> bool:
         """Whether k-means init is still to run. Asks the `initted` buffer (a host sync, a graph
         break under torch.compile) until it is known True; from then on a Python flag answers, so
-        a compiled step after init has neither. Every write to `initted` goes through this class
-        (init_, set_codes_, broadcast_state_, load_state_dict), which keeps the flag honest."""
+        a compiled step after init has neither. The writes of this class (init_, set_codes_,
+        broadcast_state_, load_state_dict) keep the flag; an eager call also notices any other
+        write to the buffer (its version changed, e.g. `initted.fill_(False)`) and asks again."""
+        if (self._known_initted and not torch.compiler.is_compiling()
+                and self.initted._version != self._initted_version):
+            self._known_initted = False
         if not self._known_initted:
-            self._known_initted = self._read_initted()
+            self._know_initted(self._read_initted())
         return not self._known_initted
+
+    def _know_initted(self, value: bool) -> None:
+        self._known_initted, self._initted_version = value, self.initted._version
 
     @runs_eagerly(KMEANS_INIT_EAGER)
     def _read_initted(self) -> bool:
@@ -142,7 +149,7 @@ class Codebook(Fp32BuffersModule):
         super()._load_from_state_dict(*args, **kwargs)
         # `initted` may have changed: read it now (loading is eager), so a compiled forward after
         # loading a checkpoint need not; a meta buffer (not materialized yet) is asked later
-        self._known_initted = not self.initted.is_meta and bool(self.initted)
+        self._know_initted(not self.initted.is_meta and bool(self.initted))
 
     @torch.no_grad()
     def broadcast_state_(self, group=None, once: bool = False) -> None:
@@ -159,7 +166,7 @@ class Codebook(Fp32BuffersModule):
         for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.data.copy_(part.reshape(t.shape).to(t.dtype))
         self._state_broadcast = True
-        self._known_initted = bool(self.initted)  # rank 0's
+        self._know_initted(bool(self.initted))  # rank 0's
 
     @torch.no_grad()
     def set_codes_(self, codes: Tensor) -> None:
@@ -170,7 +177,7 @@ class Codebook(Fp32BuffersModule):
         self.embed.data.copy_(codes)
         self.embed_avg.copy_(codes * smoothed_cluster_size(self.cluster_size, self.eps).unsqueeze(-1))
         self.initted.fill_(True)
-        self._known_initted = True
+        self._know_initted(True)
 
     @fp32_island
     @torch.no_grad()
@@ -188,7 +195,7 @@ class Codebook(Fp32BuffersModule):
         self.embed.data.copy_(means)
         self._refresh()
         self.initted.fill_(True)
-        self._known_initted = True
+        self._know_initted(True)
 
     def _refresh(self) -> None:
         self.embed.data.copy_(normalized_codebook(self.cluster_size, self.embed_avg, self.eps, self.use_cosine_sim))
