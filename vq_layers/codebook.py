@@ -128,9 +128,9 @@ class Codebook(Fp32BuffersModule):
     def needs_init(self) -> bool:
         """Whether k-means init is still to run. Asks the `initted` buffer (a host sync, a graph
         break under torch.compile) until it is known True; from then on a Python flag answers, so
-        a compiled step after init has neither. The writes of this class (init_, set_codes_,
-        broadcast_state_, load_state_dict) keep the flag; an eager call also notices any other
-        write to the buffer (its version changed, e.g. `initted.fill_(False)`) and asks again."""
+        a compiled step after init has neither. init_, set_codes_ and load_state_dict keep the
+        flag; an eager call notices any other write to the buffer by its version (broadcast_state_,
+        DDP's buffer broadcast, a user's `initted.fill_(False)`) and asks again."""
         if (self._known_initted and not torch.compiler.is_compiling()
                 and self.initted._version != self._initted_version):
             self._known_initted = False
@@ -165,8 +165,7 @@ class Codebook(Fp32BuffersModule):
         flat = broadcast_(torch.cat([t.detach().reshape(-1).float() for t in tensors]), first_rank(group), group)
         for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.data.copy_(part.reshape(t.shape).to(t.dtype))
-        self._state_broadcast = True
-        self._know_initted(bool(self.initted))  # rank 0's
+        self._state_broadcast = True  # (`initted` changed version: needs_init reads it again)
 
     @torch.no_grad()
     def set_codes_(self, codes: Tensor) -> None:

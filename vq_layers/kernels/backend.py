@@ -57,6 +57,16 @@ def use_triton(device: torch.device, backend: str | None = None) -> bool:
     return True
 
 
+def split_blocks(programs: int, blocks: int, device: torch.device) -> tuple[int, int]:
+    """Launch geometry shared by the kernels: when `programs` alone would leave the GPU idle, the
+    `blocks` each of them walks are split over several programs (a few per SM), whose partial
+    results the host then reduces. -> (splits, blocks per split)."""
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    splits = max(1, min(blocks, -(-target // max(programs, 1))))
+    per_split = max(1, -(-blocks // splits))
+    return max(1, -(-blocks // per_split)), per_split
+
+
 _triton_failure: str | None = None  # why the kernels failed under "auto" (then the reference runs)
 
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .backend import interpreting
+from .backend import interpreting, split_blocks
 
 
 @triton.jit
@@ -89,19 +89,14 @@ def _blocks(d: int) -> tuple[int, int, int]:
     return (32, 256, block_d) if interpreting() else (64, 64, block_d)
 
 
-def _programs_wanted(device: torch.device) -> int:
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def code_mass(pos: Tensor, neg: Tensor) -> Tensor:
     """pos = logsigmoid(l), neg = logsigmoid(-l), both (n, d) fp32 -> sum_n p(k | n), (2^d,)."""
     n, d = pos.shape
     codes = 2**d
     block_n, block_k, block_d = _blocks(d)
     code_blocks = triton.cdiv(codes, block_k)
-    splits = max(1, min(triton.cdiv(n, block_n), triton.cdiv(_programs_wanted(pos.device), code_blocks)))
-    tokens_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
-    splits = max(1, triton.cdiv(n, tokens_per_split))
+    splits, blocks_per_split = split_blocks(code_blocks, triton.cdiv(n, block_n), pos.device)
+    tokens_per_split = blocks_per_split * block_n
     out = torch.zeros((splits, codes), dtype=torch.float32, device=pos.device)
     if n:
         _mass_kernel[(code_blocks, splits)](pos.contiguous(), neg.contiguous(), out, n, d, codes, tokens_per_split,
@@ -115,9 +110,8 @@ def bit_sums(pos: Tensor, neg: Tensor, grad_mass: Tensor) -> tuple[Tensor, Tenso
     codes = 2**d
     block_n, block_k, block_d = _blocks(d)
     row_blocks, code_blocks = triton.cdiv(n, block_n), triton.cdiv(codes, block_k)
-    splits = max(1, min(code_blocks, triton.cdiv(_programs_wanted(pos.device), row_blocks)))
-    codes_per_split = triton.cdiv(code_blocks, splits) * block_k
-    splits = triton.cdiv(codes, codes_per_split)
+    splits, blocks_per_split = split_blocks(row_blocks, code_blocks, pos.device)
+    codes_per_split = blocks_per_split * block_k
     ones = torch.zeros((splits, n, d), dtype=torch.float32, device=pos.device)
     zeros = torch.zeros_like(ones)
     if n:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .backend import interpreting
+from .backend import interpreting, split_blocks
 
 
 @triton.jit
@@ -74,12 +74,6 @@ def _search_kernel(x_ptr, codebook_ptr, code_norms_ptr, row_norms_ptr, best_ptr,
     tl.store(index_ptr + out, best_index, mask=row_ok)
 
 
-def _splits(programs: int, code_blocks: int, device: torch.device) -> int:
-    """Codebook splits so that the grid fills the GPU (a few programs per SM)."""
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(code_blocks, triton.cdiv(target, programs)))
-
-
 def search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temperature: float, seed: int,
            precision: str = "ieee") -> Tensor:
     """x (h, n, d), codebook (h, k, d) fp32 -> indices (h, n) int64 minimizing the cost."""
@@ -94,9 +88,8 @@ def search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temperature: 
     block_n, block_k = (128, 256) if interpreting() else (64, 64)
     block_d = min(64, max(16, triton.next_power_of_2(d)))
     row_blocks, code_blocks = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
-    splits = _splits(h * row_blocks, code_blocks, x.device)
-    codes_per_split = triton.cdiv(code_blocks, splits) * block_k
-    splits = triton.cdiv(k, codes_per_split)
+    splits, blocks_per_split = split_blocks(h * row_blocks, code_blocks, x.device)
+    codes_per_split = blocks_per_split * block_k
     best = torch.empty((h, splits, n), dtype=torch.float32, device=x.device)
     index = torch.empty((h, splits, n), dtype=torch.int32, device=x.device)
     _search_kernel[(row_blocks, splits, h)](

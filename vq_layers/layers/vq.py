@@ -219,7 +219,7 @@ class VectorQuantize(nn.Module):
         z = z.reshape(b * n, self.heads, self.codebook_dim).transpose(0, 1)  # (h, b*n, d)
         keep_heads = None if keep is None else keep.reshape(1, b * n).expand(self.heads, -1)
         if keep is not None:
-            z = torch.where(keep_heads.unsqueeze(-1), z, 0.0)  # padding (NaN included) never enters
+            z = torch.where(keep_heads.unsqueeze(-1), z, 0.0)  # padding (projected: the bias) never enters
         if self.use_cosine_sim:
             z = F.normalize(z, dim=-1)
         search, kept = self._per_codebook(z), None if keep is None else self._per_codebook(keep_heads)
