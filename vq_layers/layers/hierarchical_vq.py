@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -160,10 +160,10 @@ class HierarchicalVQ(nn.Module):
         self.nested_dropout = float(nested_dropout)
         self.nested_dropout_min_levels = check_positive_int("nested_dropout_min_levels", nested_dropout_min_levels)
         if isinstance(share_quant_resi, bool) or not isinstance(share_quant_resi, numbers.Integral):
-            raise ValueError(f"share_quant_resi: expected an int (1: one phi for all levels, <= 0: one per level, "
-                             f"p > 1: p phis spread over the levels), got {share_quant_resi!r}")
+            raise TypeError(f"share_quant_resi: expected an int (1: one phi for all levels, <= 0: one per level, "
+                            f"p > 1: p phis spread over the levels), got {share_quant_resi!r}")
         if not isinstance(quant_resi, numbers.Real):
-            raise ValueError(f"quant_resi: expected a number (the phi blend ratio), got {quant_resi!r}")
+            raise TypeError(f"quant_resi: expected a number (the phi blend ratio), got {quant_resi!r}")
         self.channel_first, self.shared_codebook, self.process_group = channel_first, shared_codebook, process_group
         self.quant_resi, self.share_quant_resi = float(quant_resi), int(share_quant_resi)
 
