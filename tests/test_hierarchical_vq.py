@@ -367,6 +367,15 @@ def test_empty_batch():
     assert_buffers_equal(layer, saved)
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_level"])
+def test_all_masked_batch_is_zeros_and_leaves_the_statistics(shared):
+    layer = HierarchicalVQ(dim=3, codebook_size=8, scales=[1, 2, 4], shared_codebook=shared).train()
+    saved = buffers(layer)
+    out, indices, loss = layer(randn(2, 3, 4, seed=58).requires_grad_(True), mask=torch.zeros(2, 4, dtype=torch.bool))
+    assert (out == 0).all() and loss == 0 and all((idx == -1).all() for idx in indices)
+    assert_buffers_equal(layer, saved)
+
+
 # ------------------------------------------------------------------------------------------
 # dtype matrix and state dict
 
