@@ -250,8 +250,8 @@ class HierarchicalVQ(nn.Module):
         if indices is not None:
             raise ValueError("indices: HierarchicalVQ.forward does not take indices; decode them with "
                              "get_output_from_indices")
-        dtype = x.dtype if isinstance(x, Tensor) else None
         fmap, keep = self._check_input(x, mask, lens)
+        dtype = x.dtype
         if sample_codebook_temp is not None and not sample_codebook_temp >= 0:
             raise ValueError(f"sample_codebook_temp: expected a number >= 0, got {sample_codebook_temp!r}")
         full_shape = tuple(fmap.shape[2:])
