@@ -1,11 +1,12 @@
 """vq_layers: vector-quantization layers that are exact under every precision mix."""
 
 from .layers.fsq import FSQ
+from .layers.hierarchical_vq import HierarchicalVQ
 from .layers.lfq import LFQ
 from .layers.residual_fsq import GroupedResidualFSQ, ResidualFSQ
 from .layers.residual_lfq import GroupedResidualLFQ, ResidualLFQ
 from .layers.residual_vq import GroupedResidualVQ, ResidualVQ
 from .layers.vq import VectorQuantize
 
-__all__ = ["FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ", "VectorQuantize", "ResidualVQ", "GroupedResidualVQ"]
+__all__ = ["FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ", "VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "HierarchicalVQ"]
 __version__ = "0.1.0"
