@@ -72,7 +72,7 @@ class RandomProjectionQuantizer(Fp32BuffersModule):
             dim=self.codebook_dim * self.num_codebooks, codebook_size=codebook_size, codebook_dim=self.codebook_dim,
             heads=self.num_codebooks, separate_codebook_per_head=True, use_cosine_sim=True, sync_codebook=False,
             **kwargs,
-        )
+        ).eval()  # the targets never train (`train` keeps it so)
         self.codebook_size = self.vq.codebook_size
         self._broadcast = False  # per process: has the first synced forward made the ranks agree?
 
