@@ -111,7 +111,10 @@ class RandomProjectionQuantizer(Fp32BuffersModule):
         self._agree_across_ranks()
         projected = self._project(tokens)
         if indices is not None:
-            return self.vq(projected, indices=self._token_indices(indices, tokens))[1]
+            targets = self._token_indices(indices, tokens)
+            if targets.numel() == 0:  # no token: no loss (VectorQuantize cannot place 0 given indices)
+                return projected.sum() * 0.0
+            return self.vq(projected, indices=targets)[1]
         _, codes, _ = self.vq(projected)  # (b, n[, num_codebooks])
         return codes.reshape(*x.shape[:-1], *codes.shape[2:])
 
