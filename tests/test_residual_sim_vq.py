@@ -105,7 +105,7 @@ def test_quantize_dropout_drops_the_stages_after_the_drawn_one(cutoff, multiple_
         last = math.ceil((last + 1) / multiple_of) * multiple_of - 1
         seen.add(last)
         out, indices, losses, all_codes = layer(x, return_all_codes=True, rand_quantize_dropout_fixed_seed=seed)
-        idx, codes, ref_losses, clear = greedy(x.reshape(-1, 6), codebooks, kept=last + 1)
+        idx, codes, _, clear = greedy(x.reshape(-1, 6), codebooks, kept=last + 1)
         assert (indices[..., last + 1:] == -1).all() and (indices[..., : last + 1] >= 0).all()
         assert torch.equal(indices.reshape(-1, 4)[clear], idx[clear])
         assert (losses[last + 1:] == 0).all() and (losses[: last + 1] > 0).all()

@@ -11,7 +11,7 @@ and the gradient estimator run in an fp32 island on the implicit codebook it gav
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from einops import rearrange
