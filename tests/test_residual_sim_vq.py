@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dtype_matrix import Parts, dtype_matrix, run_cell
-from reference import randn
+from reference import brute_force_usage, randn
 from test_sim_vq import brute, implicit64
 from vq_layers import ResidualSimVQ
 
@@ -166,6 +166,17 @@ def test_state_dict_round_trip_and_shared_transform():
     assert all(s.code_transform is transform for s in shared.layers)
     assert not torch.equal(shared.layers[0].frozen_codebook, shared.layers[1].frozen_codebook)
     assert shared.codebooks.shape == (3, 16, 6)
+
+
+def test_code_usage_per_stage():
+    layer = make().eval()
+    _, indices, _ = layer(randn(2, 30, 6, seed=7))
+    indices[0, :5, 2] = -1  # dropped or masked: counted nowhere
+    usage = layer.code_usage(indices)
+    for k in range(3):
+        perplexity, fraction, used = brute_force_usage(indices[..., k], 16)
+        assert usage.perplexity[k].item() == pytest.approx(perplexity, rel=1e-5)
+        assert usage.usage[k].item() == pytest.approx(fraction) and usage.codes_used[k].item() == used
 
 
 @pytest.mark.parametrize("train", [False, True])
