@@ -279,3 +279,19 @@ def test_bad_inputs_raise_naming_the_argument():
     wrong = SimVQ(dim=8, codebook_size=16, codebook_transform=nn.Linear(8, 5))
     with pytest.raises(ValueError, match="codebook_transform"):
         wrong(randn(2, 5, 8))
+
+
+def test_compile_fullgraph_matches_eager():
+    layer = make("linear").train()
+    x = randn(2, 12, 8, seed=9)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    eager_x, compiled_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    eager, graph = layer(eager_x), compiled(compiled_x)
+    for a, b in zip(eager, graph):
+        assert torch.equal(a, b)
+    (eager[0].square().sum() + eager[2]).backward()
+    eager_grads = [eager_x.grad] + [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    (graph[0].square().sum() + graph[2]).backward()
+    for a, b in zip(eager_grads, [compiled_x.grad] + [p.grad for p in layer.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
