@@ -132,7 +132,8 @@ def test_dtype_matrix(cell):
         # the layer has no output of x's dtype: x itself stands in, and carries the CE's gradient
         return x, indices, layer(x, indices=indices)
 
-    res = run_cell(cell, lambda: make(num_codebooks=2), lambda dt: (randn(2, 16, 12, seed=6) * 4).to(dt),
+    res = run_cell(cell, lambda: make(num_codebooks=2, codebook_size=512, codebook_dim=4),
+                   lambda dt: (randn(4, 32, 12, seed=6) * 4).to(dt),
                    forward=forward, unpack=_unpack)
     idx, clear = reference(res.layer, res.x.detach())
     assert clear.float().mean() > 0.9
