@@ -201,9 +201,10 @@ def test_dtype_matrix(name, cell):
         return layer(x)
 
     dim = CONFIGS[name]["dim"]
-    shape = (2, dim, 4, 3) if channel_first else (2, 12, dim)
-    res = run_cell(cell, lambda: make(name, channel_first=channel_first), lambda dt: randn(*shape, seed=7).to(dt),
-                   forward=forward)
+    # many codes and tokens: a search in half precision would pick other codes somewhere
+    shape = (4, dim, 8, 4) if channel_first else (4, 32, dim)
+    res = run_cell(cell, lambda: make(name, channel_first=channel_first, codebook_size=512),
+                   lambda dt: randn(*shape, seed=7).to(dt), forward=forward)
     rows = res.x.detach().movedim(1, -1) if channel_first else res.x.detach()
     idx, clear = brute(rows.reshape(-1, dim), snap["codebook"])
     indices = res.parts.indices[0].reshape(-1)
