@@ -142,6 +142,8 @@ class SimVQ(Fp32BuffersModule):
         return self.codebook.float()[indices]
 
     def indices_to_codes(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """indices (b, ...) in [0, codebook_size) -> codes (b, ..., dim) (channel_first: (b, dim, ...))
+        in the implicit codebook's dtype unless `dtype` is given."""
         check_indices(indices, self.codebook_size)
         codebook = self.codebook
         codes = codebook[indices.long()].to(dtype or codebook.dtype)
