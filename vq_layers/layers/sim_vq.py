@@ -1,0 +1,154 @@
+"""SimVQ (Zhu et al. 2024, arXiv 2411.02038): vector quantization whose codebook is a learned
+linear map of a frozen random one, a drop-in for vector-quantize-pytorch's SimVQ.
+
+The frozen codebook C (K, frozen_codebook_dim) never changes; the implicit codebook is
+C W = code_transform(C) (K, dim), and the map W (or any module given as `codebook_transform`)
+is what learns, through the commitment loss. Every code moves with W, so none is left dead.
+
+The map is a projection: it follows autocast, or runs in its own dtype. The search, the losses
+and the gradient estimator run in an fp32 island on the implicit codebook it gave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..checks import check_indices, check_positive_int
+from ..kernels.nearest_code import nearest_code
+from ..layout import from_tokens, to_tokens
+from ..precision import Fp32BuffersModule, fp32_island, project
+from ..rotation_trick import rotation_trick
+from ..straight_through import straight_through
+from ..usage import CodeUsage, code_usage
+
+
+def identity(t: Tensor) -> Tensor:
+    return t
+
+
+def check_weight(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+class SimVQ(Fp32BuffersModule):
+    """Vector quantizer over the implicit codebook code_transform(frozen_codebook).
+
+    Shapes:
+        forward(x): x (b, ..., dim), or (b, dim, ...) with channel_first
+            -> (quantized like x in x's dtype, indices (b, ...) int64, commit_loss fp32 scalar).
+        indices_to_codes(indices (b, ...)) -> codes (b, ..., dim) (or (b, dim, ...) with
+            channel_first) in the implicit codebook's dtype unless `dtype` is given: in eval
+            exactly what forward returned.
+        codebook -> the implicit codebook (codebook_size, dim).
+
+    commit_loss = commitment_weight * (mse(sg[x], q) + input_to_quantize_commit_loss_weight *
+    mse(x, sg[q])), q the chosen code: the first term trains the map, the second the encoder.
+    The output is q in value; its gradient reaches x by the rotation trick (arXiv 2410.06424) or
+    straight through, never the map (as in the paper).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        codebook_transform: nn.Module | None = None,
+        init_fn: Callable[[Tensor], Tensor] = identity,
+        channel_first: bool = False,
+        rotation_trick: bool = True,
+        input_to_quantize_commit_loss_weight: float = 0.25,
+        commitment_weight: float = 1.0,
+        frozen_codebook_dim: int | None = None,
+    ):
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        self.codebook_size = check_positive_int("codebook_size", codebook_size)
+        self.frozen_codebook_dim = (self.dim if frozen_codebook_dim is None
+                                    else check_positive_int("frozen_codebook_dim", frozen_codebook_dim))
+        if codebook_transform is not None and not isinstance(codebook_transform, nn.Module):
+            raise TypeError(f"codebook_transform: expected an nn.Module (or None for a linear map), got "
+                            f"{type(codebook_transform).__name__}")
+        if not callable(init_fn):
+            raise TypeError(f"init_fn: expected a callable taking and returning the frozen codebook, got "
+                            f"{type(init_fn).__name__}")
+        self.channel_first, self.rotation_trick = channel_first, rotation_trick
+        self.input_to_quantize_commit_loss_weight = check_weight("input_to_quantize_commit_loss_weight",
+                                                                 input_to_quantize_commit_loss_weight)
+        self.commitment_weight = check_weight("commitment_weight", commitment_weight)
+
+        shape = (self.codebook_size, self.frozen_codebook_dim)
+        frozen = init_fn(torch.randn(shape, dtype=torch.float32) * self.frozen_codebook_dim**-0.5)
+        if not isinstance(frozen, Tensor) or tuple(frozen.shape) != shape or not frozen.is_floating_point():
+            raise ValueError(f"init_fn: expected it to return a floating tensor of shape {shape}, got "
+                             f"{getattr(frozen, 'dtype', type(frozen).__name__)} {tuple(getattr(frozen, 'shape', ()))}")
+        # frozen, not a statistic, but kept float32 so that .half() does not round the codes
+        self.register_fp32_buffer("frozen_codebook", frozen)
+        if codebook_transform is None:
+            codebook_transform = nn.Linear(self.frozen_codebook_dim, self.dim, bias=False)
+        self.code_transform = codebook_transform
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, codebook_size={self.codebook_size}, frozen_codebook_dim={self.frozen_codebook_dim}, "
+                f"rotation_trick={self.rotation_trick}, commitment_weight={self.commitment_weight}, "
+                f"input_to_quantize_commit_loss_weight={self.input_to_quantize_commit_loss_weight}")
+
+    @property
+    def codebook(self) -> Tensor:
+        """The implicit codebook (codebook_size, dim): code_transform(frozen_codebook)."""
+        self.keep_fp32_buffers_()
+        codebook = project(self.code_transform, self.frozen_codebook)
+        expected = (self.codebook_size, self.dim)
+        if tuple(codebook.shape) != expected:
+            raise ValueError(f"codebook_transform: expected it to map the frozen codebook "
+                             f"{tuple(self.frozen_codebook.shape)} to {expected}, got {tuple(codebook.shape)}")
+        return codebook
+
+    @fp32_island
+    def _quantize(self, z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """z (b, n, dim), the implicit codebook (K, dim), both fp32 here
+        -> (quantized (b, n, dim) fp32, indices (b, n) int64, commit loss fp32)."""
+        b, n, d = z.shape
+        rows = z.reshape(b * n, d)
+        indices, _ = nearest_code(rows.detach(), codebook.detach(), "l2")
+        codes = codebook[indices]  # differentiable in the map
+        count = max(rows.numel(), 1)  # an empty batch has no loss (not mse's NaN)
+        to_codes = (rows.detach() - codes).square().sum() / count
+        to_input = (rows - codes.detach()).square().sum() / count
+        loss = (to_codes + to_input * self.input_to_quantize_commit_loss_weight) * self.commitment_weight
+        if not rows.requires_grad:
+            quantized = codes.detach()
+        elif self.rotation_trick:
+            quantized = rotation_trick(rows, codes.detach())
+        else:
+            quantized = straight_through(codes, rows)
+        return quantized.reshape(b, n, d), indices.reshape(b, n), loss
+
+    def forward(self, x: Tensor):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input: expected a tensor, got {type(x).__name__}")
+        tokens, spatial = to_tokens(x, self.channel_first, self.dim, "SimVQ")
+        quantized, indices, loss = self._quantize(tokens, self.codebook)
+        out = from_tokens(quantized.to(x.dtype), spatial, self.channel_first)
+        return out, indices.reshape(x.shape[0], *spatial), loss
+
+    def lookup(self, indices: Tensor) -> Tensor:
+        """Valid indices (...) int64 -> codes (..., dim) fp32, gathered from the same codebook
+        (and so bitwise the same values) as forward."""
+        return self.codebook.float()[indices]
+
+    def indices_to_codes(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """indices (b, ...) in [0, codebook_size) -> codes (b, ..., dim) (channel_first: (b, dim, ...))
+        in the implicit codebook's dtype unless `dtype` is given."""
+        check_indices(indices, self.codebook_size)
+        codebook = self.codebook
+        codes = codebook[indices.long()].to(dtype or codebook.dtype)
+        return rearrange(codes, "b ... d -> b d ...") if self.channel_first and codes.ndim > 2 else codes
+
+    def code_usage(self, indices: Tensor, process_group=None) -> CodeUsage:
+        """Perplexity and fraction of the codebook used by `indices` (-1 ignored)."""
+        return code_usage(indices, self.codebook_size, process_group)
