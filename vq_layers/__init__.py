@@ -1,5 +1,6 @@
 """vq_layers: vector-quantization layers that are exact under every precision mix."""
 
+from .layers.binary_mapper import BinaryMapper
 from .layers.fsq import FSQ
 from .layers.lfq import LFQ
 from .layers.residual_fsq import GroupedResidualFSQ, ResidualFSQ
@@ -7,5 +8,6 @@ from .layers.residual_lfq import GroupedResidualLFQ, ResidualLFQ
 from .layers.residual_vq import GroupedResidualVQ, ResidualVQ
 from .layers.vq import VectorQuantize
 
-__all__ = ["FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ", "VectorQuantize", "ResidualVQ", "GroupedResidualVQ"]
+__all__ = ["FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ", "VectorQuantize", "ResidualVQ", "GroupedResidualVQ",
+           "BinaryMapper"]
 __version__ = "0.1.0"
