@@ -1,6 +1,7 @@
 """vq_layers: vector-quantization layers that are exact under every precision mix."""
 
 from .layers.binary_mapper import BinaryMapper
+from .layers.fsp import FSP
 from .layers.fsq import FSQ
 from .layers.lfq import LFQ
 from .layers.residual_fsq import GroupedResidualFSQ, ResidualFSQ
@@ -9,5 +10,5 @@ from .layers.residual_vq import GroupedResidualVQ, ResidualVQ
 from .layers.vq import VectorQuantize
 
 __all__ = ["FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ", "VectorQuantize", "ResidualVQ", "GroupedResidualVQ",
-           "BinaryMapper"]
+           "FSP", "BinaryMapper"]
 __version__ = "0.1.0"
