@@ -30,7 +30,10 @@ INV64 = {
 }
 
 
-def reference(z, levels, act, need_inv_act, eps=torch.finfo(torch.float32).eps):
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def reference(z, levels, act, need_inv_act, eps=FP32_EPS):
     """fp64 eval FSP on z (..., d): codes, indices, level indices, margin to the nearest bin edge."""
     z = z.to(F64)
     L = torch.tensor(levels, dtype=F64)
@@ -284,7 +287,7 @@ def test_bad_configuration_and_input():
 @pytest.mark.parametrize("need_inv_act", [False, True])
 def test_same_as_vector_quantize_pytorch_in_eval(act, need_inv_act):
     peer = pytest.importorskip("vector_quantize_pytorch")
-    kwargs = dict(dim=6, act_name=act, need_inv_act=need_inv_act, vector_norm="kurt")
+    kwargs = {"dim": 6, "act_name": act, "need_inv_act": need_inv_act, "vector_norm": "kurt"}
     ours, theirs = FSP(LEVELS, **kwargs).eval(), peer.FSP(LEVELS, **kwargs).eval()
     theirs.load_state_dict(ours.state_dict())
     ours.load_state_dict(theirs.state_dict())

@@ -3,6 +3,7 @@
 from .layers.binary_mapper import BinaryMapper
 from .layers.fsp import FSP
 from .layers.fsq import FSQ
+from .layers.latent_quantize import LatentQuantize
 from .layers.lfq import LFQ
 from .layers.residual_fsq import GroupedResidualFSQ, ResidualFSQ
 from .layers.residual_lfq import GroupedResidualLFQ, ResidualLFQ
@@ -10,5 +11,5 @@ from .layers.residual_vq import GroupedResidualVQ, ResidualVQ
 from .layers.vq import VectorQuantize
 
 __all__ = ["FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ", "VectorQuantize", "ResidualVQ", "GroupedResidualVQ",
-           "FSP", "BinaryMapper"]
+           "LatentQuantize", "FSP", "BinaryMapper"]
 __version__ = "0.1.0"

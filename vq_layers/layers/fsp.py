@@ -44,12 +44,12 @@ ACTIVATIONS = {
 # VectorNorm presets: (mean, variance, skewness, kurtosis) targets and weights; "var_<act>"
 # targets the activation's natural variance (logistic: pi^2/3, laplace: 2, tanh: pi^2/12)
 VECTOR_NORM_PRESETS = {
-    "none": dict(l1_weight=0.0, l2_weight=0.0, l3_weight=0.0, l4_weight=0.0),
-    "var": dict(l3_weight=0.0, l4_weight=0.0),
-    "kurt": dict(),
-    "var_tanh": dict(l2_target=0.8225, l3_weight=0.0, l4_weight=0.0),
-    "var_sigmoid": dict(l2_target=3.29, l3_weight=0.0, l4_weight=0.0),
-    "var_laplace": dict(l2_target=2.0, l3_weight=0.0, l4_weight=0.0),
+    "none": {"l1_weight": 0.0, "l2_weight": 0.0, "l3_weight": 0.0, "l4_weight": 0.0},
+    "var": {"l3_weight": 0.0, "l4_weight": 0.0},
+    "kurt": {},
+    "var_tanh": {"l2_target": 0.8225, "l3_weight": 0.0, "l4_weight": 0.0},
+    "var_sigmoid": {"l2_target": 3.29, "l3_weight": 0.0, "l4_weight": 0.0},
+    "var_laplace": {"l2_target": 2.0, "l3_weight": 0.0, "l4_weight": 0.0},
 }
 
 
