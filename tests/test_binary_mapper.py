@@ -1,5 +1,6 @@
 """BinaryMapper against fp64 brute force over all 2^bits codes, through the dtype matrix."""
 
+import inspect
 import math
 
 import pytest
@@ -237,3 +238,9 @@ def test_same_as_vector_quantize_pytorch_where_deterministic():
     for a, b in ((l1, l2), (g1, g2), (lp1, lp2)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert torch.equal(ours.codes, theirs.codes)
+
+
+def test_peer_keywords_are_accepted():
+    peer = pytest.importorskip("vector_quantize_pytorch")
+    for ours, theirs in ((BinaryMapper, peer.BinaryMapper), (BinaryMapper.forward, peer.BinaryMapper.forward)):
+        assert set(inspect.signature(theirs).parameters) <= set(inspect.signature(ours).parameters)

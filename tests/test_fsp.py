@@ -1,5 +1,6 @@
 """FSP against an fp64 re-implementation of its formulas, through the dtype matrix."""
 
+import inspect
 import math
 
 import pytest
@@ -299,3 +300,9 @@ def test_same_as_vector_quantize_pytorch_in_eval(act, need_inv_act):
     torch.testing.assert_close(out, p_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, p_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.indices_to_codes(indices), theirs.indices_to_codes(p_indices), rtol=1e-5, atol=1e-5)
+
+
+def test_peer_keywords_are_accepted():
+    peer = pytest.importorskip("vector_quantize_pytorch")
+    for ours, theirs in ((FSP, peer.FSP), (FSP.forward, peer.FSP.forward)):
+        assert set(inspect.signature(theirs).parameters) <= set(inspect.signature(ours).parameters)

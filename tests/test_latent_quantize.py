@@ -1,5 +1,6 @@
 """LatentQuantize against fp64 brute force over each dimension's values, through the dtype matrix."""
 
+import inspect
 import itertools
 import math
 
@@ -277,3 +278,9 @@ def test_same_as_vector_quantize_pytorch_where_it_is_right():
     loss.backward()
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in ours.values_per_latent)
     assert x_ours.grad.abs().max() > 1e-4
+
+
+def test_peer_keywords_are_accepted():
+    peer = pytest.importorskip("vector_quantize_pytorch")
+    for ours, theirs in ((LatentQuantize, peer.LatentQuantize), (LatentQuantize.forward, peer.LatentQuantize.forward)):
+        assert set(inspect.signature(theirs).parameters) <= set(inspect.signature(ours).parameters)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_indices, check_positive_int
+from ..checks import MAX_MATERIALIZED_ELEMENTS, check_indices, check_positive_int
 from ..kernels.lfq_entropy import binary_entropy, logsigmoid
 from ..precision import fp32_island
 from ..straight_through import straight_through as exact_straight_through
@@ -92,7 +92,7 @@ class BinaryMapper(nn.Module):
     @property
     def codes(self) -> Tensor:
         """Bit patterns of all codes (2^bits, bits) bool (the peer's buffer), built on demand."""
-        if self.num_codes * self.bits > 2**26:
+        if self.num_codes * self.bits > MAX_MATERIALIZED_ELEMENTS:
             raise ValueError(f"codes: {self.num_codes} codes x {self.bits} bits is too large to build; "
                              "call indices_to_bits on the indices you need")
         return self.indices_to_bits(torch.arange(self.num_codes, device=self.power_two.device))
