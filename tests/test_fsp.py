@@ -2,6 +2,7 @@
 
 import inspect
 import math
+import pickle
 
 import pytest
 import torch
@@ -257,6 +258,8 @@ def test_state_dict_round_trip():
     half.load_state_dict(fsp.state_dict())
     assert half._levels.dtype == torch.long and half.project_in.weight.dtype == torch.float16
     assert "act_name='laplace'" in repr(fsp) and "levels=[8, 5, 4]" in repr(fsp)
+    restored = pickle.loads(pickle.dumps(fsp))
+    assert torch.equal(restored(x)[0], fsp(x)[0])
 
 
 def test_bad_configuration_and_input():

@@ -17,7 +17,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_indices
+from ..checks import check_indices, check_positive_int
 from ..layout import from_tokens, indices_from_tokens, to_tokens
 from ..precision import fp32_island, project
 from ..straight_through import straight_through
@@ -27,18 +27,47 @@ UNIFORM_STD = 12**-0.5  # std of U(0, 1): bin midpoints are rescaled by it to un
 
 
 # CDF activations R -> [0, 1] and their inverses (0, 1) -> R, written for fp32 accuracy in the
-# tails (sigmoid(2z) = (tanh z + 1) / 2 and erfc keep small probabilities relative-accurate)
-def _laplace(z: Tensor) -> Tensor:
+# tails (sigmoid(2z) = (tanh z + 1) / 2 and erfc keep small probabilities relative-accurate).
+# Named functions, not lambdas: modules stay picklable.
+def _tanh_cdf(z: Tensor) -> Tensor:
+    return torch.sigmoid(2.0 * z)
+
+
+def _tanh_inverse(p: Tensor) -> Tensor:
+    return torch.atanh(2.0 * p - 1.0)
+
+
+def _normal_cdf(z: Tensor) -> Tensor:
+    return 0.5 * torch.erfc(-z / math.sqrt(2.0))
+
+
+def _normal_inverse(p: Tensor) -> Tensor:
+    return torch.erfinv(2.0 * p - 1.0) * math.sqrt(2.0)
+
+
+def _laplace_cdf(z: Tensor) -> Tensor:
     half_tail = 0.5 * torch.exp(-z.abs())
     return torch.where(z < 0, half_tail, 1.0 - half_tail)
 
 
+def _laplace_inverse(p: Tensor) -> Tensor:
+    return -torch.sign(p - 0.5) * torch.log1p(-2.0 * (p - 0.5).abs())
+
+
+def _cauchy_cdf(z: Tensor) -> Tensor:
+    return torch.atan(z) / math.pi + 0.5
+
+
+def _cauchy_inverse(p: Tensor) -> Tensor:
+    return torch.tan((p - 0.5) * math.pi)
+
+
 ACTIVATIONS = {
-    "tanh": (lambda z: torch.sigmoid(2.0 * z), lambda p: torch.atanh(2.0 * p - 1.0)),
+    "tanh": (_tanh_cdf, _tanh_inverse),
     "sigmoid": (torch.sigmoid, torch.logit),
-    "normal": (lambda z: 0.5 * torch.erfc(-z / math.sqrt(2.0)), lambda p: torch.erfinv(2.0 * p - 1.0) * math.sqrt(2.0)),
-    "laplace": (_laplace, lambda p: -torch.sign(p - 0.5) * torch.log1p(-2.0 * (p - 0.5).abs())),
-    "cauchy": (lambda z: torch.atan(z) / math.pi + 0.5, lambda p: torch.tan((p - 0.5) * math.pi)),
+    "normal": (_normal_cdf, _normal_inverse),
+    "laplace": (_laplace_cdf, _laplace_inverse),
+    "cauchy": (_cauchy_cdf, _cauchy_inverse),
 }
 
 # VectorNorm presets: (mean, variance, skewness, kurtosis) targets and weights; "var_<act>"
@@ -128,15 +157,12 @@ class FSP(nn.Module):
             raise ValueError(f"quantize_rate: expected a probability in [0, 1], got {quantize_rate!r}")
         self.levels = levels
         self.codebook_dim = len(levels)
-        self.dim = self.codebook_dim if dim is None else dim
-        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
-            raise ValueError(f"dim: expected a positive integer, got {dim!r}")
+        self.dim = self.codebook_dim if dim is None else check_positive_int("dim", dim)
         self.codebook_size = math.prod(levels)
         if self.codebook_size >= 2**63:
             raise ValueError(f"levels: codebook size prod(levels) must fit int64, got {levels}")
         self.channel_first = channel_first
         self.act_name, self.need_inv_act, self.quantize_rate = act_name, need_inv_act, float(quantize_rate)
-        self.act_func, self.inv_act_func = ACTIVATIONS[act_name]
 
         basis = [math.prod(levels[:i]) for i in range(len(levels))]
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.long), persistent=False)
@@ -153,6 +179,14 @@ class FSP(nn.Module):
     def extra_repr(self) -> str:
         return (f"levels={self.levels}, dim={self.dim}, codebook_size={self.codebook_size}, "
                 f"act_name={self.act_name!r}, quantize_rate={self.quantize_rate}, need_inv_act={self.need_inv_act}")
+
+    @property
+    def act_func(self):
+        return ACTIVATIONS[self.act_name][0]
+
+    @property
+    def inv_act_func(self):
+        return ACTIVATIONS[self.act_name][1]
 
     # numerics (fp32): activation value in [0, 1] <-> bin (level index)
 
