@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from dist_utils import run_in_processes
 from dtype_matrix import dtype_matrix, run_cell
 from reference import F64, linear64, randn
 
@@ -284,3 +285,31 @@ def test_peer_keywords_are_accepted():
     peer = pytest.importorskip("vector_quantize_pytorch")
     for ours, theirs in ((LatentQuantize, peer.LatentQuantize), (LatentQuantize.forward, peer.LatentQuantize.forward)):
         assert set(inspect.signature(theirs).parameters) <= set(inspect.signature(ours).parameters)
+
+
+def _in_place_layer(**kwargs):
+    return LatentQuantize(LEVELS, dim=3, in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=3.0),
+                          **kwargs).train()
+
+
+def _in_place_worker(rank, world_size):
+    x = randn(4, 3, 10, seed=7)
+    rows = slice(0, 3) if rank == 0 else slice(3, 4)  # uneven shares
+    alone = _in_place_layer(sync_codebook=False)
+    _, whole_indices, _ = alone(x)
+    layer = _in_place_layer()
+    _, indices, _ = layer(x[rows])
+    for got, want in zip(layer.values(), alone.values()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert torch.equal(indices, whole_indices[rows])
+    bad = x[rows].clone()
+    if rank == 1:
+        bad[0, 0, 0] = float("nan")
+    before = [v.detach().clone() for v in layer.values()]
+    with pytest.raises(ValueError, match="NaN"):  # on both ranks: no rank waits in a collective
+        layer(bad)
+    assert all(torch.equal(a, b) for a, b in zip(layer.values(), before))
+
+
+def test_in_place_step_over_two_ranks_equals_one_process_on_the_whole_batch():
+    run_in_processes(_in_place_worker, 2)

@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_indices, check_positive_int
-from ..distributed import check_finite
+from ..distributed import all_reduce_sum_, check_finite, is_distributed
 from ..layout import from_tokens, indices_from_tokens, to_tokens
 from ..precision import Fp32BuffersModule, fp32_island, project, stack
 from ..straight_through import straight_through
@@ -66,6 +66,8 @@ class LatentQuantize(Fp32BuffersModule):
         in_place_codebook_optimizer: an optimizer class (called with the values) that the
             forward steps on the quantization loss in training before quantizing again; the
             returned loss then carries no gradient to the values.
+        sync_codebook, process_group (extras): the in-place step averages the quantization loss
+            over all ranks when torch.distributed runs (default), not with sync_codebook=False.
 
     Shapes:
         forward(z): z channel-first (b, dim) | (b, dim, n) | (b, dim, h, w) | ...
@@ -83,6 +85,8 @@ class LatentQuantize(Fp32BuffersModule):
         keep_num_codebooks_dim: bool | None = None,
         optimize_values: bool | None = True,
         in_place_codebook_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        sync_codebook: bool | None = None,
+        process_group=None,
     ):
         super().__init__()
         if isinstance(levels, numbers.Integral) and not isinstance(levels, bool):
@@ -118,6 +122,7 @@ class LatentQuantize(Fp32BuffersModule):
         self.commitment_loss_weight = float(commitment_loss_weight or 0.0)
         self.quantization_loss_weight = float(quantization_loss_weight or 0.0)
         self.optimize_values = bool(optimize_values)
+        self.sync_codebook, self.process_group = sync_codebook, process_group
 
         basis = [math.prod(levels[:i]) for i in range(len(levels))]
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.long), persistent=False)
@@ -157,15 +162,7 @@ class LatentQuantize(Fp32BuffersModule):
         z = rearrange(z, "b n (c d) -> b n c d", c=self.num_codebooks)
         in_place = self.in_place_codebook_optimizer is not None and self.training and torch.is_grad_enabled()
         if in_place:
-            check_finite(z, "LatentQuantize: input has NaN/Inf in training; the in-place codebook step "
-                         "would write it into the values", sync=False)
-            zhat, _ = nearest_values(z.detach(), self._values_f32())
-            loss = F.mse_loss(zhat, z.detach()) * self.quantization_loss_weight
-            grads = torch.autograd.grad(loss, list(self.values_per_latent), allow_unused=True)
-            for value, grad in zip(self.values_per_latent, grads):
-                value.grad = grad
-            self.in_place_codebook_optimizer.step()
-            self.in_place_codebook_optimizer.zero_grad()
+            self._in_place_step(z.detach())
         values = self._values_f32()
         zhat, positions = nearest_values(z, [v.detach() for v in values] if in_place else values)
         indices = (positions * self._basis).sum(dim=-1)
@@ -177,6 +174,29 @@ class LatentQuantize(Fp32BuffersModule):
                 loss = loss + F.mse_loss(zhat, z.detach()) * self.quantization_loss_weight
         codes = straight_through(zhat, z)
         return rearrange(codes, "b n c d -> b n (c d)"), indices, loss
+
+    def _in_place_step(self, z: Tensor) -> None:
+        """One step of the in-place optimizer on the quantization loss of the batch z (b, n, c, d)
+        fp32; under torch.distributed (unless sync_codebook=False) of the global batch: the
+        gradients of the summed squared error and the element count are all-reduced, so every
+        rank takes the same step, the one a single process would take on all ranks' tokens."""
+        sync = self.sync_codebook is not False and is_distributed(self.process_group)
+        check_finite(z, "LatentQuantize: input has NaN/Inf in training; the in-place codebook step "
+                     "would write it into the values", self.process_group, sync=sync)
+        values = list(self.values_per_latent)
+        zhat, _ = nearest_values(z, [v.float() for v in values])
+        squared_error = (zhat - z).square().sum() * self.quantization_loss_weight
+        grads = torch.autograd.grad(squared_error, values, allow_unused=True, materialize_grads=True)
+        summed = torch.cat([g.float().reshape(-1) for g in grads] + [z.new_tensor([float(z.numel())])])
+        if sync:
+            all_reduce_sum_(summed, self.process_group)
+        if summed[-1] == 0:  # no tokens on any rank: nothing to learn from
+            return
+        mean_grads = (summed[:-1] / summed[-1]).split([v.numel() for v in values])
+        for value, grad in zip(values, mean_grads):
+            value.grad = grad.reshape(value.shape).to(value.dtype)
+        self.in_place_codebook_optimizer.step()
+        self.in_place_codebook_optimizer.zero_grad()
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         dtype = z.dtype
