@@ -63,7 +63,8 @@ class BinaryMapper(nn.Module):
     attempted; log_prob and calc_aux_loss work at any size (up to 62 bits).
     """
 
-    max_one_hot_elements = 2**30  # 4 GiB of fp32 for the output alone
+    # 1 GiB per (N, 2^bits) fp32 tensor; a training forward holds about four of them
+    max_one_hot_elements = 2**28
 
     def __init__(self, bits: int = 1, kl_loss_threshold: float = NAT, deterministic_on_eval: bool = False):
         super().__init__()
