@@ -244,3 +244,17 @@ def test_peer_keywords_are_accepted():
     peer = pytest.importorskip("vector_quantize_pytorch")
     for ours, theirs in ((BinaryMapper, peer.BinaryMapper), (BinaryMapper.forward, peer.BinaryMapper.forward)):
         assert set(inspect.signature(theirs).parameters) <= set(inspect.signature(ours).parameters)
+
+
+def test_compile_fullgraph_training_forward_and_backward():
+    torch._dynamo.reset()
+    mapper = BinaryMapper(4).train()
+    compiled = torch.compile(mapper, fullgraph=True, backend="aot_eager")
+    grads = []
+    for layer in (mapper, compiled):
+        logits = randn(2, 5, 4, seed=5).requires_grad_(True)
+        one_hot, indices, loss = layer(logits, deterministic=True, return_indices=True)
+        ((one_hot * randn(2, 5, 16, seed=6)).sum() + loss).backward()
+        grads.append((one_hot, indices, loss, logits.grad))
+    for eager, got in zip(*grads):
+        torch.testing.assert_close(got, eager)

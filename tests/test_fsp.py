@@ -309,3 +309,18 @@ def test_peer_keywords_are_accepted():
     peer = pytest.importorskip("vector_quantize_pytorch")
     for ours, theirs in ((FSP, peer.FSP), (FSP.forward, peer.FSP.forward)):
         assert set(inspect.signature(theirs).parameters) <= set(inspect.signature(ours).parameters)
+
+
+def test_compile_fullgraph_training_forward_and_backward():
+    torch._dynamo.reset()
+    fsp = FSP(LEVELS, dim=8, need_inv_act=True, quantize_rate=1.0).train()
+    compiled = torch.compile(fsp, fullgraph=True, backend="aot_eager")
+    grads = []
+    for layer in (fsp, compiled):
+        x = randn(2, 5, 8, seed=5).requires_grad_(True)
+        out, indices, loss, _ = layer(x)
+        (out.square().sum() + loss).backward()
+        grads.append((out, indices, loss, x.grad, fsp.project_in.weight.grad.clone()))
+        fsp.zero_grad()
+    for eager, got in zip(*grads):
+        torch.testing.assert_close(got, eager)

@@ -313,3 +313,18 @@ def _in_place_worker(rank, world_size):
 
 def test_in_place_step_over_two_ranks_equals_one_process_on_the_whole_batch():
     run_in_processes(_in_place_worker, 2)
+
+
+def test_compile_fullgraph_training_forward_and_backward():
+    torch._dynamo.reset()
+    layer = LatentQuantize(LEVELS, dim=8).train()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    grads = []
+    for module in (layer, compiled):
+        x = randn(2, 8, 5, seed=5).requires_grad_(True)
+        out, indices, loss = module(x)
+        (out.square().sum() + loss).backward()
+        grads.append((out, indices, loss, x.grad, *(v.grad.clone() for v in layer.values_per_latent)))
+        layer.zero_grad()
+    for eager, got in zip(*grads):
+        torch.testing.assert_close(got, eager)
