@@ -1,0 +1,263 @@
+"""Finite scalar perturbation (FSP, VP-VAE, arXiv 2602.17133).
+
+Each code dimension is mapped to [0, 1] by a CDF activation and falls into one of L_i equal
+bins; the quantized value is the bin's midpoint. In training, a fraction 1 - quantize_rate of
+the scalars is instead perturbed uniformly within half a bin (a proposal leaving (0, 1) is
+rejected: the scalar keeps its activation). A VectorNorm loss pulls the batch's mean, variance,
+skewness and kurtosis towards targets. Activations, bins, inverses and statistics run in an
+fp32 island.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..checks import check_indices, check_positive_int
+from ..layout import from_tokens, indices_from_tokens, to_tokens
+from ..precision import fp32_island, project
+from ..straight_through import straight_through
+from .fsq import check_levels
+
+UNIFORM_STD = 12**-0.5  # std of U(0, 1): bin midpoints are rescaled by it to unit variance
+
+
+# CDF activations R -> [0, 1] and their inverses (0, 1) -> R, written for fp32 accuracy in the
+# tails (sigmoid(2z) = (tanh z + 1) / 2 and erfc keep small probabilities relative-accurate).
+# Named functions, not lambdas: modules stay picklable.
+def _tanh_cdf(z: Tensor) -> Tensor:
+    return torch.sigmoid(2.0 * z)
+
+
+def _tanh_inverse(p: Tensor) -> Tensor:
+    return torch.atanh(2.0 * p - 1.0)
+
+
+def _normal_cdf(z: Tensor) -> Tensor:
+    return 0.5 * torch.erfc(-z / math.sqrt(2.0))
+
+
+def _normal_inverse(p: Tensor) -> Tensor:
+    return torch.erfinv(2.0 * p - 1.0) * math.sqrt(2.0)
+
+
+def _laplace_cdf(z: Tensor) -> Tensor:
+    half_tail = 0.5 * torch.exp(-z.abs())
+    return torch.where(z < 0, half_tail, 1.0 - half_tail)
+
+
+def _laplace_inverse(p: Tensor) -> Tensor:
+    return -torch.sign(p - 0.5) * torch.log1p(-2.0 * (p - 0.5).abs())
+
+
+def _cauchy_cdf(z: Tensor) -> Tensor:
+    return torch.atan(z) / math.pi + 0.5
+
+
+def _cauchy_inverse(p: Tensor) -> Tensor:
+    return torch.tan((p - 0.5) * math.pi)
+
+
+ACTIVATIONS = {
+    "tanh": (_tanh_cdf, _tanh_inverse),
+    "sigmoid": (torch.sigmoid, torch.logit),
+    "normal": (_normal_cdf, _normal_inverse),
+    "laplace": (_laplace_cdf, _laplace_inverse),
+    "cauchy": (_cauchy_cdf, _cauchy_inverse),
+}
+
+# VectorNorm presets: (mean, variance, skewness, kurtosis) targets and weights; "var_<act>"
+# targets the activation's natural variance (logistic: pi^2/3, laplace: 2, tanh: pi^2/12)
+VECTOR_NORM_PRESETS = {
+    "none": {"l1_weight": 0.0, "l2_weight": 0.0, "l3_weight": 0.0, "l4_weight": 0.0},
+    "var": {"l3_weight": 0.0, "l4_weight": 0.0},
+    "kurt": {},
+    "var_tanh": {"l2_target": 0.8225, "l3_weight": 0.0, "l4_weight": 0.0},
+    "var_sigmoid": {"l2_target": 3.29, "l3_weight": 0.0, "l4_weight": 0.0},
+    "var_laplace": {"l2_target": 2.0, "l3_weight": 0.0, "l4_weight": 0.0},
+}
+
+
+class VectorNorm(nn.Module):
+    """Moment-matching loss over a batch of vectors.
+
+    forward(z (n, d)) -> (loss fp32, {"mean", "variance", "skewness", "kurtosis"}: each (d,) fp32):
+    loss = sum_j w_j mean_d (moment_j - target_j)^2 with the unbiased variance, std clamped at
+    eps, skewness E[s^3] and excess kurtosis E[s^4] - 3 of the standardized s. The moments need
+    two vectors: with fewer the loss is zero and the moments NaN.
+    """
+
+    def __init__(self, l1_target: float = 0.0, l1_weight: float = 0.1, l2_target: float = 1.0,
+                 l2_weight: float = 0.07, l3_target: float = 0.0, l3_weight: float = 0.06,
+                 l4_target: float = 0.0, l4_weight: float = 0.05, eps: float = 1e-8):
+        super().__init__()
+        self.targets = (float(l1_target), float(l2_target), float(l3_target), float(l4_target))
+        self.weights = (float(l1_weight), float(l2_weight), float(l3_weight), float(l4_weight))
+        self.eps = eps
+
+    @classmethod
+    def build(cls, name: str) -> VectorNorm:
+        if name not in VECTOR_NORM_PRESETS:
+            raise ValueError(f"vector_norm: expected one of {sorted(VECTOR_NORM_PRESETS)}, got {name!r}")
+        return cls(**VECTOR_NORM_PRESETS[name])
+
+    def extra_repr(self) -> str:
+        return f"targets={self.targets}, weights={self.weights}"
+
+    @fp32_island
+    def forward(self, z: Tensor) -> tuple[Tensor, dict]:
+        mean = z.mean(0)  # two passes; NaN moments for fewer than 2 vectors, without a warning
+        variance = (z - mean).square().sum(0) / (z.shape[0] - 1)
+        standard = (z - mean) / variance.sqrt().clamp_min(self.eps)
+        moments = (mean, variance, standard.pow(3).mean(0), standard.pow(4).mean(0) - 3.0)
+        loss = z.new_zeros(())
+        if z.shape[0] >= 2:
+            for moment, target, weight in zip(moments, self.targets, self.weights):
+                if weight != 0:
+                    loss = loss + (moment - target).square().mean() * weight
+        return loss, dict(zip(("mean", "variance", "skewness", "kurtosis"), moments))
+
+
+class FSP(nn.Module):
+    """Finite scalar perturbation quantizer.
+
+    Args (vector-quantize-pytorch's):
+        levels: bins per code dimension (codebook_size = prod(levels)).
+        dim: input feature dim; projections in/out when it differs from len(levels).
+        channel_first: inputs are (b, dim, ...).
+        act_name: CDF activation, one of "tanh", "sigmoid", "normal", "laplace", "cauchy".
+        quantize_rate: in training, the probability that a scalar is quantized (otherwise it is
+            perturbed within half a bin); eval always quantizes.
+        need_inv_act: output the inverse activation of the (quantized or perturbed) value, with
+            an identity straight-through gradient; otherwise (value - 1/2) * sqrt(12).
+        vector_norm: VectorNorm preset name ("none", "var", "kurt", "var_tanh", "var_sigmoid",
+            "var_laplace").
+
+    Shapes:
+        forward(z, eps=None): z (..., dim) (or (b, dim, ...) with channel_first)
+            -> (q_z like z in z's dtype, indices (...) int64, norm_loss fp32,
+                info {"level_indices": (..., d) int64, "norm_info": moments (d,) fp32,
+                      "p_accept_prob": fp32 (training with quantize_rate < 1)}).
+        `eps` clamps the value given to the inverse activation to [eps, 1 - eps] (default: the
+        machine epsilon of z's dtype, so the output stays finite in that dtype).
+    """
+
+    def __init__(self, levels: Sequence[int], dim: int | None = None, channel_first: bool = False,
+                 projection_has_bias: bool = True, act_name: str = "tanh", quantize_rate: float = 0.0,
+                 need_inv_act: bool = False, vector_norm: str = "var_tanh"):
+        super().__init__()
+        levels = check_levels(levels)
+        if act_name not in ACTIVATIONS:
+            raise ValueError(f"act_name: expected one of {sorted(ACTIVATIONS)}, got {act_name!r}")
+        if isinstance(quantize_rate, bool) or not isinstance(quantize_rate, (int, float)) or not 0.0 <= quantize_rate <= 1.0:
+            raise ValueError(f"quantize_rate: expected a probability in [0, 1], got {quantize_rate!r}")
+        self.levels = levels
+        self.codebook_dim = len(levels)
+        self.dim = self.codebook_dim if dim is None else check_positive_int("dim", dim)
+        self.codebook_size = math.prod(levels)
+        if self.codebook_size >= 2**63:
+            raise ValueError(f"levels: codebook size prod(levels) must fit int64, got {levels}")
+        self.channel_first = channel_first
+        self.act_name, self.need_inv_act, self.quantize_rate = act_name, need_inv_act, float(quantize_rate)
+
+        basis = [math.prod(levels[:i]) for i in range(len(levels))]
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.long), persistent=False)
+        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.long), persistent=False)
+
+        self.has_projections = self.dim != self.codebook_dim
+        if self.has_projections:
+            self.project_in = nn.Linear(self.dim, self.codebook_dim, bias=projection_has_bias)
+            self.project_out = nn.Linear(self.codebook_dim, self.dim, bias=projection_has_bias)
+        else:
+            self.project_in, self.project_out = nn.Identity(), nn.Identity()
+        self.vector_norm = VectorNorm.build(vector_norm)
+
+    def extra_repr(self) -> str:
+        return (f"levels={self.levels}, dim={self.dim}, codebook_size={self.codebook_size}, "
+                f"act_name={self.act_name!r}, quantize_rate={self.quantize_rate}, need_inv_act={self.need_inv_act}")
+
+    @property
+    def act_func(self):
+        return ACTIVATIONS[self.act_name][0]
+
+    @property
+    def inv_act_func(self):
+        return ACTIVATIONS[self.act_name][1]
+
+    # numerics (fp32): activation value in [0, 1] <-> bin (level index)
+
+    def _code_value(self, value: Tensor, eps: float) -> Tensor:
+        """Activation-space value (..., d) -> code value: the inverse activation (of the value
+        clamped to [eps, 1 - eps]) or (value - 1/2) / std(U(0, 1))."""
+        if self.need_inv_act:
+            return self.inv_act_func(value.clamp(eps, 1.0 - eps))
+        return (value - 0.5) / UNIFORM_STD
+
+    @fp32_island
+    def _quantize(self, z: Tensor, eps: float):
+        """z (n, d) fp32 -> codes (n, d), level indices (n, d) int64, info."""
+        levels = self._levels.to(torch.float32)
+        act = self.act_func(z)
+        # bin = floor(act * L), the top edge act = 1 in the last bin; NaN input -> bin 0
+        level = torch.minimum(torch.floor(act * levels).nan_to_num(0.0).clamp(min=0.0), levels - 1)
+        value = straight_through((level + 0.5) / levels, act)
+        info = {}
+        quantize_rate = self.quantize_rate if self.training else 1.0
+        if quantize_rate < 1.0:
+            proposal = act + (torch.rand_like(act) * 2.0 - 1.0) / (2.0 * levels)
+            accept = (proposal > 0.0) & (proposal < 1.0)
+            info["p_accept_prob"] = accept.to(torch.float32).mean()
+            perturbed = torch.where(accept, proposal, act)
+            value = torch.where(torch.rand_like(act) >= quantize_rate, perturbed, value)
+        codes = self._code_value(value, eps)
+        if self.need_inv_act:  # the gradient goes straight to z
+            codes = straight_through(codes, z)
+        return codes, level.long(), info
+
+    def forward(self, z: Tensor, eps: float | None = None):
+        dtype = z.dtype
+        tokens, spatial = to_tokens(z, self.channel_first, self.dim, "FSP")
+        if not eps:  # None or 0, as the peer
+            eps = torch.finfo(dtype).eps
+        elif not 0.0 < eps < 0.5:
+            raise ValueError(f"eps: expected a value in (0, 0.5), got {eps!r}")
+        flat = project(self.project_in, tokens).reshape(-1, self.codebook_dim)
+        norm_loss, norm_info = self.vector_norm(flat)
+        codes, level, info = self._quantize(flat, eps)
+        indices = (level * self._basis).sum(-1)
+
+        b, n = tokens.shape[:2]
+        codes = codes.reshape(b, n, self.codebook_dim)
+        out = from_tokens(project(self.project_out, codes).to(dtype), spatial, self.channel_first)
+        indices = indices_from_tokens(indices.reshape(b, n, 1), spatial)
+        level = indices_from_tokens(level.reshape(b, n, self.codebook_dim), spatial)
+        return out, rearrange(indices, "... 1 -> ..."), norm_loss, {"level_indices": level, "norm_info": norm_info, **info}
+
+    # indices <-> codes
+
+    def level_indices_to_indices(self, level_indices: Tensor) -> Tensor:
+        """Bin per dimension (..., d) -> indices (...), int64 (first dimension fastest)."""
+        if level_indices.shape[-1] != self.codebook_dim:
+            raise ValueError(f"level_indices: expected last dim {self.codebook_dim}, got {tuple(level_indices.shape)}")
+        return (level_indices.long() * self._basis).sum(-1)
+
+    def indices_to_level_indices(self, indices: Tensor) -> Tensor:
+        """indices (...) -> bin per dimension (..., d), int64."""
+        check_indices(indices, self.codebook_size)
+        return (indices.long().unsqueeze(-1) // self._basis) % self._levels
+
+    def indices_to_act_value(self, indices: Tensor) -> Tensor:
+        """indices (...) -> bin midpoints in [0, 1] (..., d), fp32."""
+        return (self.indices_to_level_indices(indices) + 0.5) / self._levels.to(torch.float32)
+
+    def indices_to_codes(self, indices: Tensor, eps: float = 1e-6) -> Tensor:
+        """indices (b, ...) -> codes (b, ..., dim) (channel-first with channel_first), fp32 or
+        the projection's dtype; equal to forward's output in eval."""
+        value = self.indices_to_act_value(indices)
+        codes = fp32_island(self._code_value)(value, eps)
+        codes = project(self.project_out, codes)
+        return rearrange(codes, "b ... d -> b d ...") if self.channel_first else codes
