@@ -34,3 +34,20 @@ def call_structure(result):
     """Tuple length, shapes and float/integer kind (indices are int64 here by design, int32 in the peer)."""
     assert isinstance(result, tuple)
     return [(tuple(t.shape), t.dtype if t.is_floating_point() else "integer") for t in result]
+
+
+def rotation_vjp64(x, q, g):
+    """The rotation trick's input gradient (arXiv 2410.06424), per row, in fp64: lambda R^T g with
+    R = I - 2 w w^T + 2 q^ u^T built as an explicit d x d matrix (u = x^, w = (u + q^)^)."""
+    x, q, g = x.to(torch.float64), q.to(torch.float64), g.to(torch.float64)
+    out = torch.empty_like(x)
+    eye = torch.eye(x.shape[-1], dtype=torch.float64)
+    for i in range(x.shape[0]):
+        u, qh = x[i] / x[i].norm(), q[i] / q[i].norm()
+        w = (u + qh) / (u + qh).norm()
+        rotation = eye - 2 * torch.outer(w, w) + 2 * torch.outer(qh, u)
+        # a rotation taking u to q^
+        assert torch.allclose(rotation @ u, qh, atol=1e-10)
+        assert torch.allclose(rotation.t() @ rotation, eye, atol=1e-10)
+        out[i] = q[i].norm() / x[i].norm() * (rotation.t() @ g[i])
+    return out

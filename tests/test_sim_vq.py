@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dtype_matrix import DTYPES, dtype_matrix, run_cell
-from reference import randn
+from reference import randn, rotation_vjp64
 from vq_layers import SimVQ
 
 F64 = torch.float64
@@ -44,16 +44,6 @@ def brute(rows, codebook):
     return d2.argmin(-1), gap > NEAR_TIE
 
 
-def rotation_vjp64(x, q, g):
-    """lambda R^T g for rows (N, d), R = I - 2 w w^T + 2 q^ u^T an explicit d x d matrix."""
-    out = torch.empty_like(x)
-    eye = torch.eye(x.shape[-1], dtype=F64)
-    for i in range(x.shape[0]):
-        u, qh = x[i] / x[i].norm(), q[i] / q[i].norm()
-        w = (u + qh) / (u + qh).norm()
-        rotation = eye - 2 * torch.outer(w, w) + 2 * torch.outer(qh, u)
-        out[i] = q[i].norm() / x[i].norm() * (rotation.t() @ g[i])
-    return out
 
 
 def mlp(frozen_dim, dim):

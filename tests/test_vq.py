@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from dist_utils import run_in_processes
 from dtype_matrix import DTYPES, dtype_matrix, run_cell
-from reference import linear64, randn
+from reference import linear64, randn, rotation_vjp64
 from vq_layers import VectorQuantize
 
 F64 = torch.float64
@@ -985,16 +985,6 @@ def test_forward_with_given_indices_returns_cross_entropy(name, train):
 # gradients: rotation trick, straight-through, stochastic sampling
 
 
-def rotation_vjp64(x, q, g):
-    """lambda R^T g for rows, with R = I - 2 w w^T + 2 q^ u^T an explicit d x d matrix."""
-    out = torch.empty_like(x)
-    eye = torch.eye(x.shape[-1], dtype=F64)
-    for i in range(x.shape[0]):
-        u, qh = x[i] / x[i].norm(), q[i] / q[i].norm()
-        w = (u + qh) / (u + qh).norm()
-        R = eye - 2 * torch.outer(w, w) + 2 * torch.outer(qh, u)
-        out[i] = q[i].norm() / x[i].norm() * (R.t() @ g[i])
-    return out
 
 
 @pytest.mark.parametrize("heads", [1, 2])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import vq_layers.kernels.code_softmax as cs_mod
 import vq_layers.kernels.nearest_code as nc
-from reference import randn
+from reference import randn, rotation_vjp64
 from vq_layers.ema import code_statistics, ema_update_, normalized_codebook
 from vq_layers.kernels.code_softmax import code_cross_entropy, code_probs_sum, soft_codes
 from vq_layers.kmeans import kmeans
@@ -231,22 +231,6 @@ def test_kmeans_without_samples_returns_none():
 # rotation_trick.py
 
 
-def rotation_vjp64(x, q, g):
-    """lambda R^T g per row, with R = I - 2 w w^T + 2 q^ u^T an explicit d x d matrix (fp64)."""
-    x, q, g = x.to(F64), q.to(F64), g.to(F64)
-    out = torch.empty_like(x)
-    eye = torch.eye(x.shape[-1], dtype=F64)
-    for i in range(x.shape[0]):
-        u = x[i] / x[i].norm()
-        qh = q[i] / q[i].norm()
-        w = (u + qh) / (u + qh).norm()
-        R = eye - 2 * torch.outer(w, w) + 2 * torch.outer(qh, u)
-        lam = q[i].norm() / x[i].norm()
-        # R is a rotation taking u to q^
-        assert torch.allclose(R @ u, qh, atol=1e-10)
-        assert torch.allclose(R.t() @ R, eye, atol=1e-10)
-        out[i] = lam * (R.t() @ g[i])
-    return out
 
 
 @pytest.mark.parametrize("d", [2, 5, 16])
