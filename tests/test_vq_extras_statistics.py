@@ -352,6 +352,30 @@ def test_affine_matches_vector_quantize_pytorch_in_training():
             close(getattr(ours._codebook, key), getattr(peer._codebook, key), rtol=1e-5, atol=1e-5)
 
 
+def test_weight_accumulation_indices_and_in_place_match_vector_quantize_pytorch():
+    peer_module = pytest.importorskip("vector_quantize_pytorch")
+    kwargs = dict(dim=6, codebook_size=10, rotation_trick=False, decay=0.7)
+    learnable = dict(learnable_codebook=True, ema_update=False,
+                     in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.3))
+    for extra in ({}, learnable):
+        torch.manual_seed(0)
+        peer = peer_module.VectorQuantize(**kwargs, **extra).train()
+        ours = VectorQuantize(**kwargs, **extra).train()
+        ours.load_state_dict(peer.state_dict())
+        weight = torch.rand(10, generator=torch.Generator().manual_seed(44))
+        calls = [dict(accum_ema_update=True), dict(ema_update_weight=weight), dict()]
+        for step, call in enumerate(calls):
+            x = randn(2, 16, 6, seed=45 + step)
+            _, p_idx, _ = peer(x, **call)
+            _, o_idx, _ = ours(x, **call)
+            assert torch.equal(o_idx, p_idx.long())
+        x, idx = randn(2, 16, 6, seed=48), torch.randint(0, 10, (2, 16), generator=torch.Generator().manual_seed(49))
+        peer.update_indices(x, idx)
+        ours.update_indices(x, idx)
+        for key, value in ours.state_dict().items():
+            close(value, peer.state_dict()[key], rtol=1e-5, atol=1e-6)
+
+
 def test_affine_buffers_stay_out_of_eval_and_empty_batches():
     layer = make(affine_param=True)
     before = state(layer)
