@@ -438,6 +438,29 @@ def test_in_place_optimizer_takes_one_sgd_step_on_the_codebook_loss(masked):
     assert torch.equal(indices[kept], nearest64(z, before[0] - lr * grad))
 
 
+def test_manual_in_place_optimizer_update_gathers_gradients_until_asked():
+    lr = 0.5
+    torch.manual_seed(0)
+    layer = VectorQuantize(dim=6, codebook_size=10, learnable_codebook=True, manual_in_place_optimizer_update=True,
+                           in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=lr)).train()
+    embed = layer._codebook.embed
+    with torch.no_grad():
+        embed.copy_(randn(1, 10, 6, seed=34))
+    before = embed.detach().to(F64).clone()
+    xs = [randn(2, 9, 6, seed=50 + i) for i in range(2)]
+    grad = torch.zeros(10, 6, dtype=F64)
+    for x in xs:
+        z = x.to(F64).reshape(-1, 6)
+        idx = nearest64(z, before[0])
+        grad += torch.zeros(10, 6, dtype=F64).index_add_(0, idx, 2 * (before[0][idx] - z) / z.numel())
+        layer(x)
+        assert torch.equal(embed.detach().to(F64), before)  # no step yet
+    close(embed.grad[0], grad)
+    layer.update_in_place_optimizer()
+    close(embed[0], before[0] - lr * grad)
+    assert embed.grad is None or not embed.grad.any()
+
+
 # ------------------------------------------------------------------------------------------
 # errors, NaN, dtypes, checkpoints
 
@@ -499,7 +522,8 @@ def test_non_finite_input_raises_before_any_buffer_changes(name):
 
 
 DM_CONFIGS = {
-    "affine": (dict(dim=8, codebook_size=16, codebook_dim=4, affine_param=True), {}),
+    "affine": (dict(dim=8, codebook_size=16, heads=2, codebook_dim=3, separate_codebook_per_head=True,
+                    affine_param=True), {}),
     "accumulate_weight": (dict(dim=8, codebook_size=16, heads=2, codebook_dim=4),
                           dict(accum_ema_update=True, ema_update_weight=lambda s, c: (c > 0).float())),
     "manual_ema": (dict(dim=8, codebook_size=16, manual_ema_update=True, threshold_ema_dead_code=1.0), {}),

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .distributed import all_reduce_sum_
+from .distributed import all_reduce_sum_, check_finite
 from .precision import fp32_island
 
 
@@ -60,7 +60,8 @@ def ema_weight(weight, sums: Tensor, counts: Tensor) -> Tensor | None:
     (sums (h, k, d), counts (h, k)) -> one of those) -> fp32 (h, k) weights, or None.
 
     Raises ValueError naming `ema_update_weight` for a wrong shape or a negative or non-finite
-    weight (one host sync), before any statistic changes."""
+    weight, before any statistic changes. Under sync, a tensor weight must be the same on every
+    rank (a callable sees the all-reduced statistics, so it is)."""
     if weight is None:
         return None
     if callable(weight):
@@ -70,8 +71,9 @@ def ema_weight(weight, sums: Tensor, counts: Tensor) -> Tensor | None:
     if weight.ndim > 2 or (weight.ndim >= 1 and weight.shape[-1] != k) or (weight.ndim == 2 and weight.shape[0] != h):
         raise ValueError(f"ema_update_weight: expected a number or a tensor of shape ({k},) or ({h}, {k}) "
                          f"(codebook_size, per codebook), got shape {tuple(weight.shape)}")
-    if not bool(((weight >= 0) & torch.isfinite(weight)).all()):
-        raise ValueError("ema_update_weight: expected finite weights >= 0, got a negative, NaN or Inf value")
+    # a negative weight counts as non-finite: one check (an in-graph assert under torch.compile on CPU)
+    check_finite(weight.where(weight >= 0, torch.nan), "ema_update_weight: expected finite weights >= 0, got a "
+                 "negative, NaN or Inf value; the statistics were left untouched", sync=False)
     return weight.expand(h, k)
 
 
