@@ -168,12 +168,20 @@ def test_ema_update_weight_callable_gets_the_step_statistics():
 
 
 @pytest.mark.parametrize("bad", [torch.ones(9), torch.ones(3, 10), -torch.ones(10),
-                                 torch.full((10,), float("nan")), lambda s, c: torch.ones(4)])
+                                 torch.full((10,), float("nan"))])
 def test_bad_ema_update_weight_raises_before_any_buffer_changes(bad):
-    layer = make()
+    layer = make(affine_param=True)
     before = state(layer)
     with pytest.raises(ValueError, match="ema_update_weight"):
         layer(randn(2, 5, 6, seed=10), ema_update_weight=bad)
+    assert_unchanged(before, layer)
+
+
+def test_bad_ema_update_weight_callable_raises_before_the_statistics_change():
+    layer = make()
+    before = state(layer)
+    with pytest.raises(ValueError, match="ema_update_weight"):
+        layer(randn(2, 5, 6, seed=10), ema_update_weight=lambda s, c: torch.ones(4))
     assert_unchanged(before, layer)
 
 

@@ -162,12 +162,11 @@ class Codebook(Fp32BuffersModule):
         first = self.codebook_mean_needs_init
         count, batch_mean, batch_var = batch_moments(x, keep, sync, group)
         seen = count > 0
-        mean, var = codebook_moments(self.embed.detach().float())
-        _decay_towards_(self.codebook_mean, mean, self.affine_param_codebook_decay, first, seen)
-        _decay_towards_(self.codebook_variance, var, self.affine_param_codebook_decay, first, seen)
-        mean, var = batch_mean, batch_var
-        _decay_towards_(self.batch_mean, mean, self.affine_param_batch_decay, first, seen)
-        _decay_towards_(self.batch_variance, var, self.affine_param_batch_decay, first, seen)
+        codebook_mean, codebook_var = codebook_moments(self.embed.detach().float())
+        _decay_towards_(self.codebook_mean, codebook_mean, self.affine_param_codebook_decay, first, seen)
+        _decay_towards_(self.codebook_variance, codebook_var, self.affine_param_codebook_decay, first, seen)
+        _decay_towards_(self.batch_mean, batch_mean, self.affine_param_batch_decay, first, seen)
+        _decay_towards_(self.batch_variance, batch_var, self.affine_param_batch_decay, first, seen)
         still = first & ~seen.any()
         self.codebook_mean_needs_init.copy_(still)
         self.codebook_variance_needs_init.copy_(still)

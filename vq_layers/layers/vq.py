@@ -397,6 +397,7 @@ class VectorQuantize(CodebookUpdates, nn.Module):
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         ema_update = self.ema_update if ema_update is None else ema_update
         updating = self.training and torch.is_grad_enabled() and not freeze and targets is None
+        ema_update_weight = self._checked_ema_weight(ema_update_weight) if updating else None
 
         result = self._quantize(project(self.project_in, without_padding(tokens, keep)), keep, temperature, updating, updating,
                                 ema_update, freeze, targets, ema_update_weight, accum_ema_update)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..distributed import all_reduce_sum_, check_finite, is_distributed
+from ..ema import ema_weight
 from ..kernels.nearest_code import nearest_code
 from ..layout import check_mask, without_padding
 from ..precision import fp32_island, project
@@ -53,6 +54,13 @@ class CodebookUpdates:
                 raise ValueError("in_place_codebook_optimizer: steps a learnable codebook; pass learnable_codebook=True "
                                  "(or orthogonal_reg_weight > 0)")
             self.in_place_codebook_optimizer = in_place_codebook_optimizer(self._codebook.parameters())
+
+    def _checked_ema_weight(self, weight):
+        """A given `ema_update_weight` tensor checked at the boundary, before anything changes (a
+        callable's result is checked once the statistics it takes exist)."""
+        if weight is None or callable(weight):
+            return weight
+        return ema_weight(weight, None, self._codebook.cluster_size)
 
     def _explicit_sync(self) -> bool:
         """Whether a method the user calls (update_indices, expire_codes_) talks to the other
