@@ -263,6 +263,20 @@ def test_update_indices_uses_the_given_codes(separate):
     check_ema(layer, *ema64(before, stats, layer._codebook.decay, layer._codebook.eps))
 
 
+def test_update_indices_takes_forwards_layouts():
+    seq, image, one, first = make(), make(accept_image_fmap=True), make(), make()
+    x = randn(2, 12, 6, seed=24)
+    indices = torch.randint(0, 10, (2, 12), generator=torch.Generator().manual_seed(24))
+    seq.update_indices(x, indices)
+    image.update_indices(x.transpose(1, 2).reshape(2, 6, 3, 4), indices.reshape(2, 3, 4))
+    first.update_indices(x[:, :1], indices[:, :1])
+    one.update_indices(x[:, 0], indices[:, 0])  # one token per item: (b, dim) and (b,)
+    for a, b in ((seq, image), (first, one)):
+        for key, value in a.state_dict().items():
+            assert torch.equal(b.state_dict()[key], value), key
+    assert not torch.equal(one._codebook.cluster_size, make()._codebook.cluster_size)
+
+
 def test_expire_codes_replaces_dead_codes_by_rows_of_x():
     layer = make(threshold_ema_dead_code=1.0, reset_cluster_size=2.0)
     dead = torch.tensor([1, 4, 7])
