@@ -622,6 +622,12 @@ def _dist_worker(rank, world):
             out = layer(xs[rank], mask=keep, accum_ema_update=acc, return_loss_breakdown=True)
             ref = single(torch.cat(xs), mask=torch.cat(keeps), accum_ema_update=acc, return_loss_breakdown=True)
             torch.testing.assert_close(out[3].inplace_optimize, ref[3].inplace_optimize, rtol=1e-5, atol=1e-6)
+        # given indices: the statistics of the global batch too
+        gen = torch.Generator().manual_seed(60)
+        idx = [torch.randint(0, 10, (2, 7, layer.heads), generator=gen).squeeze(-1) for _ in range(world)]
+        xs = [_rank_batch(9, r) for r in range(world)]
+        layer.update_indices(xs[rank], idx[rank])
+        single.update_indices(torch.cat(xs), torch.cat(idx))
         for key, value in layer.state_dict().items():
             assert _gathered_equal(value), f"{key} differs across ranks"
             torch.testing.assert_close(value, single.state_dict()[key], rtol=1e-5, atol=1e-5)

@@ -8,7 +8,8 @@
 - `in_place_codebook_optimizer`: each training step first moves a learnable codebook by one
   step of that optimizer on the codebook loss mean((code - sg(z))^2) over the kept tokens (of
   the global batch under sync), then searches the moved codebook.
-- `sync_update_v`: vqtorch's synchronized update rule (eq. 21 of arXiv 2305.08842): the output
+- `sync_update_v`: vqtorch's synchronized update rule (eq. 21 of the vqtorch draft, Huh et al.,
+  "Straightening Out the Straight-Through Estimator", arXiv 2305.08842): the output
   is z_q in value, its gradient reaches the input unchanged (by the layer's estimator) and
   the chosen codes as v x the output gradient, so the codebook follows the task loss.
 
@@ -79,7 +80,8 @@ class CodebookUpdates:
     def expire_codes_(self, x: Tensor) -> None:
         """Replaces dead codes (EMA count below threshold_ema_dead_code) by rows of x
         (..., heads * codebook_dim), vectors as the codebook sees them (after project_in), as
-        vector-quantize-pytorch does; a no-op in eval or without a threshold."""
+        vector-quantize-pytorch does; a no-op in eval or without a threshold. Under sync every
+        rank must call (the rows are drawn from the union of the ranks')."""
         if not isinstance(x, Tensor) or x.shape[-1:] != (self.heads * self.codebook_dim,):
             raise ValueError(f"x: expected a tensor (..., {self.heads * self.codebook_dim}) (heads * codebook_dim), "
                              f"got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
