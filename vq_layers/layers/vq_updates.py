@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..codebook import runs_eagerly
 from ..distributed import all_reduce_sum_, check_finite, is_distributed
 from ..ema import ema_weight
 from ..kernels.nearest_code import nearest_code
@@ -123,6 +124,8 @@ class CodebookUpdates:
 
     # the in-place optimizer
 
+    @runs_eagerly("in_place_codebook_optimizer: the optimizer step runs eagerly, a graph break; compile with "
+                  "fullgraph=False")
     def _in_place_step(self, search: Tensor, kept: Tensor | None, sync: bool) -> Tensor:
         """One optimizer step on the codebook loss of this batch (fp32, inside the island) ->
         the loss (detached; the global batch's under sync). The gradient is that of the global
