@@ -124,14 +124,18 @@ class CodebookUpdates:
 
     # the in-place optimizer
 
-    @runs_eagerly("in_place_codebook_optimizer: the optimizer step runs eagerly, a graph break; compile with "
-                  "fullgraph=False")
     def _in_place_step(self, search: Tensor, kept: Tensor | None, sync: bool) -> Tensor:
         """One optimizer step on the codebook loss of this batch (fp32, inside the island) ->
-        the loss (detached; the global batch's under sync). The gradient is that of the global
-        batch's loss (per-rank sums over the global count, summed over the ranks)."""
+        the loss (detached; the global batch's under sync); zero without an optimizer."""
         if self.in_place_codebook_optimizer is None:
             return search.new_zeros(())
+        return self._in_place_optimize(search, kept, sync)
+
+    @runs_eagerly("in_place_codebook_optimizer: the optimizer step runs eagerly, a graph break; compile with "
+                  "fullgraph=False")
+    def _in_place_optimize(self, search: Tensor, kept: Tensor | None, sync: bool) -> Tensor:
+        """The gradient is that of the global batch's loss (per-rank sums over the global count,
+        summed over the ranks)."""
         self._codebook._check_in_place_write("in_place_codebook_optimizer")
         target = search.detach()
         params = [p for group in self.in_place_codebook_optimizer.param_groups for p in group["params"]]
