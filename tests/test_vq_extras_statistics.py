@@ -547,7 +547,7 @@ DM_CONFIGS = {
     "affine": (dict(dim=8, codebook_size=16, heads=2, codebook_dim=3, separate_codebook_per_head=True,
                     affine_param=True), {}),
     "accumulate_weight": (dict(dim=8, codebook_size=16, heads=2, codebook_dim=4),
-                          dict(accum_ema_update=True, ema_update_weight=lambda s, c: (c > 0).float())),
+                          dict(ema_update_weight=lambda s, c: (c > 0).float())),  # after an accumulating call
     "manual_ema": (dict(dim=8, codebook_size=16, manual_ema_update=True, threshold_ema_dead_code=1.0), {}),
     "sync_update_in_place": (dict(dim=8, codebook_size=16, learnable_codebook=True, sync_update_v=0.5,
                                   in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.1)), {}),
@@ -558,8 +558,14 @@ DM_CONFIGS = {
 @pytest.mark.parametrize("name", list(DM_CONFIGS))
 def test_dtype_matrix(name, cell):
     kwargs, forward_kwargs = DM_CONFIGS[name]
-    res = run_cell(cell, lambda: VectorQuantize(**kwargs), lambda dt: randn(2, 10, 8, seed=40).to(dt),
-                   forward=lambda layer, x: layer(x, return_loss_breakdown=True, **forward_kwargs))
+
+    def forward(layer, x):
+        if name == "accumulate_weight":
+            layer(x, accum_ema_update=True)
+            assert layer._codebook.accum_embed_sum.dtype == torch.float32
+        return layer(x, return_loss_breakdown=True, **forward_kwargs)
+
+    res = run_cell(cell, lambda: VectorQuantize(**kwargs), lambda dt: randn(2, 10, 8, seed=40).to(dt), forward=forward)
     cb = res.layer._codebook
     for name_, buf in cb.named_buffers():
         if buf.is_floating_point():
