@@ -515,6 +515,20 @@ def test_update_indices_and_expire_codes_bad_input():
         fresh.update_indices(randn(2, 5, 6), torch.zeros(2, 5, dtype=torch.long))
 
 
+def test_empty_batches_change_nothing():
+    layer = make(threshold_ema_dead_code=1.0, affine_param=True)
+    before = state(layer)
+    empty, no_indices = randn(0, 5, 6), torch.zeros(0, 5, dtype=torch.long)
+    layer.update_indices(empty, no_indices)
+    layer.expire_codes_(empty)
+    layer(empty, accum_ema_update=True)
+    out, indices, loss = layer(empty, ema_update_weight=torch.ones(10))
+    assert out.shape == (0, 5, 6) and indices.shape == (0, 5) and loss == 0
+    _, ce = layer(empty, indices=no_indices)
+    assert ce == 0
+    assert_unchanged(before, layer)
+
+
 NAN_CALLS = {
     "affine": (dict(affine_param=True), lambda layer, x: layer(x)),
     "accumulate": (dict(), lambda layer, x: layer(x, accum_ema_update=True)),

@@ -8,6 +8,7 @@ need a softmax over all codes run in recomputed tiles (kernels/code_softmax.py).
 
 from __future__ import annotations
 
+import math
 from collections import namedtuple
 from typing import NamedTuple
 
@@ -420,7 +421,7 @@ class VectorQuantize(CodebookUpdates, nn.Module):
     def _targets(self, indices: Tensor, tokens: Tensor, keep: Tensor | None) -> Tensor:
         """Given indices (b, ...[, heads]) -> per-codebook targets (g, m), -1 ignored."""
         idx = self._check_code_indices(indices)
-        idx = idx.reshape(tokens.shape[0], -1, self.heads)
+        idx = idx.reshape(idx.shape[0], math.prod(idx.shape[1:-1]), self.heads)  # explicit: also for b = 0
         if idx.shape[1] != tokens.shape[1]:
             raise ValueError(f"indices: expected {tokens.shape[1]} positions per batch item, got shape {tuple(indices.shape)}")
         if keep is not None:
