@@ -606,6 +606,20 @@ def test_state_dict_round_trip_with_the_new_buffers_under_half():
         assert torch.equal(restored.state_dict()[key], value), key
 
 
+def test_compile_fullgraph_with_affine_and_ema_update_weight_matches_eager():
+    torch.manual_seed(0)
+    eager = VectorQuantize(dim=6, codebook_size=10, affine_param=True).train()
+    compiled = VectorQuantize(dim=6, codebook_size=10, affine_param=True).train()
+    compiled.load_state_dict(eager.state_dict())
+    weight = torch.rand(10, generator=torch.Generator().manual_seed(61))
+    step = torch.compile(lambda x, mask: compiled(x, mask=mask, ema_update_weight=weight), fullgraph=True)
+    for i in range(2):
+        x = randn(2, 8, 6, seed=62 + i)
+        mask = torch.rand(2, 8, generator=torch.Generator().manual_seed(64 + i)) > 0.2
+        assert torch.equal(step(x, mask)[1], eager(x, mask=mask, ema_update_weight=weight)[1])
+    torch.testing.assert_close(compiled.state_dict(), eager.state_dict(), rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------
 # 2 ranks on half batches == 1 process on the whole batch
 
