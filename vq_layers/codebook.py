@@ -5,6 +5,12 @@ State (names as vector-quantize-pytorch's `_codebook`, so checkpoints load both 
     embed_avg (h, k, d)    EMA of the per-code sums of the vectors that chose each code, fp32
     cluster_size (h, k)    EMA of the per-code counts, fp32
     initted ()             False until k-means init ran
+With affine_param (affine.py), the running moments that map the codes onto the batch:
+    codebook_mean, codebook_variance, batch_mean, batch_variance (h, 1, d) fp32,
+    codebook_mean_needs_init, codebook_variance_needs_init ()   True until the first batch
+While statistics are accumulated (`accum_ema_update`) and not applied yet, and only then:
+    accum_cluster_size (h, k), accum_embed_sum (h, k, d) fp32 (so a checkpoint keeps them; a
+    state dict without them loads as "nothing pending", and the default keys stay the peer's)
 The statistics stay float32 under `.half()`/`.bfloat16()` (Fp32BuffersModule).
 
 Under sync, the first training step broadcasts this state from the group's first rank, so
@@ -20,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .affine import batch_moments, codebook_moments, to_batch_frame, to_codebook_frame
 from .distributed import broadcast_, first_rank, shared_generator
 from .ema import (
     code_statistics,
     ema_update_,
+    ema_weight,
     normalized_codebook,
     smoothed_cluster_size,
 )
@@ -54,10 +62,22 @@ def runs_eagerly(reason: str):
     return wrap
 
 
+ACCUMULATORS = ("accum_cluster_size", "accum_embed_sum")
+
+
+def _decay_towards_(buffer: Tensor, value: Tensor, decay: float, first: Tensor, seen: Tensor | None = None) -> None:
+    """buffer <- value on the first batch (`first`), else lerp(buffer, value, 1 - decay); kept
+    where not `seen`. No host sync."""
+    new = torch.where(first, value, buffer.lerp(value, 1 - decay))
+    buffer.copy_(new if seen is None else torch.where(seen, new, buffer))
+
+
 class Codebook(Fp32BuffersModule):
     def __init__(self, dim: int, codebook_size: int, num_codebooks: int = 1, *, kmeans_init: bool = False,
                  kmeans_iters: int = 10, decay: float = 0.8, eps: float = 1e-5, threshold_ema_dead_code: float = 0,
-                 reset_cluster_size: float | None = None, learnable: bool = False, use_cosine_sim: bool = False):
+                 reset_cluster_size: float | None = None, learnable: bool = False, use_cosine_sim: bool = False,
+                 manual_ema_update: bool = False, affine_param: bool = False, affine_param_batch_decay: float = 0.99,
+                 affine_param_codebook_decay: float = 0.9):
         super().__init__()
         self.dim, self.codebook_size, self.num_codebooks = dim, codebook_size, num_codebooks
         self.kmeans_iters, self.decay, self.eps = kmeans_iters, decay, eps
@@ -65,6 +85,8 @@ class Codebook(Fp32BuffersModule):
         self.reset_cluster_size = threshold_ema_dead_code if reset_cluster_size is None else reset_cluster_size
         self.learnable, self.use_cosine_sim = learnable, use_cosine_sim
         self.metric = "dot" if use_cosine_sim else "l2"
+        self.manual_ema_update, self.affine_param = manual_ema_update, affine_param
+        self.affine_param_batch_decay, self.affine_param_codebook_decay = affine_param_batch_decay, affine_param_codebook_decay
 
         if kmeans_init:
             embed = torch.zeros(num_codebooks, codebook_size, dim)
@@ -79,22 +101,32 @@ class Codebook(Fp32BuffersModule):
             self.embed = nn.Parameter(embed)
         else:
             self.register_fp32_buffer("embed", embed)
+        if affine_param:  # until the first batch: mapped codes = codes (means 0, variances 1)
+            for name, value in (("codebook_mean", 0.0), ("codebook_variance", 1.0), ("batch_mean", 0.0),
+                                ("batch_variance", 1.0)):
+                self.register_fp32_buffer(name, torch.full((num_codebooks, 1, dim), value))
+            self.register_buffer("codebook_mean_needs_init", torch.tensor(True))
+            self.register_buffer("codebook_variance_needs_init", torch.tensor(True))
+        for name in ACCUMULATORS:  # allocated by the first accumulating step, freed when applied
+            self.register_buffer(name, None)
         # dead codes replaced by the last update (health statistic; not state)
         self.dead_codes_replaced = torch.zeros((), dtype=torch.long)
         self._state_broadcast = False  # per process: has a synced step made the ranks' state one?
         self._know_initted(not kmeans_init)  # `initted` known True on the host (see needs_init)
 
     def extra_repr(self) -> str:
-        return f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, dim={self.dim}"
+        return (f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, dim={self.dim}"
+                + (", affine_param=True" if self.affine_param else ""))
 
     def codes(self) -> Tensor:
-        """The codes in fp32 (h, k, d); differentiable when learnable.
+        """The codes as searched, in fp32 (h, k, d); differentiable when learnable. With
+        affine_param, mapped onto the running batch moments (affine.py).
 
         A learnable codebook that FSDP2 holds sharded (outside its forward) is all-gathered under
         no_grad (every rank must call); with gradients that would be wrong, and raises."""
         self.keep_fp32_buffers_()
         if not self.learnable:
-            return self.embed.detach()
+            return self._to_batch_frame(self.embed.detach())
         embed = self.embed
         if isinstance(embed, DTensor):
             if torch.is_grad_enabled():
@@ -105,7 +137,39 @@ class Codebook(Fp32BuffersModule):
                     "or a parent, not its Codebook, and decode with gradients inside that forward (or "
                     "under torch.no_grad())")
             embed = embed.full_tensor()
-        return embed.float()
+        return self._to_batch_frame(embed.float())
+
+    def _affine_moments(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.codebook_mean, self.codebook_variance, self.batch_mean, self.batch_variance
+
+    def _to_batch_frame(self, codes: Tensor) -> Tensor:
+        return to_batch_frame(codes, *self._affine_moments()) if self.affine_param else codes
+
+    def to_codebook_frame(self, x: Tensor) -> Tensor:
+        """x (h, n, d) as searched -> the frame the codes and statistics live in (identity
+        without affine_param)."""
+        return to_codebook_frame(x, *self._affine_moments()) if self.affine_param else x
+
+    @fp32_island
+    @torch.no_grad()
+    def update_affine_(self, x: Tensor, keep: Tensor | None, sync: bool, group=None) -> None:
+        """One step of the running moments: the codebook's (from the codes before this step's
+        update), and the batch's from x (h, n, d), keep (h, n) (the global batch's when `sync`).
+        The first batch with vectors sets them; a codebook without vectors (all masked) keeps all four."""
+        if not self.affine_param:
+            return
+        self.keep_fp32_buffers_()
+        first = self.codebook_mean_needs_init
+        count, batch_mean, batch_var = batch_moments(x, keep, sync, group)
+        seen = count > 0
+        codebook_mean, codebook_var = codebook_moments(self.embed.detach().float())
+        _decay_towards_(self.codebook_mean, codebook_mean, self.affine_param_codebook_decay, first, seen)
+        _decay_towards_(self.codebook_variance, codebook_var, self.affine_param_codebook_decay, first, seen)
+        _decay_towards_(self.batch_mean, batch_mean, self.affine_param_batch_decay, first, seen)
+        _decay_towards_(self.batch_variance, batch_var, self.affine_param_batch_decay, first, seen)
+        still = first & ~seen.any()
+        self.codebook_mean_needs_init.copy_(still)
+        self.codebook_variance_needs_init.copy_(still)
 
     def _under_fsdp(self) -> bool:
         """FSDP (1 or 2) manages this module (its mark) or holds the codebook sharded (DTensor)."""
@@ -145,8 +209,14 @@ class Codebook(Fp32BuffersModule):
     def _read_initted(self) -> bool:
         return bool(self.initted)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ACCUMULATORS:  # present in a checkpoint only while statistics are pending
+            if prefix + name in state_dict and getattr(self, name) is None:
+                like = self.cluster_size if name == ACCUMULATORS[0] else self.embed_avg
+                self.register_fp32_buffer(name, torch.zeros_like(like, dtype=torch.float32))
+            elif prefix + name not in state_dict:
+                setattr(self, name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # `initted` may have changed: read it now (loading is eager), so a compiled forward after
         # loading a checkpoint need not; a meta buffer (not materialized yet) is asked later
         self._know_initted(not self.initted.is_meta and bool(self.initted))
@@ -160,6 +230,8 @@ class Codebook(Fp32BuffersModule):
             return
         self.keep_fp32_buffers_()
         tensors = [self.embed_avg, self.cluster_size, self.initted]
+        if self.affine_param:
+            tensors += [*self._affine_moments(), self.codebook_mean_needs_init, self.codebook_variance_needs_init]
         if not (self.learnable and self._under_fsdp()):
             tensors.append(self.embed)
         flat = broadcast_(torch.cat([t.detach().reshape(-1).float() for t in tensors]), first_rank(group), group)
@@ -192,33 +264,80 @@ class Codebook(Fp32BuffersModule):
         self.cluster_size.copy_(counts)
         self.embed_avg.copy_(means * counts.unsqueeze(-1))
         self.embed.data.copy_(means)
-        self._refresh()
+        self._set_from_statistics()
         self.initted.fill_(True)
         self._know_initted(True)
 
-    def _refresh(self) -> None:
+    def _set_from_statistics(self) -> None:
         self.embed.data.copy_(normalized_codebook(self.cluster_size, self.embed_avg, self.eps, self.use_cosine_sim))
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """Sets the codes to what the EMA statistics describe (embed_avg / smoothed cluster_size).
+        Training steps do it themselves unless manual_ema_update=True (vector-quantize-pytorch's
+        name; with sync every rank holds the same statistics, so calling it on every rank keeps
+        them identical)."""
+        self.keep_fp32_buffers_()
+        self._check_in_place_write("update_ema")
+        self._set_from_statistics()
 
     @fp32_island
     @torch.no_grad()
     def update_(self, x: Tensor, indices: Tensor, keep: Tensor | None, ema_update: bool,
-                sync: bool, group=None) -> None:
-        """One training step's update from x (h, n, d) that chose indices (h, n), keep (h, n) or None.
+                sync: bool, group=None, weight=None, accumulate: bool = False) -> None:
+        """One training step's update from x (h, n, d) (as searched) that chose indices (h, n),
+        keep (h, n) or None.
 
         EMA statistics (when ema_update or dead-code replacement needs them), the codebook they
-        describe, then dead codes revived from this batch's vectors.
+        describe (unless manual_ema_update), then dead codes revived from this batch's vectors.
+        `weight`: the per-code `ema_update_weight` (ema.ema_weight). With `accumulate`, this
+        step's statistics are only added to the pending ones; the next step applies them all.
         """
         self.dead_codes_replaced = torch.zeros((), dtype=torch.long, device=x.device)
         if not ema_update and self.threshold_ema_dead_code <= 0:
             return
         self.keep_fp32_buffers_()
         self._check_in_place_write("threshold_ema_dead_code" if not ema_update else "the EMA update")
+        x = self.to_codebook_frame(x)
         counts, sums = code_statistics(x, indices, self.codebook_size, keep, sync, group)
-        ema_update_(self.cluster_size, self.embed_avg, counts, sums, self.decay)
-        if ema_update:
-            self._refresh()
+        if accumulate:
+            self._accumulate_(counts, sums)
+            return
+        pending = self.accum_cluster_size is not None
+        if pending:
+            counts, sums = counts + self.accum_cluster_size, sums + self.accum_embed_sum
+        ema_update_(self.cluster_size, self.embed_avg, counts, sums, self.decay, ema_weight(weight, sums, counts))
+        if pending:
+            self._free_accumulators()
+        if ema_update and not self.manual_ema_update:
+            self._set_from_statistics()
         if self.threshold_ema_dead_code > 0:
             self._replace_dead_codes(x, keep, sync, group)
+
+    @runs_eagerly("accum_ema_update: the accumulators are allocated on first use, a graph break")
+    def _accumulate_(self, counts: Tensor, sums: Tensor) -> None:
+        if self.accum_cluster_size is None:
+            self.register_fp32_buffer(ACCUMULATORS[0], torch.zeros_like(counts))
+            self.register_fp32_buffer(ACCUMULATORS[1], torch.zeros_like(sums))
+        self.accum_cluster_size.add_(counts)
+        self.accum_embed_sum.add_(sums)
+
+    @runs_eagerly("accum_ema_update: the accumulators are freed once applied, a graph break")
+    def _free_accumulators(self) -> None:
+        for name in ACCUMULATORS:
+            setattr(self, name, None)
+
+    @fp32_island
+    @torch.no_grad()
+    def expire_codes_(self, x: Tensor, keep: Tensor | None = None, sync: bool = False, group=None) -> None:
+        """Codes whose EMA count is below threshold_ema_dead_code take vectors of x (h, n, d), as
+        searched (the union of the ranks' under sync); nothing without a threshold."""
+        self.dead_codes_replaced = torch.zeros((), dtype=torch.long, device=x.device)
+        if self.threshold_ema_dead_code <= 0:
+            return
+        self.keep_fp32_buffers_()
+        self._check_in_place_write("expire_codes_")
+        self._replace_dead_codes(self.to_codebook_frame(x), keep, sync, group)
 
     @runs_eagerly("threshold_ema_dead_code > 0: dead-code replacement runs eagerly (its sizes depend on the "
                   "data), a graph break; compile with fullgraph=False")

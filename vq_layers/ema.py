@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .distributed import all_reduce_sum_
+from .distributed import all_reduce_sum_, check_finite
 from .precision import fp32_island
 
 
@@ -38,16 +38,43 @@ def code_statistics(x: Tensor, indices: Tensor, codebook_size: int, keep: Tensor
 
 
 @torch.no_grad()
-def ema_update_(cluster_size: Tensor, embed_avg: Tensor, counts: Tensor, sums: Tensor, decay: float) -> None:
+def ema_update_(cluster_size: Tensor, embed_avg: Tensor, counts: Tensor, sums: Tensor, decay: float,
+                weight: Tensor | None = None) -> None:
     """cluster_size (h, k) and embed_avg (h, k, d) move towards this batch's statistics.
 
-    A codebook whose batch had no vector at all (all masked, empty) keeps its statistics
-    rather than decaying towards zero.
+    Per code, the step is lerp(old, new, (1 - decay) * weight) with weight (h, k) or (k,)
+    (vector-quantize-pytorch's `ema_update_weight`; 1 when None): a code of weight 0 keeps its
+    statistics, weight 1 everywhere is the plain step. A codebook whose batch had no vector at
+    all (all masked, empty) keeps its statistics rather than decaying towards zero.
     """
     seen = (counts.sum(-1, keepdim=True) > 0).to(torch.float32)  # (h, 1): no host sync
-    weight = (1 - decay) * seen
-    cluster_size.lerp_(counts, weight)
-    embed_avg.lerp_(sums, weight.unsqueeze(-1))
+    step = (1 - decay) * seen
+    if weight is not None:
+        step = step * weight
+    cluster_size.lerp_(counts, step)
+    embed_avg.lerp_(sums, step.unsqueeze(-1))
+
+
+def ema_weight(weight, sums: Tensor, counts: Tensor) -> Tensor | None:
+    """`ema_update_weight` as given (None, a number, a (k,) or (h, k) tensor, or a callable
+    (sums (h, k, d), counts (h, k)) -> one of those) -> fp32 (h, k) weights, or None.
+
+    Raises ValueError naming `ema_update_weight` for a wrong shape or a negative or non-finite
+    weight, before any statistic changes. Under sync, a tensor weight must be the same on every
+    rank (a callable sees the all-reduced statistics, so it is)."""
+    if weight is None:
+        return None
+    if callable(weight):
+        weight = weight(sums, counts)
+    h, k = counts.shape
+    weight = torch.as_tensor(weight, dtype=torch.float32, device=counts.device)
+    if weight.ndim > 2 or (weight.ndim >= 1 and weight.shape[-1] != k) or (weight.ndim == 2 and weight.shape[0] != h):
+        raise ValueError(f"ema_update_weight: expected a number or a tensor of shape ({k},) or ({h}, {k}) "
+                         f"(codebook_size, per codebook), got shape {tuple(weight.shape)}")
+    # a negative weight counts as non-finite: one check (an in-graph assert under torch.compile on CPU)
+    check_finite(weight.where(weight >= 0, torch.nan), "ema_update_weight: expected finite weights >= 0, got a "
+                 "negative, NaN or Inf value; the statistics were left untouched", sync=False)
+    return weight.expand(h, k)
 
 
 def smoothed_cluster_size(cluster_size: Tensor, eps: float) -> Tensor:

@@ -8,6 +8,7 @@ need a softmax over all codes run in recomputed tiles (kernels/code_softmax.py).
 
 from __future__ import annotations
 
+import math
 from collections import namedtuple
 from typing import NamedTuple
 
@@ -38,6 +39,7 @@ from ..precision import fp32_island, project
 from ..rotation_trick import rotation_trick
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
+from .vq_updates import CodebookUpdates
 
 _NON_FINITE = ("input: non-finite values (NaN or Inf) in a training batch (on this rank or another); the "
                "codebook and its statistics were left untouched")
@@ -69,7 +71,7 @@ def _check_weight(name: str, value) -> float:
     return float(value)
 
 
-class VectorQuantize(nn.Module):
+class VectorQuantize(CodebookUpdates, nn.Module):
     """Vector quantizer with an EMA (or learnable) codebook.
 
     Shapes:
@@ -84,6 +86,12 @@ class VectorQuantize(nn.Module):
     codebook (or its own with separate_codebook_per_head). Statistics update only in training
     with gradients enabled and the codebook not frozen; eval and no_grad forwards change no
     buffer and issue no collective.
+
+    Statistics extras (vector-quantize-pytorch's): forward's `ema_update_weight` (per-code weight
+    (codebook_size,) or (heads, codebook_size) on the EMA step, or a callable (sums, counts) ->
+    weight) and `accum_ema_update` (only accumulate this step's statistics), manual_ema_update
+    with update_ema(), update_indices(x, indices), expire_codes_(x), affine_param, sync_update_v,
+    in_place_codebook_optimizer (vq_updates.py, codebook.py, affine.py).
     """
 
     def __init__(
@@ -122,6 +130,14 @@ class VectorQuantize(nn.Module):
         return_zeros_for_masked_padding: bool = True,
         reset_cluster_size: float | None = None,
         process_group=None,
+        manual_ema_update: bool = False,
+        affine_param: bool = False,
+        sync_affine_param: bool = False,
+        affine_param_batch_decay: float = 0.99,
+        affine_param_codebook_decay: float = 0.9,
+        sync_update_v: float = 0.0,
+        in_place_codebook_optimizer=None,
+        manual_in_place_optimizer_update: bool = False,
     ):
         super().__init__()
         self.dim = check_positive_int("dim", dim)
@@ -143,6 +159,13 @@ class VectorQuantize(nn.Module):
             rotation_trick = not straight_through and self.codebook_dim > 1
         if rotation_trick and straight_through:
             raise ValueError("straight_through, rotation_trick: choose one gradient estimator, got both True")
+        if affine_param and use_cosine_sim:
+            raise ValueError("affine_param: maps codes onto the batch's mean and variance, for the euclidean "
+                             "codebook only; got use_cosine_sim=True")
+        for name, value in (("affine_param_batch_decay", affine_param_batch_decay),
+                            ("affine_param_codebook_decay", affine_param_codebook_decay)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}")
 
         self.separate_codebook_per_head = separate_codebook_per_head
         self.channel_last, self.accept_image_fmap, self.accept_3d_fmap = channel_last, accept_image_fmap, accept_3d_fmap
@@ -177,7 +200,10 @@ class VectorQuantize(nn.Module):
             kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, decay=decay, eps=eps,
             threshold_ema_dead_code=threshold_ema_dead_code, reset_cluster_size=reset_cluster_size,
             learnable=learnable_codebook or self.orthogonal_reg_weight > 0, use_cosine_sim=use_cosine_sim,
+            manual_ema_update=manual_ema_update, affine_param=affine_param,
+            affine_param_batch_decay=affine_param_batch_decay, affine_param_codebook_decay=affine_param_codebook_decay,
         )
+        self._init_updates(sync_affine_param, sync_update_v, in_place_codebook_optimizer, manual_in_place_optimizer_update)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "
@@ -211,10 +237,8 @@ class VectorQuantize(nn.Module):
         """(h, n, ...) per head -> (g, m, ...) per codebook: heads sharing one codebook are pooled."""
         return t if self.separate_codebook_per_head or self.heads == 1 else t.reshape(1, -1, *t.shape[2:])
 
-    @fp32_island
-    def _quantize(self, z: Tensor, keep: Tensor | None, temperature: float, may_init: bool, update: bool,
-                  ema_update: bool, freeze: bool, targets: Tensor | None = None) -> Quantized:
-        """z (b, n, heads*d), keep (b, n) bool or None -> Quantized (fp32)."""
+    def _searched(self, z: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """z (b, n, heads*d), keep (b, n) or None -> the vectors searched per codebook (g, m, d), kept (g, m)."""
         b, n, _ = z.shape
         z = z.reshape(b * n, self.heads, self.codebook_dim).transpose(0, 1)  # (h, b*n, d)
         keep_heads = None if keep is None else keep.reshape(1, b * n).expand(self.heads, -1)
@@ -222,7 +246,15 @@ class VectorQuantize(nn.Module):
             z = torch.where(keep_heads.unsqueeze(-1), z, 0.0)  # padding (projected: the bias) never enters
         if self.use_cosine_sim:
             z = F.normalize(z, dim=-1)
-        search, kept = self._per_codebook(z), None if keep is None else self._per_codebook(keep_heads)
+        return self._per_codebook(z), None if keep is None else self._per_codebook(keep_heads)
+
+    @fp32_island
+    def _quantize(self, z: Tensor, keep: Tensor | None, temperature: float, may_init: bool, update: bool,
+                  ema_update: bool, freeze: bool, targets: Tensor | None = None, ema_update_weight=None,
+                  accum_ema_update: bool = False) -> Quantized:
+        """z (b, n, heads*d), keep (b, n) bool or None -> Quantized (fp32)."""
+        b, n, _ = z.shape
+        search, kept = self._searched(z, keep)
         sync = self._sync()
         if may_init or update:
             check_finite(search, _NON_FINITE, self.process_group, sync)
@@ -230,6 +262,9 @@ class VectorQuantize(nn.Module):
                 self._codebook.broadcast_state_(self.process_group, once=True)
             if may_init and self._codebook.needs_init():
                 self._kmeans_init(search, kept, sync)
+            if update:
+                self._codebook.update_affine_(search.detach(), kept, self._sync_affine(), self.process_group)
+        inplace = self._in_place_step(search, kept, sync) if update else search.new_zeros(())
 
         codebook = self._codebook.codes()
         if may_init or update:  # a snapshot: this step's update (here, or a shared codebook's after all
@@ -244,16 +279,18 @@ class VectorQuantize(nn.Module):
                                   valid=kept)
         codes = torch.gather(codebook, 1, indices.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
 
-        zero = z.new_zeros(())
+        zero = search.new_zeros(())
         commitment = diversity = orthogonal = zero
         if targets is not None:  # cross-entropy of x's code distribution to the given codes
             commitment = code_cross_entropy(search, codebook, targets, self.metric)
         elif self.training:
             commitment, diversity, orthogonal = self._losses(search, codebook, codes, indices, kept, freeze, sync)
         if update:
-            self._codebook.update_(search.detach(), indices, kept, ema_update, sync, self.process_group)
+            self._codebook.update_(search.detach(), indices, kept, ema_update, sync, self.process_group,
+                                   ema_update_weight, accum_ema_update)
 
         quantized = self._route_gradients(search, codes, codebook, temperature) if self.training else codes.detach()
+        quantized = self._synchronized_update(quantized, codes, freeze)
         shown = indices
         if keep is not None:
             quantized = torch.where(kept.unsqueeze(-1), quantized, 0.0)
@@ -266,7 +303,7 @@ class VectorQuantize(nn.Module):
                 + orthogonal * self.orthogonal_reg_weight)
         if targets is not None:
             loss = commitment
-        breakdown = LossBreakdown(commitment, diversity, orthogonal, zero)
+        breakdown = LossBreakdown(commitment, diversity, orthogonal, inplace)
         return Quantized(quantized, out_indices, loss, breakdown, search.detach(), indices, kept)
 
     @runs_eagerly(KMEANS_INIT_EAGER)
@@ -347,7 +384,8 @@ class VectorQuantize(nn.Module):
 
     def forward(self, x: Tensor, indices: Tensor | None = None, mask: Tensor | None = None, lens: Tensor | None = None,
                 sample_codebook_temp: float | None = None, freeze_codebook: bool | None = None,
-                return_loss_breakdown: bool = False, ema_update: bool | None = None):
+                return_loss_breakdown: bool = False, ema_update: bool | None = None, ema_update_weight=None,
+                accum_ema_update: bool = False):
         dtype = x.dtype
         tokens, spatial, channel_first, only_one = self._to_tokens(x)
         if mask is not None and lens is not None:
@@ -360,9 +398,10 @@ class VectorQuantize(nn.Module):
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         ema_update = self.ema_update if ema_update is None else ema_update
         updating = self.training and torch.is_grad_enabled() and not freeze and targets is None
+        ema_update_weight = self._checked_ema_weight(ema_update_weight) if updating else None
 
         result = self._quantize(project(self.project_in, without_padding(tokens, keep)), keep, temperature, updating, updating,
-                                ema_update, freeze, targets)
+                                ema_update, freeze, targets, ema_update_weight, accum_ema_update)
         out = project(self.project_out, result.quantized)
         if keep is not None:
             masked_value = torch.zeros_like(out) if self.return_zeros_for_masked_padding else tokens.to(out.dtype)
@@ -382,7 +421,7 @@ class VectorQuantize(nn.Module):
     def _targets(self, indices: Tensor, tokens: Tensor, keep: Tensor | None) -> Tensor:
         """Given indices (b, ...[, heads]) -> per-codebook targets (g, m), -1 ignored."""
         idx = self._check_code_indices(indices)
-        idx = idx.reshape(tokens.shape[0], -1, self.heads)
+        idx = idx.reshape(idx.shape[0], math.prod(idx.shape[1:-1]), self.heads)  # explicit: also for b = 0
         if idx.shape[1] != tokens.shape[1]:
             raise ValueError(f"indices: expected {tokens.shape[1]} positions per batch item, got shape {tuple(indices.shape)}")
         if keep is not None:

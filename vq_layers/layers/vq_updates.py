@@ -1,0 +1,192 @@
+"""Codebook updates the user drives, for VectorQuantize (vector-quantize-pytorch's names):
+
+- `update_ema()`: with manual_ema_update=True, training steps only track the EMA statistics;
+  this sets the codes from them.
+- `expire_codes_(x)`: dead codes (EMA count below threshold_ema_dead_code) take rows of x.
+- `update_indices(x, indices)`: one EMA step (and dead-code expiry) with the given codes in
+  place of the nearest ones.
+- `in_place_codebook_optimizer`: each training step first moves a learnable codebook by one
+  step of that optimizer on the codebook loss mean((code - sg(z))^2) over the kept tokens (of
+  the global batch under sync), then searches the moved codebook.
+- `sync_update_v`: vqtorch's synchronized update rule (eq. 21 of the vqtorch draft, Huh et al.,
+  "Straightening Out the Straight-Through Estimator", arXiv 2305.08842): the output
+  is z_q in value, its gradient reaches the input unchanged (by the layer's estimator) and
+  the chosen codes as v x the output gradient, so the codebook follows the task loss.
+
+A mixin: VectorQuantize provides `_codebook`, `_searched`, `_to_tokens`, `_targets` and the
+options; the statistics themselves live in codebook.py / ema.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..codebook import runs_eagerly
+from ..distributed import all_reduce_sum_, check_finite, is_distributed
+from ..ema import ema_weight
+from ..kernels.nearest_code import nearest_code
+from ..layout import check_mask, without_padding
+from ..precision import fp32_island, project
+
+_NON_FINITE = "{}: non-finite values (NaN or Inf) on this rank or another; the codebook and its statistics were left untouched"
+
+
+class CodebookUpdates:
+    def _init_updates(self, sync_affine_param: bool, sync_update_v: float, in_place_codebook_optimizer,
+                      manual_in_place_optimizer_update: bool) -> None:
+        """Checks and stores the options; call once `_codebook` exists (the optimizer takes its parameters)."""
+        if sync_affine_param and not self._codebook.affine_param:
+            raise ValueError("sync_affine_param: syncs the affine batch statistics, which need affine_param=True; "
+                             "got affine_param=False")
+        if not 0 <= sync_update_v <= 1:
+            raise ValueError(f"sync_update_v: expected a value in [0, 1], got {sync_update_v!r}")
+        if sync_update_v > 0 and not self.learnable_codebook:
+            raise ValueError("sync_update_v: the synchronized update trains the codebook by gradient; it needs "
+                             "learnable_codebook=True")
+        self.sync_affine_param, self.sync_update_v = sync_affine_param, float(sync_update_v)
+        self.manual_in_place_optimizer_update = manual_in_place_optimizer_update
+        self.in_place_codebook_optimizer = None
+        if in_place_codebook_optimizer is not None:
+            if not callable(in_place_codebook_optimizer):
+                raise TypeError("in_place_codebook_optimizer: expected a callable params -> optimizer, got "
+                                f"{type(in_place_codebook_optimizer).__name__}")
+            if not self._codebook.learnable:
+                raise ValueError("in_place_codebook_optimizer: steps a learnable codebook; pass learnable_codebook=True "
+                                 "(or orthogonal_reg_weight > 0)")
+            self.in_place_codebook_optimizer = in_place_codebook_optimizer(self._codebook.parameters())
+
+    def _checked_ema_weight(self, weight):
+        """A given `ema_update_weight` tensor checked at the boundary, before anything changes (a
+        callable's result is checked once the statistics it takes exist)."""
+        if weight is None or callable(weight):
+            return weight
+        return ema_weight(weight, None, self._codebook.cluster_size)
+
+    def _explicit_sync(self) -> bool:
+        """Whether a method the user calls (update_indices, expire_codes_) talks to the other
+        ranks: whenever distributed and sync_codebook is not False (every rank must call)."""
+        return self.sync_codebook is not False and is_distributed(self.process_group)
+
+    def _sync_affine(self) -> bool:
+        return self.sync_affine_param and is_distributed(self.process_group)
+
+    # the EMA, by hand
+
+    def update_ema(self) -> None:
+        """Sets the codes from the EMA statistics (for manual_ema_update=True)."""
+        self._codebook.update_ema()
+
+    def expire_codes_(self, x: Tensor) -> None:
+        """Replaces dead codes (EMA count below threshold_ema_dead_code) by rows of x
+        (..., heads * codebook_dim), vectors as the codebook sees them (after project_in), as
+        vector-quantize-pytorch does; a no-op in eval or without a threshold. Under sync every
+        rank must call (the rows are drawn from the union of the ranks')."""
+        if not isinstance(x, Tensor) or x.shape[-1:] != (self.heads * self.codebook_dim,):
+            raise ValueError(f"x: expected a tensor (..., {self.heads * self.codebook_dim}) (heads * codebook_dim), "
+                             f"got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if not self.training or self._codebook.threshold_ema_dead_code <= 0:
+            return
+        self._expire(x.detach().reshape(1, -1, x.shape[-1]))
+
+    @fp32_island
+    @torch.no_grad()
+    def _expire(self, z: Tensor) -> None:
+        search, _ = self._searched(z, None)
+        sync = self._explicit_sync()
+        check_finite(search, _NON_FINITE.format("x"), self.process_group, sync)
+        self._codebook.expire_codes_(search, None, sync, self.process_group)
+
+    @torch.no_grad()
+    def update_indices(self, x: Tensor, indices: Tensor, mask: Tensor | None = None) -> None:
+        """One codebook update from x (as forward takes it) with `indices` (as forward returns
+        them) in place of the nearest codes: the EMA step (if ema_update) and dead-code expiry.
+        Masked positions and index -1 count nowhere. In any mode; under sync every rank must call."""
+        tokens, spatial, _, only_one = self._to_tokens(x)
+        if only_one and mask is not None and mask.ndim == 1:
+            mask = mask.reshape(-1, 1)
+        keep = check_mask(mask, tokens, spatial)
+        targets = self._targets(indices.unsqueeze(1) if only_one else indices, tokens, keep)
+        self._update_from(project(self.project_in, without_padding(tokens, keep)), keep, targets)
+
+    @fp32_island
+    def _update_from(self, z: Tensor, keep: Tensor | None, targets: Tensor) -> None:
+        search, _ = self._searched(z, keep)
+        sync = self._explicit_sync()
+        check_finite(search, _NON_FINITE.format("x"), self.process_group, sync)
+        if sync:
+            self._codebook.broadcast_state_(self.process_group, once=True)
+        if self._codebook.needs_init():
+            raise ValueError("update_indices: the codebook is not initialized yet (kmeans_init=True runs on the "
+                             "first training forward); run one before updating with given indices")
+        self._codebook.update_(search, targets.clamp(min=0), targets >= 0, self.ema_update, sync, self.process_group)
+
+    # the in-place optimizer
+
+    def _in_place_step(self, search: Tensor, kept: Tensor | None, sync: bool) -> Tensor:
+        """One optimizer step on the codebook loss of this batch (fp32, inside the island) ->
+        the loss (detached; the global batch's under sync); zero without an optimizer."""
+        if self.in_place_codebook_optimizer is None:
+            return search.new_zeros(())
+        return self._in_place_optimize(search, kept, sync)
+
+    @runs_eagerly("in_place_codebook_optimizer: the optimizer step runs eagerly, a graph break; compile with "
+                  "fullgraph=False")
+    def _in_place_optimize(self, search: Tensor, kept: Tensor | None, sync: bool) -> Tensor:
+        """The gradient is that of the global batch's loss (per-rank sums over the global count,
+        summed over the ranks)."""
+        self._codebook._check_in_place_write("in_place_codebook_optimizer")
+        target = search.detach()
+        params = [p for group in self.in_place_codebook_optimizer.param_groups for p in group["params"]]
+        with torch.enable_grad():
+            codebook = self._codebook.codes()
+            if self.use_cosine_sim and self.learnable_codebook:  # as the search in VectorQuantize
+                codebook = F.normalize(codebook, dim=-1)
+            indices, _ = nearest_code(target, codebook.detach(), self.metric, valid=kept)
+            codes = torch.gather(codebook, 1, indices.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
+            error = (codes - target).square()
+            if kept is not None:
+                error = torch.where(kept.unsqueeze(-1), error, 0.0)
+            rows = target.new_tensor(float(target.shape[0] * target.shape[1])) if kept is None else kept.sum().float()
+            count = rows * target.shape[-1]
+            if sync:
+                count = all_reduce_sum_(count.clone(), self.process_group)
+            loss = error.sum() / count.clamp(min=1)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [None if g is None else (all_reduce_sum_(g, self.process_group) if sync else g) for g in grads]
+        self._apply_in_place(params, grads)
+        loss = loss.detach()
+        return all_reduce_sum_(loss.clone(), self.process_group) if sync else loss
+
+    def _apply_in_place(self, params: list, grads: list) -> None:
+        """The step on exactly these gradients; the parameters' .grad (the user's accumulated
+        gradients) is left as it was. With manual_in_place_optimizer_update, the gradients are
+        added to .grad instead, for update_in_place_optimizer()."""
+        if self.manual_in_place_optimizer_update:
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.grad = g.to(p.dtype) if p.grad is None else p.grad + g.to(p.dtype)
+            return
+        saved = [p.grad for p in params]
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.to(p.dtype)
+        self.in_place_codebook_optimizer.step()
+        for p, grad in zip(params, saved):
+            p.grad = grad
+
+    def update_in_place_optimizer(self) -> None:
+        """With manual_in_place_optimizer_update=True: the optimizer step on the gradients
+        gathered since the last call (already the global batch's under sync), then zero_grad."""
+        if self.in_place_codebook_optimizer is None:
+            return
+        self.in_place_codebook_optimizer.step()
+        self.in_place_codebook_optimizer.zero_grad()
+
+    # the synchronized update rule
+
+    def _synchronized_update(self, quantized: Tensor, codes: Tensor, freeze: bool) -> Tensor:
+        """quantized + v (codes - sg(codes)): the same value; the chosen codes get v x its gradient."""
+        if not self.training or self.sync_update_v <= 0 or freeze:
+            return quantized
+        return quantized + self.sync_update_v * (codes - codes.detach())
