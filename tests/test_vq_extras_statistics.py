@@ -637,6 +637,7 @@ def _gathered_equal(t):
 def _dist_worker(rank, world):
     configs = [
         (dict(dim=6, codebook_size=10, affine_param=True, sync_affine_param=True), [False, False]),
+        (dict(dim=6, codebook_size=10, affine_param=True), [False]),  # synced by default
         (dict(dim=6, codebook_size=10, heads=2, codebook_dim=3, separate_codebook_per_head=True), [True, True, False]),
         (dict(dim=6, codebook_size=10, learnable_codebook=True,
               in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.5)), [False, False]),

@@ -132,7 +132,7 @@ class VectorQuantize(CodebookUpdates, nn.Module):
         process_group=None,
         manual_ema_update: bool = False,
         affine_param: bool = False,
-        sync_affine_param: bool = False,
+        sync_affine_param: bool | None = None,
         affine_param_batch_decay: float = 0.99,
         affine_param_codebook_decay: float = 0.9,
         sync_update_v: float = 0.0,

@@ -34,10 +34,10 @@ _NON_FINITE = "{}: non-finite values (NaN or Inf) on this rank or another; the c
 
 
 class CodebookUpdates:
-    def _init_updates(self, sync_affine_param: bool, sync_update_v: float, in_place_codebook_optimizer,
+    def _init_updates(self, sync_affine_param: bool | None, sync_update_v: float, in_place_codebook_optimizer,
                       manual_in_place_optimizer_update: bool) -> None:
         """Checks and stores the options; call once `_codebook` exists (the optimizer takes its parameters)."""
-        if sync_affine_param and not self._codebook.affine_param:
+        if sync_affine_param is True and not self._codebook.affine_param:
             raise ValueError("sync_affine_param: syncs the affine batch statistics, which need affine_param=True; "
                              "got affine_param=False")
         if not 0 <= sync_update_v <= 1:
@@ -70,6 +70,10 @@ class CodebookUpdates:
         return self.sync_codebook is not False and is_distributed(self.process_group)
 
     def _sync_affine(self) -> bool:
+        """Whether the affine batch moments are the global batch's: by default (None) whenever the
+        codebook syncs, as every other statistic (the peer's default, False, leaves each rank its own)."""
+        if self.sync_affine_param is None:
+            return self.sync_codebook is not False and is_distributed(self.process_group)
         return self.sync_affine_param and is_distributed(self.process_group)
 
     # the EMA, by hand
