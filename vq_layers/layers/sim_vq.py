@@ -5,8 +5,9 @@ The frozen codebook C (K, frozen_codebook_dim) never changes; the implicit codeb
 C W = code_transform(C) (K, dim), and the map W (or any module given as `codebook_transform`)
 is what learns, through the commitment loss. Every code moves with W, so none is left dead.
 
-The map is a projection: it follows autocast, or runs in its own dtype. The search, the losses
-and the gradient estimator run in an fp32 island on the implicit codebook it gave.
+The map builds the codebook in its own dtype (the module's), with autocast off: a surrounding
+autocast must not round the codes. The search, the losses and the gradient estimator run in an
+fp32 island on the implicit codebook it gave.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from ..checks import check_indices, check_positive_int
 from ..kernels.nearest_code import nearest_code
 from ..layout import from_tokens, to_tokens
-from ..precision import Fp32BuffersModule, fp32_island, project
+from ..precision import Fp32BuffersModule, fp32_island, project, without_autocast
 from ..rotation_trick import rotation_trick
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
@@ -101,7 +102,9 @@ class SimVQ(Fp32BuffersModule):
     def codebook(self) -> Tensor:
         """The implicit codebook (codebook_size, dim): code_transform(frozen_codebook)."""
         self.keep_fp32_buffers_()
-        codebook = project(self.code_transform, self.frozen_codebook)
+        # the codebook, not an activation: built in the map's own dtype whatever the autocast
+        # (a bf16 autocast would round every code and change the chosen ones)
+        codebook = without_autocast(project)(self.code_transform, self.frozen_codebook)
         expected = (self.codebook_size, self.dim)
         if tuple(codebook.shape) != expected:
             raise ValueError(f"codebook_transform: expected it to map the frozen codebook "
