@@ -268,8 +268,8 @@ class HierarchicalVQ(nn.Module):
             cells = None if cells is None else cells.reshape(cells.shape[0], math.prod(level_shape))
             vq = self.get_vq(k)
             temperature = vq.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
-            result = vq._quantize(tokens, cells, temperature, updating, updating and not self.shared_codebook,
-                                  vq.ema_update, False)
+            result = vq._quantize(tokens, cells, temperature, may_init=updating,
+                                  update=updating and not self.shared_codebook, ema_update=vq.ema_update, freeze=False)
             results.append(result)
             q = self._refine(k, from_tokens(result.quantized, level_shape, True), full_shape)
             reconstruction = reconstruction + q
