@@ -15,7 +15,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import vq_layers.kernels.nearest_code as nc
-from vq_layers.kernels.nearest_code import nearest_code, nearest_codes, nearest_codes_per_token
+from vq_layers.kernels.nearest_code import (
+    nearest_code,
+    nearest_codes,
+    nearest_codes_per_token,
+)
 
 F64 = torch.float64
 
@@ -155,3 +159,248 @@ def test_nearest_codes_errors():
         nearest_codes_per_token(x, randn(4, 4, 3), "l2", 2)
     with pytest.raises(ValueError, match="k: expected"):
         nearest_codes_per_token(x, randn(5, 4, 3), "l2", 9)
+
+
+# --------------------------------------------------------------------------------------------
+# VectorQuantize(topk=...)
+
+from dtype_matrix import Parts, dtype_matrix, run_cell
+
+from vq_layers import VectorQuantize
+from vq_layers.directional_reparam import directional_reparam
+
+
+def ema_state(layer):
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("layout", ["tokens", "image", "channel_first", "one", "masked"])
+def test_topk_matches_the_peer(train, layout):
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    kw = {"image": dict(accept_image_fmap=True), "channel_first": dict(channel_last=False)}.get(layout, {})
+    ours = VectorQuantize(dim=6, codebook_size=12, **kw).train(train)
+    peer = vqp.VectorQuantize(dim=6, codebook_size=12, **kw).train(train)
+    peer.load_state_dict(ours.state_dict(), strict=False)
+    x = {"image": randn(2, 6, 3, 4), "channel_first": randn(2, 6, 5), "one": randn(3, 6)}.get(layout, randn(2, 5, 6))
+    fw = dict(topk=3)
+    if layout == "masked":
+        fw["mask"] = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    a, b = ours(x, **fw), peer(x, **fw)
+    assert [t.shape for t in a] == [t.shape for t in b]
+    assert torch.equal(a[1], b[1].long())
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a[2], b[2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_topk_equals_fp64_brute_force(train):
+    layer = VectorQuantize(dim=4, codebook_size=20, commitment_weight=0.5).train(train)
+    x = randn(3, 7, 4, seed=11)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[2, 4:] = False
+    out, indices, loss = layer(x, topk=4, mask=mask)
+    codebook = layer.codebook.detach()
+    ref, _, gap = brute_topk64(x.reshape(1, 21, 4), codebook[None], 4)
+    ref = ref.reshape(3, 7, 4).masked_fill(~mask[..., None], -1)
+    assert (gap > 1e-5).all() and torch.equal(indices, ref)
+    codes = codebook.to(F64)[indices.clamp(min=0)]
+    assert torch.equal(out, torch.where(mask[..., None, None], codebook[indices.clamp(min=0)], 0.0))
+    expected = 0.5 * (codes - x.to(F64)[:, :, None]).square().mean(-1) * mask[..., None]
+    torch.testing.assert_close(loss.to(F64), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_topk_1_equals_the_plain_forward(train):
+    layer = VectorQuantize(dim=5, codebook_size=9, codebook_dim=3, commitment_weight=0.7).train(train)
+    x, mask = randn(2, 6, 5, seed=12), torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
+    state = ema_state(layer)
+    k1 = layer(x, mask=mask, topk=1)
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items()), "topk updated the codebook"
+    plain = layer(x, mask=mask)  # searches the same codebook, then updates it
+    assert torch.equal(k1[0][:, :, 0], plain[0]) and torch.equal(k1[1][..., 0], plain[1])
+    if train:  # the plain loss is the masked mean of the per-token ones
+        torch.testing.assert_close(k1[2].sum() / mask.sum(), plain[2], rtol=1e-6, atol=1e-7)
+
+
+def test_topk_routes_each_codes_gradient_to_its_input():
+    """Straight-through per k: d sum(w * out) / dx = sum_k w_k (commitment off)."""
+    layer = VectorQuantize(dim=3, codebook_size=8, rotation_trick=False, commitment_weight=0.0).train()
+    x = randn(2, 4, 3, seed=13).requires_grad_()
+    out, _, _ = layer(x, topk=3)
+    w = randn(*out.shape, seed=14)
+    (out * w).sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(2))
+
+
+def test_topk_errors():
+    layer = VectorQuantize(dim=4, codebook_size=8)
+    x = randn(2, 3, 4)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="topk: expected a positive int"):
+            layer(x, topk=bad)
+    with pytest.raises(ValueError, match="heads=1"):
+        VectorQuantize(dim=4, codebook_size=8, heads=2, codebook_dim=2)(x, topk=2)
+    with pytest.raises(ValueError, match="topk, indices"):
+        layer(x, topk=2, indices=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="commitment_use_cross_entropy_loss"):
+        VectorQuantize(dim=4, codebook_size=8, commitment_use_cross_entropy_loss=True).train()(x, topk=2)
+    assert layer(x, topk=50)[1].shape == (2, 3, 8)  # clamped to the codebook size, as the peer
+
+
+def topk_unpack(result):
+    out, indices, loss = result
+    return Parts(out, indices=[indices], losses=[loss])
+
+
+CONFIGS = {
+    "topk": (dict(dim=6, codebook_size=10), dict(topk=3)),
+    "diveq_topk": (dict(dim=6, codebook_size=10, codebook_dim=4, directional_reparam=True,
+                        threshold_ema_dead_code=1), dict(topk=2)),
+    "transform": (dict(dim=6, codebook_size=10, learnable_codebook=True, ema_update=False),
+                  dict(codebook_transform_fn="shift")),
+}
+
+
+@pytest.mark.parametrize("cell", dtype_matrix())
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_dtype_matrix(name, cell):
+    kwargs, fw = CONFIGS[name]
+
+    def forward(layer, x):
+        extra = dict(fw)
+        if "codebook_transform_fn" in extra:  # a per-token shift of the codebook
+            shift = x.detach().float().unsqueeze(-2) * 0.1  # (b, n, 1, d)
+            extra["codebook_transform_fn"] = lambda cb: cb[:, None, None] + shift
+        return layer(x, **extra)
+
+    res = run_cell(cell, lambda: VectorQuantize(**kwargs), lambda dt: randn(2, 5, 6, seed=15).to(dt), forward=forward,
+                   unpack=topk_unpack if "topk" in fw else lambda r: Parts(r[0], indices=[r[1]], losses=[r[2]]))
+    if "topk" in fw:  # the indices are the fp32 search's (the cell's input, rounded to its dtype)
+        layer = res.layer
+        if not layer.has_projections:
+            x = res.x.detach().float().reshape(1, -1, 6)
+            ref, _, gap = brute_topk64(x, layer.codebook.detach().float()[None], fw["topk"])
+            clear = (gap > 1e-5).reshape(2, 5)
+            assert torch.equal(res.parts.indices[0][clear], ref.reshape(2, 5, -1)[clear])
+
+
+# --------------------------------------------------------------------------------------------
+# codebook_transform_fn: per-token codebooks
+
+
+def test_codebook_transform_fn_search_and_gradient_equal_fp64():
+    """Indices = fp64 brute force over each token's codebook; the commitment loss's gradient
+    reaches the transform's parameters (a learnable codebook, as ResidualVQ's implicit one)."""
+    layer = VectorQuantize(dim=3, codebook_size=7, learnable_codebook=True, ema_update=False, rotation_trick=False).train()
+    x = randn(2, 5, 3, seed=16)
+    shift = randn(2, 5, 1, 3, seed=17)
+    scale = torch.tensor(1.5, requires_grad=True)
+    out, indices, loss = layer(x, codebook_transform_fn=lambda cb: cb[:, None, None] * scale + shift)
+    codebook = layer.codebook.detach()
+    per_token = codebook.to(F64)[None, None] * 1.5 + shift.to(F64)  # (b, n, c, d)
+    ref, _, gap = brute_topk64(x.reshape(1, 10, 3), per_token.reshape(1, 10, 7, 3).float(), 1)
+    assert (gap > 1e-5).all() and torch.equal(indices, ref.reshape(2, 5))
+    chosen = per_token.gather(2, indices[..., None, None].expand(-1, -1, 1, 3))[:, :, 0]
+    torch.testing.assert_close(out.to(F64), chosen, rtol=1e-6, atol=1e-6)
+    loss.backward()
+    s = torch.tensor(1.5, dtype=F64, requires_grad=True)
+    picked = codebook.to(F64)[indices] * s + shift[:, :, 0].to(F64)
+    ((picked - x.to(F64)).square().mean()).backward()
+    torch.testing.assert_close(scale.grad.to(F64), s.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_codebook_transform_fn_topk_and_mask():
+    layer = VectorQuantize(dim=3, codebook_size=6).eval()
+    x, shift = randn(2, 4, 3, seed=18), randn(1, 2, 4, 6, 3, seed=19)
+    mask = torch.tensor([[True] * 4, [True, False, False, True]])
+    out, indices, loss = layer(x, topk=3, mask=mask, codebook_transform_fn=lambda cb: cb[:, None, None] + shift)
+    per_token = (layer.codebook[None, None] + shift[0]).reshape(1, 8, 6, 3)
+    ref, _, _ = brute_topk64(x.reshape(1, 8, 3), per_token, 3)
+    assert torch.equal(indices, ref.reshape(2, 4, 3).masked_fill(~mask[..., None], -1))
+    assert (out[~mask] == 0).all() and (loss[~mask] == 0).all()
+
+
+def test_codebook_transform_fn_errors():
+    layer = VectorQuantize(dim=3, codebook_size=6)
+    x = randn(2, 4, 3)
+    with pytest.raises(ValueError, match="codebook_transform_fn: expected it to return per-token codebooks"):
+        layer(x, codebook_transform_fn=lambda cb: cb)
+    with pytest.raises(TypeError, match="codebook_transform_fn: expected a callable"):
+        layer(x, codebook_transform_fn=3)
+    with pytest.raises(ValueError, match="heads=1"):
+        VectorQuantize(dim=4, codebook_size=6, heads=2, codebook_dim=2)(randn(2, 4, 4), codebook_transform_fn=lambda c: c)
+
+
+# --------------------------------------------------------------------------------------------
+# directional reparameterization (DiVeQ)
+
+
+def test_directional_reparam_formula_fp64():
+    """Value x + v ||q - x|| with v = normalize(q - x + sqrt(var) noise); gradients by the formula."""
+    x, q, noise = randn(6, 4, seed=20).to(F64), randn(6, 4, seed=21).to(F64), randn(6, 4, seed=22).to(F64)
+    x.requires_grad_(), q.requires_grad_()
+    out = directional_reparam(x, q, 0.01, noise)
+    e = (q - x).detach()
+    v = e + 0.1 * noise
+    v = v / v.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(out, x.detach() + v * e.norm(dim=-1, keepdim=True))
+    g = randn(6, 4, seed=23).to(F64)
+    out.backward(g)
+    unit_e = e / e.norm(dim=-1, keepdim=True)
+    vg = (v * g).sum(-1, keepdim=True)
+    torch.testing.assert_close(x.grad, g - unit_e * vg)
+    torch.testing.assert_close(q.grad, unit_e * vg)
+
+
+def test_directional_reparam_layer_value_and_gradients():
+    """The layer's output is the code up to the direction noise; the gradients to the input and
+    the codebook follow the formula, with v read off the output itself (fp64)."""
+    torch.manual_seed(0)
+    layer = VectorQuantize(dim=4, codebook_size=16, directional_reparam=True, threshold_ema_dead_code=1e-9).train()
+    assert layer.learnable_codebook and not layer.ema_update and not layer.rotation_trick
+    x = randn(3, 5, 4, seed=24).requires_grad_()
+    codebook = layer.codebook.detach().clone()
+    out, indices, loss = layer(x)
+    assert loss.item() == 0.0  # no commitment loss with DiVeQ (as the peer)
+    q = codebook.to(F64)[indices]
+    err = q - x.detach().to(F64)
+    length = err.norm(dim=-1, keepdim=True)
+    assert ((out.detach().to(F64) - q).norm(dim=-1) < 0.3 * length[..., 0]).all()  # the code, up to noise
+    assert not torch.equal(out.detach(), codebook[indices])  # ... and the noise is there
+    v = (out.detach().to(F64) - x.detach().to(F64)) / length
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(3, 5, dtype=F64))
+    g = randn(3, 5, 4, seed=25)
+    out.backward(g)
+    unit_e, vg = err / length, (v * g.to(F64)).sum(-1, keepdim=True)
+    torch.testing.assert_close(x.grad.to(F64), g.to(F64) - unit_e * vg, rtol=1e-5, atol=1e-6)
+    expected = torch.zeros(16, 4, dtype=F64).index_add_(0, indices.flatten(), (unit_e * vg).reshape(-1, 4))
+    torch.testing.assert_close(layer._codebook.embed.grad[0].to(F64), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_directional_reparam_zero_variance_is_the_code_and_eval_is_exact():
+    layer = VectorQuantize(dim=4, codebook_size=8, directional_reparam=True, directional_reparam_variance=0.0,
+                           threshold_ema_dead_code=1).train()
+    x = randn(2, 6, 4, seed=26)
+    out, indices, _ = layer(x)
+    torch.testing.assert_close(out, layer.codebook.detach()[indices], rtol=1e-5, atol=1e-6)
+    layer.eval()
+    out, indices, _ = layer(x)
+    assert torch.equal(out, layer.codebook.detach()[indices])
+
+
+def test_directional_reparam_errors_and_state_dict():
+    with pytest.raises(ValueError, match="threshold_ema_dead_code"):
+        VectorQuantize(dim=4, codebook_size=8, directional_reparam=True)
+    with pytest.raises(ValueError, match="choose one gradient estimator"):
+        VectorQuantize(dim=4, codebook_size=8, directional_reparam=True, threshold_ema_dead_code=1, rotation_trick=True)
+    with pytest.raises(ValueError, match="choose one gradient estimator"):
+        VectorQuantize(dim=4, codebook_size=8, directional_reparam=True, threshold_ema_dead_code=1, straight_through=True)
+    with pytest.raises(ValueError, match="directional_reparam_variance"):
+        VectorQuantize(dim=4, codebook_size=8, directional_reparam=True, threshold_ema_dead_code=1,
+                       directional_reparam_variance=-1.0)
+    a = VectorQuantize(dim=4, codebook_size=8, directional_reparam=True, threshold_ema_dead_code=1)
+    b = VectorQuantize(dim=4, codebook_size=8, directional_reparam=True, threshold_ema_dead_code=1)
+    b.load_state_dict(a.state_dict())
+    x = randn(2, 3, 4, seed=27)
+    assert torch.equal(a.eval()(x)[0], b.eval()(x)[0])
