@@ -131,7 +131,7 @@ def test_implicit_neural_codebook_search_equals_fp64_and_networks_learn():
     rvq = ResidualVQ(dim=3, num_quantizers=2, codebook_size=6, implicit_neural_codebook=True,
                      mlp_kwargs=dict(depth=1)).train()
     x = randn(3, 4, 3, seed=5)
-    out, indices, losses = rvq(x)
+    _, indices, losses = rvq(x)
     mlp = copy.deepcopy(rvq.mlps[0]).double()
     c0, c1 = (layer.codebook.detach().to(F64) for layer in rvq.layers)
     first = c0[indices[..., 0]]  # (b, n, d)
@@ -192,7 +192,7 @@ def test_beam_search_never_worse_than_greedy_and_beam_1_is_greedy():
         assert torch.equal(layer_path(rvq, x, 1), greedy)  # forward beam_size=1: greedy (fp64)
         codebooks = codebooks_of(rvq)
 
-        def stage(j, residual, so_far, width, codebooks=codebooks):
+        def stage(j, residual, so_far, width, codebooks=codebooks, k=k):
             from vq_layers.kernels.nearest_code import nearest_codes
             idx, _ = nearest_codes(residual.reshape(-1, 3), codebooks[j], "l2", min(width, k))
             return idx.reshape(*residual.shape[:2], -1), codebooks[j][idx].reshape(*residual.shape[:2], -1, 3)
@@ -293,3 +293,12 @@ def _beam_worker(rank, world_size):
 
 def test_distributed_beam_search_half_batches_equal_whole_batch():
     run_in_processes(_beam_worker, 2, timeout=120)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_beam_search_empty_and_all_masked_batches(train):
+    rvq = ResidualVQ(dim=4, num_quantizers=3, codebook_size=8, beam_size=3, implicit_neural_codebook=True).train(train)
+    out, indices, losses = rvq(randn(0, 5, 4))
+    assert out.shape == (0, 5, 4) and indices.shape == (0, 5, 3) and (losses == 0).all()
+    out, indices, losses = rvq(randn(2, 5, 4), mask=torch.zeros(2, 5, dtype=torch.bool))
+    assert (out == 0).all() and (indices == -1).all()

@@ -404,3 +404,16 @@ def test_directional_reparam_errors_and_state_dict():
     b.load_state_dict(a.state_dict())
     x = randn(2, 3, 4, seed=27)
     assert torch.equal(a.eval()(x)[0], b.eval()(x)[0])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_empty_and_all_masked_batches(train):
+    layer = VectorQuantize(dim=4, codebook_size=8).train(train)
+    out, indices, loss = layer(randn(0, 5, 4), topk=2)
+    assert out.shape == (0, 5, 2, 4) and indices.shape == loss.shape == (0, 5, 2)
+    out, indices, _ = layer(randn(0, 5, 4), codebook_transform_fn=lambda cb: cb[:, None, None].expand(-1, 0, 5, -1, -1))
+    assert out.shape == (0, 5, 4) and indices.shape == (0, 5)
+    state = ema_state(layer)
+    out, indices, loss = layer(randn(2, 5, 4), mask=torch.zeros(2, 5, dtype=torch.bool), topk=3)
+    assert (out == 0).all() and (indices == -1).all() and (loss == 0).all()
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())

@@ -297,7 +297,7 @@ def nearest_codes(x: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1, t
     indices = _torch_search_k(centred_x, centred_codebook, l2, metric == "euclidean" and temperature > 0,
                               float(temperature), _noise_seed(temperature, generator), k)
     chosen = codebook.gather(1, indices.flatten(1).unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
-    chosen = chosen.reshape(*indices.shape, -1)
+    chosen = chosen.reshape(*indices.shape, codebook.shape[-1])
     xs = x.unsqueeze(2)
     score = (xs - chosen).square().sum(-1) if l2 else (xs * chosen).sum(-1)
     return (indices[0], score[0]) if single else (indices, score)

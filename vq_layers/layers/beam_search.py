@@ -32,6 +32,8 @@ def _select(t: Tensor, rows: Tensor) -> Tensor:
 def beam_search(z: Tensor, stages: Sequence[StageSearch], beam_size: int, weights: Sequence[float]) -> Tensor:
     """z (m, d) fp32 -> the chosen path's indices (m, len(stages)) int64."""
     m, d = z.shape
+    if m == 0:
+        return torch.zeros((0, len(stages)), dtype=torch.long, device=z.device)
     residual, so_far = z[:, None], torch.zeros_like(z)[:, None]  # (m, B, d), B = 1 at first
     score = z.new_zeros((m, 1))
     paths = torch.zeros((m, 1, 0), dtype=torch.long, device=z.device)
