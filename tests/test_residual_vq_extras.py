@@ -302,3 +302,34 @@ def test_beam_search_empty_and_all_masked_batches(train):
     assert out.shape == (0, 5, 4) and indices.shape == (0, 5, 3) and (losses == 0).all()
     out, indices, losses = rvq(randn(2, 5, 4), mask=torch.zeros(2, 5, dtype=torch.bool))
     assert (out == 0).all() and (indices == -1).all()
+
+
+def test_diveq_on_the_sum_of_stages():
+    """Training: x + v ||sum q - x|| (v read off the output, fp64), gradients by the formula to
+    the input and every stage's codebook; eval: the codes exactly; the peer's defaults."""
+    torch.manual_seed(4)
+    rvq = ResidualVQ(dim=3, num_quantizers=2, codebook_size=6, diveq=True).train()
+    assert rvq.quant_grad_frac == 1.0
+    assert all(layer.learnable_codebook and not layer.ema_update and layer.commitment_weight == 0 for layer in rvq.layers)
+    x = randn(2, 5, 3, seed=12).requires_grad_()
+    before = [c.clone() for c in codebooks_of(rvq)]
+    out, indices, losses = rvq(x)
+    assert (losses == 0).all()
+    q = sum(before[k].to(F64)[indices[..., k]] for k in range(2))
+    err = q - x.detach().to(F64)
+    length = err.norm(dim=-1, keepdim=True)
+    v = (out.detach().to(F64) - x.detach().to(F64)) / length
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(2, 5, dtype=F64))
+    cos = (v * err / length).sum(-1)  # the error direction up to its noise
+    assert (cos > 0).all() and cos.mean() > 0.8 and (cos < 1 - 1e-6).all()
+    g = randn(2, 5, 3, seed=13)
+    out.backward(g)
+    along = err / length * (v * g.to(F64)).sum(-1, keepdim=True)
+    torch.testing.assert_close(x.grad.to(F64), g.to(F64) - along, rtol=1e-5, atol=1e-6)
+    for k, layer in enumerate(rvq.layers):
+        expected = torch.zeros(6, 3, dtype=F64).index_add_(0, indices[..., k].flatten(), along.reshape(-1, 3))
+        torch.testing.assert_close(layer._codebook.embed.grad[0].to(F64), expected, rtol=1e-5, atol=1e-6)
+    out, indices, _ = rvq.eval()(x)
+    assert torch.equal(out, rvq.get_output_from_indices(indices))
+    with pytest.raises(ValueError, match="ema_update"):
+        ResidualVQ(dim=3, num_quantizers=2, codebook_size=6, diveq=True, ema_update=True)

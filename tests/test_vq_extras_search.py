@@ -417,3 +417,16 @@ def test_empty_and_all_masked_batches(train):
     out, indices, loss = layer(randn(2, 5, 4), mask=torch.zeros(2, 5, dtype=torch.bool), topk=3)
     assert (out == 0).all() and (indices == -1).all() and (loss == 0).all()
     assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())
+
+
+def test_route_gradients_to_input_false():
+    """The output's gradient reaches the (learnable) codebook, not the input."""
+    layer = VectorQuantize(dim=3, codebook_size=6, learnable_codebook=True, ema_update=False,
+                           route_gradients_to_input=False, commitment_weight=0.0).train()
+    x = randn(2, 4, 3, seed=30).requires_grad_()
+    out, indices, _ = layer(x)
+    g = randn(2, 4, 3, seed=31)
+    out.backward(g)
+    assert x.grad is None or (x.grad == 0).all()
+    expected = torch.zeros(6, 3).index_add_(0, indices.flatten(), g.reshape(-1, 3))
+    torch.testing.assert_close(layer._codebook.embed.grad[0], expected)

@@ -10,6 +10,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_indices, check_positive_int
+from ..directional_reparam import directional_reparam
 from ..kernels.nearest_code import nearest_codes, nearest_codes_per_token
 from ..layout import (
     check_mask,
@@ -83,7 +84,8 @@ class ResidualVQ(ResidualQuantizer):
     Extras (vector-quantize-pytorch's keywords): `codebook_size` a tuple of one size per stage
     (num_quantizers may then be left out); `quant_grad_frac`, the fraction of the gradient that
     flows through a stage's output into the next residual; `implicit_neural_codebook` (QINCo,
-    implicit_codebook.py, with `mlp_kwargs`); beam search with `beam_size` (training; forward's
+    implicit_codebook.py, with `mlp_kwargs`); `diveq`, DiVeQ (directional_reparam.py) on the sum
+    of the stages in training; beam search with `beam_size` (training; forward's
     `beam_size` overrides), `eval_beam_size` and `beam_score_quantizer_weights` (beam_search.py):
     the path is searched first, then quantized stage by stage along it, so gradients, losses and
     codebook updates follow the chosen path.
@@ -110,6 +112,7 @@ class ResidualVQ(ResidualQuantizer):
         eval_beam_size: int | None = None,
         beam_score_quantizer_weights: list[float] | None = None,
         quant_grad_frac: float = 0.0,
+        diveq: bool = False,
         **vq_kwargs,
     ):
         if heads != 1:
@@ -126,6 +129,13 @@ class ResidualVQ(ResidualQuantizer):
             raise ValueError(f"codebook_size: shared_codebook=True needs one size for every stage, got {sizes}")
         if not (isinstance(quant_grad_frac, (int, float)) and quant_grad_frac >= 0):
             raise ValueError(f"quant_grad_frac: expected a number >= 0, got {quant_grad_frac!r}")
+        self.diveq = bool(diveq)
+        if diveq:  # DiVeQ on the sum of the stages: learnable codebooks, trained through the output only
+            if vq_kwargs.get("ema_update"):
+                raise ValueError("diveq, ema_update: DiVeQ trains the codebooks by gradients; ema_update must be False")
+            vq_kwargs.update(ema_update=False, learnable_codebook=True, route_gradients_to_input=False,
+                             commitment_weight=0.0)
+            quant_grad_frac = 1.0
         self.quant_grad_frac = float(quant_grad_frac)
         self.codebook_sizes = sizes
         self.implicit_neural_codebook = implicit_neural_codebook
@@ -193,6 +203,8 @@ class ResidualVQ(ResidualQuantizer):
                                     torch.cat([r.codebook_indices for r in results], dim=1), keeps,
                                     first.ema_update, first._sync(), self.process_group)
         losses = torch.stack([extra[0] if extra is not None else z.new_zeros(()) for extra in extras])
+        if self.diveq and self.training and torch.is_grad_enabled():  # eval outputs stay the codes exactly
+            quantized = directional_reparam(z, quantized)
         return quantized, indices, losses, codes
 
     def _beam_search(self, z: Tensor, beam_size: int, last_kept: int) -> Tensor:

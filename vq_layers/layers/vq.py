@@ -133,6 +133,7 @@ class VectorQuantize(nn.Module):
         process_group=None,
         directional_reparam: bool = False,
         directional_reparam_variance: float = 5e-3,
+        route_gradients_to_input: bool = True,
     ):
         super().__init__()
         self.dim = check_positive_int("dim", dim)
@@ -159,6 +160,7 @@ class VectorQuantize(nn.Module):
                                   rotation_trick, threshold_ema_dead_code)
         self.directional_reparam = bool(directional_reparam)
         self.directional_reparam_variance = float(directional_reparam_variance)
+        self.route_gradients_to_input = bool(route_gradients_to_input)
 
         self.separate_codebook_per_head = separate_codebook_per_head
         self.channel_last, self.accept_image_fmap, self.accept_3d_fmap = channel_last, accept_image_fmap, accept_3d_fmap
@@ -305,7 +307,10 @@ class VectorQuantize(nn.Module):
             self._codebook.broadcast_state_(self.process_group)  # or later steps would diverge
 
     def _route_gradients(self, search: Tensor, codes: Tensor, codebook: Tensor, temperature: float) -> Tensor:
-        """The codes in value; the gradient reaches the input by the chosen estimator."""
+        """The codes in value; the gradient reaches the input by the chosen estimator (or none:
+        route_gradients_to_input=False leaves the codes, differentiable in a learnable codebook)."""
+        if not self.route_gradients_to_input:
+            return codes
         if self.straight_through and temperature > 0:  # Gumbel-softmax straight-through
             soft = soft_codes(search, codebook, self.metric, 1.0 / temperature)
             return straight_through(codes, soft if codes.ndim == soft.ndim else soft.unsqueeze(2).expand_as(codes))
