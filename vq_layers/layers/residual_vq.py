@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..checks import check_indices, check_positive_int
 from ..directional_reparam import directional_reparam
+from ..distributed import check_finite
 from ..kernels.nearest_code import nearest_codes, nearest_codes_per_token
 from ..layout import (
     check_mask,
@@ -30,7 +31,7 @@ from .residual import (
     stage_codes,
     sum_stages,
 )
-from .vq import VectorQuantize
+from .vq import _NON_FINITE, VectorQuantize
 
 
 def codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
@@ -180,6 +181,8 @@ class ResidualVQ(ResidualQuantizer):
         results = []
         path = None  # (b*n, stages kept): the beam search's path, quantized along below
         if beam_size is not None and not (updating and any(layer._codebook.needs_init() for layer in self.layers)):
+            if updating:
+                self._share_codebooks(z)
             path = self._beam_search(z, beam_size, last_kept)  # (k-means init runs on a greedy step first)
         so_far = [torch.zeros_like(z)]  # the reconstruction: implicit codebooks are conditioned on it
 
@@ -206,6 +209,16 @@ class ResidualVQ(ResidualQuantizer):
         if self.diveq and self.training and torch.is_grad_enabled():  # eval outputs stay the codes exactly
             quantized = directional_reparam(z, quantized)
         return quantized, indices, losses, codes
+
+    def _share_codebooks(self, z: Tensor) -> None:
+        """Before a synced training step's beam search: every rank searches the first rank's
+        codebooks (what the stages would take at their first synced step), after the NaN check
+        every rank takes before a buffer changes."""
+        synced = [layer for layer in self.layers if layer._sync()]
+        if synced:
+            check_finite(z, _NON_FINITE, self.process_group, True)
+            for layer in synced:
+                layer._codebook.broadcast_state_(self.process_group, once=True)
 
     def _beam_search(self, z: Tensor, beam_size: int, last_kept: int) -> Tensor:
         """The best path (b*n, last_kept + 1) of the fp32 search (beam_search.py)."""
