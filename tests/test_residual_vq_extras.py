@@ -334,3 +334,13 @@ def test_diveq_on_the_sum_of_stages():
     assert torch.equal(out, rvq.get_output_from_indices(indices))
     with pytest.raises(ValueError, match="ema_update"):
         ResidualVQ(dim=3, num_quantizers=2, codebook_size=6, diveq=True, ema_update=True)
+
+
+def test_beam_search_nan_in_training_raises_before_any_buffer_changes():
+    rvq = ResidualVQ(dim=3, num_quantizers=2, codebook_size=6, beam_size=3).train()
+    state = {k: v.clone() for k, v in rvq.state_dict().items()}
+    x = randn(2, 4, 3, seed=14)
+    x[0, 1, 2] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        rvq(x)
+    assert all(torch.equal(v, rvq.state_dict()[k]) for k, v in state.items())

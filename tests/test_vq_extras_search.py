@@ -430,3 +430,16 @@ def test_route_gradients_to_input_false():
     assert x.grad is None or (x.grad == 0).all()
     expected = torch.zeros(6, 3).index_add_(0, indices.flatten(), g.reshape(-1, 3))
     torch.testing.assert_close(layer._codebook.embed.grad[0], expected)
+
+
+def test_topk_nan_in_training_raises_before_any_buffer_changes_and_loss_breakdown():
+    layer = VectorQuantize(dim=3, codebook_size=6, kmeans_init=True).train()
+    state = ema_state(layer)
+    x = randn(2, 4, 3, seed=32)
+    x[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        layer(x, topk=2)
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())
+    _, indices, loss, breakdown = layer(randn(2, 4, 3, seed=33), topk=2, return_loss_breakdown=True)
+    assert breakdown.commitment.shape == indices.shape == loss.shape == (2, 4, 2)
+    torch.testing.assert_close(loss, breakdown.commitment)  # commitment_weight 1, no other loss
