@@ -328,8 +328,10 @@ def test_codebook_transform_fn_errors():
         layer(x, codebook_transform_fn=lambda cb: cb)
     with pytest.raises(TypeError, match="codebook_transform_fn: expected a callable"):
         layer(x, codebook_transform_fn=3)
-    with pytest.raises(ValueError, match="heads=1"):
+    with pytest.raises(ValueError, match="codebook_transform_fn: not supported with heads=2"):
         VectorQuantize(dim=4, codebook_size=6, heads=2, codebook_dim=2)(randn(2, 4, 4), codebook_transform_fn=lambda c: c)
+    with pytest.raises(ValueError, match="codebook_diversity_loss_weight=0.5"):
+        VectorQuantize(dim=3, codebook_size=6, codebook_diversity_loss_weight=0.5)(x, codebook_transform_fn=lambda c: c)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,11 +26,13 @@ def check_topk(layer, topk, codebook_transform_fn, has_targets: bool) -> int | N
     if codebook_transform_fn is not None:
         if not callable(codebook_transform_fn):
             raise TypeError(f"codebook_transform_fn: expected a callable, got {type(codebook_transform_fn).__name__}")
-        if layer.heads != 1 or has_targets or layer.commitment_use_cross_entropy_loss or \
-                layer.codebook_diversity_loss_weight > 0:
-            raise ValueError("codebook_transform_fn: supported with heads=1, without `indices`, "
-                             "commitment_use_cross_entropy_loss or codebook_diversity_loss_weight (their losses "
-                             "need the distances to every per-token code)")
+        unsupported = [name for name, given in (
+            (f"heads={layer.heads} (expected 1)", layer.heads != 1), ("indices", has_targets),
+            ("commitment_use_cross_entropy_loss=True", layer.commitment_use_cross_entropy_loss),
+            (f"codebook_diversity_loss_weight={layer.codebook_diversity_loss_weight}",
+             layer.codebook_diversity_loss_weight > 0)) if given]
+        if unsupported:  # those losses need the distances to every per-token code
+            raise ValueError(f"codebook_transform_fn: not supported with {', '.join(unsupported)}")
     if topk is None:
         return None
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
