@@ -82,13 +82,19 @@ def test_nearest_codes_equal_fp64_topk(metric, h, n, c, d, k, tile, monkeypatch)
     torch.testing.assert_close(scores.to(F64), ref_scores, rtol=1e-5, atol=1e-5)
 
 
-def test_nearest_codes_ties_go_to_the_lowest_index(monkeypatch):
-    monkeypatch.setattr(nc, "TILE_ELEMENTS", 3)  # ties across code tiles
+@pytest.mark.parametrize("tile", [3, 4, None])  # ties across code tiles, split by tiles, within one tile
+def test_nearest_codes_ties_go_to_the_lowest_index(tile, monkeypatch):
+    if tile is not None:
+        monkeypatch.setattr(nc, "TILE_ELEMENTS", tile)
     base = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
     codebook = torch.cat([base, base, base])  # code i, i + 3, i + 6 identical
     x = torch.tensor([[0.1, 0.0], [0.9, 0.1]])
     indices, _ = nearest_codes(x, codebook, "l2", 5)
     assert indices.tolist() == [[0, 3, 6, 1, 4], [1, 4, 7, 0, 3]]
+    same = torch.zeros(7, 2)  # every code ties
+    assert nearest_codes(x, same, "l2", 4)[0].tolist() == [[0, 1, 2, 3]] * 2
+    per_token = codebook.expand(2, -1, -1)
+    assert nearest_codes_per_token(x, per_token, "l2", 5)[0].tolist() == [[0, 3, 6, 1, 4], [1, 4, 7, 0, 3]]
 
 
 def test_nearest_codes_k1_is_nearest_code():

@@ -232,10 +232,26 @@ def _noise_seed(temperature: float, generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**62, (), generator=generator, device=device))
 
 
-def _keep_k(best: tuple[Tensor, Tensor], cost: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Merges a tile's (cost, index) into the running k best: a stable sort of the running ones
-    (all lower indices) followed by the tile's keeps ties at the lowest index."""
-    cost, index = torch.cat([best[0], cost], dim=-1), torch.cat([best[1], index.expand_as(cost)], dim=-1)
+def _tile_k_best(cost: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k smallest of each row of a tile (h, rows, codes), ties to the lowest position, best
+    first -> (costs, positions). Linear passes (topk for the k-th value, then the positions at or
+    below it), not a sort of the tile: torch.topk alone leaves the order of ties unspecified."""
+    k = min(k, cost.shape[-1])
+    kth = cost.topk(k, dim=-1, largest=False).values.amax(-1, keepdim=True)
+    below, at = cost < kth, cost == kth
+    chosen = below | (at & (at.cumsum(-1) <= k - below.sum(-1, keepdim=True)))  # exactly k per row
+    position = torch.arange(cost.shape[-1], device=cost.device)
+    positions = torch.where(chosen, position, cost.shape[-1]).topk(k, dim=-1, largest=False).values
+    chosen_cost = cost.gather(-1, positions)
+    order = chosen_cost.sort(dim=-1, stable=True).indices  # positions ascend: ties keep the lowest
+    return chosen_cost.gather(-1, order), positions.gather(-1, order)
+
+
+def _keep_k(best: tuple[Tensor, Tensor], cost: Tensor, offset: int, k: int) -> tuple[Tensor, Tensor]:
+    """Merges a tile's k best into the running k best: a stable sort of the running ones (all
+    lower indices) followed by the tile's keeps ties at the lowest index."""
+    tile_cost, tile_index = _tile_k_best(cost, k)
+    cost, index = torch.cat([best[0], tile_cost], dim=-1), torch.cat([best[1], tile_index + offset], dim=-1)
     order = cost.sort(dim=-1, stable=True).indices[..., :k]
     return cost.gather(-1, order), index.gather(-1, order)
 
@@ -260,8 +276,7 @@ def _torch_search_k(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temp
                 dots = torch.einsum("hnd,hkd->hnk", x[:, rows], codebook[:, codes])
                 cost = _tile_cost(dots, None if code_norms is None else code_norms[:, None, codes],
                                   None if row_norms is None else row_norms[:, rows], temperature, generator)
-                tile_index = torch.arange(c, c + cost.shape[-1], device=x.device)
-                best = _keep_k(best, cost, tile_index, k)
+                best = _keep_k(best, cost, c, k)
             indices[:, rows] = best[1]
     return indices
 
@@ -338,6 +353,6 @@ def nearest_codes_per_token(x: Tensor, codebooks: Tensor, metric: str = "l2", k:
         if temperature > 0:
             cost = cost / temperature - _gumbel(cost.shape, noise, x.device)
         cost = cost.masked_fill(cost.isnan(), float("inf"))
-        order = cost.sort(dim=-1, stable=True).indices[..., :k]
+        order = _tile_k_best(cost, k)[1]
         indices[:, rows], scores[:, rows] = order, score.gather(-1, order)
     return (indices[0], scores[0]) if single else (indices, scores)
