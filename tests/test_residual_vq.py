@@ -771,9 +771,7 @@ def test_same_codes_and_outputs_as_peer(dim, masked):
 
 def test_drop_in_signatures_and_unprovided_keywords():
     peer_module = pytest.importorskip("vector_quantize_pytorch")
-    # docs/migrating.md: not yet provided (TypeError); DiVeQ is `directional_reparam` there
-    unprovided = {"implicit_neural_codebook", "mlp_kwargs", "beam_size", "eval_beam_size",
-                  "beam_score_quantizer_weights", "quant_grad_frac", "diveq"}
+    unprovided = set()
     for name in ("ResidualVQ", "GroupedResidualVQ"):
         ours, peer = {"ResidualVQ": ResidualVQ, "GroupedResidualVQ": GroupedResidualVQ}[name], getattr(peer_module, name)
         for method in ("__init__", "forward", "get_output_from_indices", "get_codes_from_indices"):
@@ -781,9 +779,6 @@ def test_drop_in_signatures_and_unprovided_keywords():
                       if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - unprovided
             mine = set(inspect.signature(getattr(ours, method)).parameters)
             assert theirs <= mine, f"{name}.{method} lacks {theirs - mine}"
-    for kw in ("beam_size", "quant_grad_frac", "implicit_neural_codebook"):
-        with pytest.raises(TypeError, match=kw):
-            ResidualVQ(dim=4, num_quantizers=2, codebook_size=8, **{kw: 2})
 
 
 def test_grouped_same_as_peer():

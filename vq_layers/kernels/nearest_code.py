@@ -108,16 +108,32 @@ def _centred(x: Tensor, codebook: Tensor, valid: Tensor | None) -> tuple[Tensor,
     return x - centre, codebook - centre
 
 
+def _tiling(h: int, k: int) -> tuple[int, int]:
+    """(code tile, row tile) so that one tile of scores (h, rows, codes) stays within the budget."""
+    code_tile = min(k, max(1, TILE_ELEMENTS // h))
+    return code_tile, max(1, TILE_ELEMENTS // (code_tile * h))
+
+
+def _tile_cost(dots: Tensor, code_norms: Tensor | None, row_norms: Tensor | None, temperature: float,
+               generator) -> Tensor:
+    """Scores of one tile (h, rows, codes) -> the cost minimized: ||c||^2 - 2 x.c (||x||^2 is common
+    to a row and only adds cancellation) or -x.c; the distance itself when `row_norms` are given
+    (sampling by "euclidean"); sampling minimizes cost / t - gumbel. NaN costs become +inf."""
+    cost = code_norms - 2 * dots if code_norms is not None else -dots
+    if row_norms is not None:  # the distance itself: ||x||^2 no longer cancels out
+        cost = (cost + row_norms).clamp(min=0).sqrt()
+    if temperature > 0:
+        cost = cost / temperature - _gumbel(cost.shape, generator, dots.device)
+    return cost.masked_fill(cost.isnan(), float("inf"))  # a NaN code is never the nearest
+
+
 def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temperature: float,
                   seed: int) -> Tensor:
     """The reference search: x (h, n, d), codebook (h, k, d) fp32 -> indices (h, n) int64."""
     h, n, _ = x.shape
     k = codebook.shape[1]
-    code_tile = min(k, max(1, TILE_ELEMENTS // h))
-    row_tile = max(1, TILE_ELEMENTS // (code_tile * h))  # one tile: (h, rows, codes)
+    code_tile, row_tile = _tiling(h, k)
     generator = torch.Generator(device=x.device).manual_seed(seed) if temperature > 0 else None
-    # minimize cost = ||c||^2 - 2 x.c (||x||^2 is common to a row and only adds cancellation)
-    # or -x.c; sampling minimizes cost / t - gumbel
     code_norms = codebook.square().sum(-1) if l2 else None
     row_norms = x.square().sum(-1, keepdim=True) if euclidean else None
     best = x.new_full((h, n), float("inf"))
@@ -128,12 +144,8 @@ def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temper
             for c in range(0, k, code_tile):
                 codes = slice(c, c + code_tile)
                 dots = torch.einsum("hnd,hkd->hnk", x[:, rows], codebook[:, codes])
-                cost = code_norms[:, None, codes] - 2 * dots if l2 else -dots
-                if euclidean:  # the distance itself: ||x||^2 no longer cancels out
-                    cost = (cost + row_norms[:, rows]).clamp(min=0).sqrt()
-                if temperature > 0:
-                    cost = cost / temperature - _gumbel(cost.shape, generator, x.device)
-                cost = cost.masked_fill(cost.isnan(), float("inf"))  # a NaN code is never the nearest
+                cost = _tile_cost(dots, None if code_norms is None else code_norms[:, None, codes],
+                                  None if row_norms is None else row_norms[:, rows], temperature, generator)
                 tile_best, tile_index = cost.min(dim=-1)  # first minimum within the tile
                 better = tile_best < best[:, rows]  # strict: an earlier tile keeps ties
                 best[:, rows] = torch.where(better, tile_best, best[:, rows])
@@ -196,10 +208,151 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: f
         x, codebook = x.unsqueeze(0), codebook.unsqueeze(0)
         valid = None if valid is None else valid.unsqueeze(0)
     centred_x, centred_codebook = _centred(x, codebook, valid) if l2 else (x, codebook)
-    # a draw from the caller's generator seeds the noise, so torch.manual_seed reproduces a run
-    seed = 0 if temperature == 0 else int(torch.randint(
-        0, 2**62, (), generator=generator, device=generator.device if generator is not None else "cpu"))
+    seed = _noise_seed(temperature, generator)
     indices = _search(centred_x, centred_codebook, l2, euclidean, float(temperature), seed, backend or "", precision)
     chosen = torch.gather(codebook, 1, indices.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
     score = (x - chosen).square().sum(-1) if l2 else (x * chosen).sum(-1)
     return (indices[0], score[0]) if single else (indices, score)
+
+
+# the k nearest codes: the torch path only (the Triton kernel keeps a running top-1)
+
+
+def _check_k(k, codes: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= codes:
+        raise ValueError(f"k: expected an int in [1, {codes}] (the number of codes), got {k!r}")
+    return k
+
+
+def _noise_seed(temperature: float, generator: torch.Generator | None) -> int:
+    """A draw from the caller's generator seeds the noise, so torch.manual_seed reproduces a run."""
+    if temperature == 0:
+        return 0
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (), generator=generator, device=device))
+
+
+def _tile_k_best(cost: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k smallest of each row of a tile (h, rows, codes), ties to the lowest position, best
+    first -> (costs, positions). Linear passes (topk for the k-th value, then the positions at or
+    below it), not a sort of the tile: torch.topk alone leaves the order of ties unspecified."""
+    k = min(k, cost.shape[-1])
+    kth = cost.topk(k, dim=-1, largest=False).values.amax(-1, keepdim=True)
+    below, at = cost < kth, cost == kth
+    chosen = below | (at & (at.cumsum(-1) <= k - below.sum(-1, keepdim=True)))  # exactly k per row
+    position = torch.arange(cost.shape[-1], device=cost.device)
+    positions = torch.where(chosen, position, cost.shape[-1]).topk(k, dim=-1, largest=False).values
+    chosen_cost = cost.gather(-1, positions)
+    order = chosen_cost.sort(dim=-1, stable=True).indices  # positions ascend: ties keep the lowest
+    return chosen_cost.gather(-1, order), positions.gather(-1, order)
+
+
+def _keep_k(best: tuple[Tensor, Tensor], cost: Tensor, offset: int, k: int) -> tuple[Tensor, Tensor]:
+    """Merges a tile's k best into the running k best: a stable sort of the running ones (all
+    lower indices) followed by the tile's keeps ties at the lowest index."""
+    tile_cost, tile_index = _tile_k_best(cost, k)
+    cost, index = torch.cat([best[0], tile_cost], dim=-1), torch.cat([best[1], tile_index + offset], dim=-1)
+    order = cost.sort(dim=-1, stable=True).indices[..., :k]
+    return cost.gather(-1, order), index.gather(-1, order)
+
+
+def _torch_search_k(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temperature: float, seed: int,
+                    k: int) -> Tensor:
+    """x (h, n, d), codebook (h, c, d) fp32 -> indices (h, n, k) int64, best first."""
+    h, n, _ = x.shape
+    size = codebook.shape[1]
+    code_tile = min(size, max(1, TILE_ELEMENTS // h))
+    row_tile = max(1, TILE_ELEMENTS // ((code_tile + k) * h))  # the merge holds k + code_tile per row
+    generator = torch.Generator(device=x.device).manual_seed(seed) if temperature > 0 else None
+    code_norms = codebook.square().sum(-1) if l2 else None
+    row_norms = x.square().sum(-1, keepdim=True) if euclidean else None
+    indices = torch.zeros((h, n, k), dtype=torch.long, device=x.device)
+    with _ieee_fp32_matmul(x.device):
+        for r in range(0, n, row_tile):
+            rows = slice(r, r + row_tile)
+            best = (x.new_empty((h, x[:, rows].shape[1], 0)), indices.new_empty((h, x[:, rows].shape[1], 0)))
+            for c in range(0, size, code_tile):
+                codes = slice(c, c + code_tile)
+                dots = torch.einsum("hnd,hkd->hnk", x[:, rows], codebook[:, codes])
+                cost = _tile_cost(dots, None if code_norms is None else code_norms[:, None, codes],
+                                  None if row_norms is None else row_norms[:, rows], temperature, generator)
+                best = _keep_k(best, cost, c, k)
+            indices[:, rows] = best[1]
+    return indices
+
+
+def _as_heads(x: Tensor, codebook: Tensor, codebook_ndim: int):
+    single = x.ndim == 2
+    if x.ndim not in (2, 3) or codebook.ndim != x.ndim + codebook_ndim - 2:
+        raise ValueError(f"x, codebook: expected (n, d) or (h, n, d) with a codebook of {codebook_ndim} dims "
+                         f"(one more with heads), got {tuple(x.shape)} and {tuple(codebook.shape)}")
+    return (x.unsqueeze(0), codebook.unsqueeze(0), single) if single else (x, codebook, single)
+
+
+@fp32_island
+def nearest_codes(x: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1, temperature: float = 0.0,
+                  generator: torch.Generator | None = None, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The k nearest codes: -> (indices (h, n, k) or (n, k) int64, their scores fp32), best first
+    (ascending ||x - c||^2 for "l2"/"euclidean", descending x . c for "dot"); ties go to the lowest
+    index. With temperature > 0, k codes drawn without replacement (Gumbel-top-k) from the
+    distribution `nearest_code` samples from. k = 1 is `nearest_code` itself (its backend too).
+    Memory: one tile of scores plus the running k best per row.
+    """
+    _check(x, codebook, metric, temperature)
+    k = _check_k(k, codebook.shape[-2])
+    if k == 1:
+        indices, score = nearest_code(x, codebook, metric, temperature, generator, valid=valid)
+        return indices.unsqueeze(-1), score.unsqueeze(-1)
+    x, codebook, single = _as_heads(x, codebook, 2)
+    if valid is not None and (valid.dtype != torch.bool or valid.shape[-1] != x.shape[1]):
+        raise ValueError(f"valid: expected a bool mask of {x.shape[1]} rows, got {valid.dtype} {tuple(valid.shape)}")
+    valid = None if valid is None else valid.reshape(-1, x.shape[1]).expand(x.shape[0], -1)
+    l2 = metric != "dot"
+    centred_x, centred_codebook = _centred(x, codebook, valid) if l2 else (x, codebook)
+    indices = _torch_search_k(centred_x, centred_codebook, l2, metric == "euclidean" and temperature > 0,
+                              float(temperature), _noise_seed(temperature, generator), k)
+    chosen = codebook.gather(1, indices.flatten(1).unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
+    chosen = chosen.reshape(*indices.shape, codebook.shape[-1])
+    xs = x.unsqueeze(2)
+    score = (xs - chosen).square().sum(-1) if l2 else (xs * chosen).sum(-1)
+    return (indices[0], score[0]) if single else (indices, score)
+
+
+@fp32_island
+def nearest_codes_per_token(x: Tensor, codebooks: Tensor, metric: str = "l2", k: int = 1,
+                            temperature: float = 0.0, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Search against one codebook per row (an implicit neural codebook): x (h, n, d) or (n, d),
+    codebooks (h, n, c, d) or (n, c, d) -> (indices (h, n, k) or (n, k) int64, scores fp32), best
+    first, as `nearest_codes`. The codebooks are inherently n x c x d; the search adds at most one
+    budget-sized block (rows of direct differences x - c, exact: no norm cancellation).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    x, codebooks, single = _as_heads(x, codebooks, 3)
+    h, n, d = x.shape
+    if codebooks.shape[:2] != (h, n) or codebooks.shape[-1] != d or codebooks.shape[2] == 0:
+        raise ValueError(f"codebooks: expected ({h}, {n}, codes >= 1, {d}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(codebooks.shape)}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+    size = codebooks.shape[2]
+    k = _check_k(k, size)
+    seed = _noise_seed(temperature, generator)
+    noise = torch.Generator(device=x.device).manual_seed(seed) if temperature > 0 else None
+    row_tile = max(1, TILE_ELEMENTS // (h * size * max(d, 1)))
+    indices = torch.zeros((h, n, k), dtype=torch.long, device=x.device)
+    scores = x.new_zeros((h, n, k))
+    for r in range(0, n, row_tile):
+        rows = slice(r, r + row_tile)
+        if metric == "dot":
+            score = torch.einsum("hnd,hncd->hnc", x[:, rows], codebooks[:, rows])
+            cost = -score
+        else:
+            score = (x[:, rows].unsqueeze(2) - codebooks[:, rows]).square().sum(-1)
+            cost = score.sqrt() if metric == "euclidean" and temperature > 0 else score
+        if temperature > 0:
+            cost = cost / temperature - _gumbel(cost.shape, noise, x.device)
+        cost = cost.masked_fill(cost.isnan(), float("inf"))
+        order = _tile_k_best(cost, k)[1]
+        indices[:, rows], scores[:, rows] = order, score.gather(-1, order)
+    return (indices[0], scores[0]) if single else (indices, scores)

@@ -52,14 +52,20 @@ def last_kept_stage(module, x: Tensor, seed: int | None) -> int:
     return last
 
 
-def run_stages(x: Tensor, stages: list[Callable], last_kept: int):
+def frac_gradient(t: Tensor, frac: float) -> Tensor:
+    """t in value (exactly: frac * t + (1 - frac) * t would round); a fraction `frac` of the
+    gradient flows into it (none when frac <= 0)."""
+    return t.detach() if frac <= 0 else t.detach() + frac * (t - t.detach())
+
+
+def run_stages(x: Tensor, stages: list[Callable], last_kept: int, quant_grad_frac: float = 0.0):
     """Stage k quantizes the residual of stages < k: stage(residual) -> (quantized, indices, *extra).
 
     Returns the sum of the stages' outputs (summed in stage order, as `sum_stages` does), their
     indices stacked on a last axis (-1 for dropped stages), the stages' outputs detached (q, ...)
     (zeros for dropped stages; the codes `get_codes_from_indices` would look up), and each
-    stage's extras (None when dropped). Residuals are passed on detached: each stage learns its
-    own target.
+    stage's extras (None when dropped). The next residual takes a fraction `quant_grad_frac` of
+    the gradient through the stage's output (default 0: detached, each stage learns its own target).
     """
     quantized, residual, all_indices, outputs, extras = torch.zeros_like(x), x, [], [], []
     for k, stage in enumerate(stages):
@@ -69,7 +75,7 @@ def run_stages(x: Tensor, stages: list[Callable], last_kept: int):
             extras.append(None)
             continue
         stage_out, indices, *extra = stage(residual)
-        residual = residual - stage_out.detach()
+        residual = residual - frac_gradient(stage_out, quant_grad_frac)
         quantized = quantized + stage_out
         all_indices.append(indices)
         outputs.append(stage_out.detach())

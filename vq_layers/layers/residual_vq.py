@@ -9,11 +9,60 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_indices
-from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens, without_padding
+from ..checks import check_indices, check_positive_int
+from ..directional_reparam import directional_reparam
+from ..distributed import check_finite
+from ..kernels.nearest_code import nearest_codes, nearest_codes_per_token
+from ..layout import (
+    check_mask,
+    from_tokens,
+    indices_from_tokens,
+    to_tokens,
+    without_padding,
+)
 from ..precision import cat, fp32_island, project
-from .residual import GroupedResidual, ResidualQuantizer, last_kept_stage, run_stages
-from .vq import VectorQuantize
+from .beam_search import beam_search
+from .implicit_codebook import ImplicitCodebookMLP
+from .residual import (
+    GroupedResidual,
+    ResidualQuantizer,
+    last_kept_stage,
+    run_stages,
+    stage_codes,
+    sum_stages,
+)
+from .vq import _NON_FINITE, VectorQuantize
+
+
+def codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
+    """One codebook size per stage: a tuple given (num_quantizers may be left out), or one size
+    repeated num_quantizers times."""
+    if isinstance(codebook_size, (tuple, list)):
+        sizes = tuple(check_positive_int("codebook_size", size) for size in codebook_size)
+        if not sizes or (num_quantizers is not None and num_quantizers != len(sizes)):
+            raise ValueError(f"codebook_size: expected one size per quantizer (num_quantizers={num_quantizers}), "
+                             f"got {tuple(codebook_size)}")
+        return sizes
+    if num_quantizers is None:
+        raise ValueError("num_quantizers: expected a positive integer (or codebook_size as a tuple of one size per "
+                         "quantizer), got None")
+    return (check_positive_int("codebook_size", codebook_size),) * check_positive_int("num_quantizers", num_quantizers)
+
+
+def check_beam_search(beam_size, eval_beam_size, weights, num_quantizers: int, vq_kwargs: dict):
+    """(beam_size, eval_beam_size (defaults to beam_size), score weights (q,)), checked."""
+    for name, value in (("beam_size", beam_size), ("eval_beam_size", eval_beam_size)):
+        if value is not None:
+            check_positive_int(name, value)
+    if eval_beam_size is not None and beam_size is None:
+        raise ValueError(f"eval_beam_size: needs beam_size too (as vector-quantize-pytorch), got eval_beam_size="
+                         f"{eval_beam_size} with beam_size=None")
+    if (beam_size or 1) > 1 and vq_kwargs.get("use_cosine_sim", False):
+        raise ValueError("beam_size: beam search scores squared residuals; not supported with use_cosine_sim=True")
+    weights = [1.0] * num_quantizers if weights is None else [float(w) for w in weights]
+    if len(weights) != num_quantizers:
+        raise ValueError(f"beam_score_quantizer_weights: expected {num_quantizers} weights, got {len(weights)}")
+    return beam_size, beam_size if eval_beam_size is None else eval_beam_size, weights
 
 # VectorQuantize keywords that describe the outer layer's input, not a stage's
 _LAYOUT_KEYWORDS = ("channel_last", "accept_3d_fmap", "heads", "separate_codebook_per_head")
@@ -32,14 +81,23 @@ class ResidualVQ(ResidualQuantizer):
 
     With shared_codebook, every stage searches the codebook as it was before the step, and the
     codebook is updated once from all stages' statistics at the end of the step.
+
+    Extras (vector-quantize-pytorch's keywords): `codebook_size` a tuple of one size per stage
+    (num_quantizers may then be left out); `quant_grad_frac`, the fraction of the gradient that
+    flows through a stage's output into the next residual; `implicit_neural_codebook` (QINCo,
+    implicit_codebook.py, with `mlp_kwargs`); `diveq`, DiVeQ (directional_reparam.py) on the sum
+    of the stages in training; beam search with `beam_size` (training; forward's
+    `beam_size` overrides), `eval_beam_size` and `beam_score_quantizer_weights` (beam_search.py):
+    the path is searched first, then quantized stage by stage along it, so gradients, losses and
+    codebook updates follow the chosen path.
     """
 
     def __init__(
         self,
         *,
         dim: int,
-        num_quantizers: int,
-        codebook_size: int,
+        num_quantizers: int | None = None,
+        codebook_size: int | tuple[int, ...],
         codebook_dim: int | None = None,
         shared_codebook: bool = False,
         heads: int = 1,
@@ -49,6 +107,13 @@ class ResidualVQ(ResidualQuantizer):
         accept_image_fmap: bool = False,
         return_zeros_for_masked_padding: bool = True,
         process_group=None,
+        implicit_neural_codebook: bool = False,
+        mlp_kwargs: dict | None = None,
+        beam_size: int | None = None,
+        eval_beam_size: int | None = None,
+        beam_score_quantizer_weights: list[float] | None = None,
+        quant_grad_frac: float = 0.0,
+        diveq: bool = False,
         **vq_kwargs,
     ):
         if heads != 1:
@@ -57,46 +122,83 @@ class ResidualVQ(ResidualQuantizer):
             if name in vq_kwargs:
                 raise ValueError(f"{name}: not a ResidualVQ keyword (stages see (b, n, codebook_dim) tokens)")
         codebook_dim = dim if codebook_dim is None else codebook_dim
+        sizes = codebook_sizes(codebook_size, num_quantizers)
+        num_quantizers = len(sizes)
         super().__init__(dim, codebook_dim, num_quantizers, quantize_dropout, quantize_dropout_cutoff_index,
                          quantize_dropout_multiple_of, process_group)
+        if shared_codebook and len(set(sizes)) > 1:
+            raise ValueError(f"codebook_size: shared_codebook=True needs one size for every stage, got {sizes}")
+        if not (isinstance(quant_grad_frac, (int, float)) and quant_grad_frac >= 0):
+            raise ValueError(f"quant_grad_frac: expected a number >= 0, got {quant_grad_frac!r}")
+        self.diveq = bool(diveq)
+        if diveq:  # DiVeQ on the sum of the stages: learnable codebooks, trained through the output only
+            if vq_kwargs.get("ema_update"):
+                raise ValueError("diveq, ema_update: DiVeQ trains the codebooks by gradients; ema_update must be False")
+            vq_kwargs.update(ema_update=False, learnable_codebook=True, route_gradients_to_input=False,
+                             commitment_weight=0.0)
+            quant_grad_frac = 1.0
+        self.quant_grad_frac = float(quant_grad_frac)
+        self.codebook_sizes = sizes
+        self.implicit_neural_codebook = implicit_neural_codebook
+        if implicit_neural_codebook:  # the networks learn through the stages' commitment losses (as the peer)
+            vq_kwargs.update(learnable_codebook=True, ema_update=False)
+        self.beam_size, self.eval_beam_size, self.beam_score_weights = check_beam_search(
+            beam_size, eval_beam_size, beam_score_quantizer_weights, num_quantizers, vq_kwargs)
         self.accept_image_fmap = accept_image_fmap
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.shared_codebook = shared_codebook
         self.layers = nn.ModuleList(
-            VectorQuantize(dim=codebook_dim, codebook_size=codebook_size, process_group=process_group,
+            VectorQuantize(dim=codebook_dim, codebook_size=size, process_group=process_group,
                            return_zeros_for_masked_padding=return_zeros_for_masked_padding, **vq_kwargs)
-            for _ in range(num_quantizers)
+            for size in sizes
         )
+        self.mlps = None
+        if implicit_neural_codebook:  # one per stage after the first (state-dict names as the peer's)
+            self.mlps = nn.ModuleList(
+                ImplicitCodebookMLP(codebook_dim, l2norm_output=self.layers[0].use_cosine_sim, **(mlp_kwargs or {}))
+                for _ in range(num_quantizers - 1))
         if shared_codebook:
             for layer in self.layers[1:]:
                 layer._codebook = self.layers[0]._codebook
         self.codebook_size = self.layers[0].codebook_size
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_quantizers={self.num_quantizers}, codebook_size={self.codebook_size}, "
-                f"shared_codebook={self.shared_codebook}, quantize_dropout={self.quantize_dropout}")
+        return (f"dim={self.dim}, num_quantizers={self.num_quantizers}, codebook_size={self.codebook_sizes}, "
+                f"shared_codebook={self.shared_codebook}, quantize_dropout={self.quantize_dropout}, "
+                f"implicit_neural_codebook={self.implicit_neural_codebook}, beam_size={self.beam_size}")
 
     @property
-    def codebooks(self) -> Tensor:
-        """(q, codebook_size, codebook_dim)."""
-        return torch.stack([layer.codebook for layer in self.layers])
+    def codebooks(self) -> Tensor | tuple[Tensor, ...]:
+        """(q, codebook_size, codebook_dim); a tuple of (size_k, codebook_dim) when the sizes differ."""
+        codebooks = tuple(layer.codebook for layer in self.layers)
+        return torch.stack(codebooks) if len(set(self.codebook_sizes)) == 1 else codebooks
 
     @fp32_island
     def _residual_quantize(self, z: Tensor, keep: Tensor | None, temperature: float | None, freeze: bool,
-                           last_kept: int):
+                           last_kept: int, beam_size: int | None = None):
         """z (b, n, d) fp32 -> quantized (b, n, d), indices (b, n, q), losses (q,), stage codes (q, b, n, d)."""
         updating = self.training and torch.is_grad_enabled() and not freeze
         results = []
+        path = None  # (b*n, stages kept): the beam search's path, quantized along below
+        if beam_size is not None and not (updating and any(layer._codebook.needs_init() for layer in self.layers)):
+            if updating:
+                self._share_codebooks(z)
+            path = self._beam_search(z, beam_size, last_kept)  # (k-means init runs on a greedy step first)
+        so_far = [torch.zeros_like(z)]  # the reconstruction: implicit codebooks are conditioned on it
 
-        def stage(layer, residual):
+        def stage(k, layer, residual):
             temp = layer.sample_codebook_temp if temperature is None else temperature
-            result = layer._quantize(residual, keep, temp, updating, updating and not self.shared_codebook,
-                                     layer.ema_update, freeze)
+            transform = None if k == 0 or self.mlps is None else partial(self.mlps[k - 1], condition=so_far[0])
+            chosen = None if path is None else path[None, :, k]
+            result = layer._quantize(residual, keep, temp, may_init=updating,
+                                     update=updating and not self.shared_codebook, ema_update=layer.ema_update,
+                                     freeze=freeze, codebook_transform_fn=transform, chosen=chosen)
             results.append(result)
+            so_far[0] = so_far[0] + result.quantized
             return result.quantized, result.indices[..., 0], result.loss
 
-        stages = [lambda r, layer=layer: stage(layer, r) for layer in self.layers]
-        quantized, indices, codes, extras = run_stages(z, stages, last_kept)
+        stages = [partial(stage, k, layer) for k, layer in enumerate(self.layers)]
+        quantized, indices, codes, extras = run_stages(z, stages, last_kept, self.quant_grad_frac)
         if updating and self.shared_codebook and results:
             # one update from every stage's vectors, after all stages searched the same codebook
             keeps = None if keep is None else torch.cat([r.keep for r in results], dim=1)
@@ -105,7 +207,38 @@ class ResidualVQ(ResidualQuantizer):
                                     torch.cat([r.codebook_indices for r in results], dim=1), keeps,
                                     first.ema_update, first._sync(), self.process_group)
         losses = torch.stack([extra[0] if extra is not None else z.new_zeros(()) for extra in extras])
+        if self.diveq and self.training and torch.is_grad_enabled():  # eval outputs stay the codes exactly
+            quantized = directional_reparam(z, quantized)
         return quantized, indices, losses, codes
+
+    def _share_codebooks(self, z: Tensor) -> None:
+        """Before a synced training step's beam search: every rank searches the first rank's
+        codebooks (what the stages would take at their first synced step), after the NaN check
+        every rank takes before a buffer changes."""
+        synced = [layer for layer in self.layers if layer._sync()]
+        if synced:
+            check_finite(z, _NON_FINITE, self.process_group, True)
+            for layer in synced:
+                layer._codebook.broadcast_state_(self.process_group, once=True)
+
+    def _beam_search(self, z: Tensor, beam_size: int, last_kept: int) -> Tensor:
+        """The best path (b*n, last_kept + 1) of the fp32 search (beam_search.py)."""
+        def stage(k, residual, so_far, width):
+            layer = self.layers[k]
+            m, beams, d = residual.shape
+            codebook = layer._codebook.codes().detach()[0]
+            width = min(width, layer.codebook_size)
+            if k == 0 or self.mlps is None:
+                indices, _ = nearest_codes(residual.reshape(-1, d), codebook, "l2", width)
+                codes = codebook[indices]
+            else:  # per-token codebooks made from each beam's reconstruction
+                per_token = self.mlps[k - 1](codebook, condition=so_far).float().reshape(m * beams, -1, d)
+                indices, _ = nearest_codes_per_token(residual.reshape(-1, d), per_token, "l2", width)
+                codes = per_token.gather(1, indices.unsqueeze(-1).expand(-1, -1, d))
+            return indices.reshape(m, beams, width), codes.reshape(m, beams, width, d)
+
+        stages = [partial(stage, k) for k in range(last_kept + 1)]
+        return beam_search(z.detach().reshape(-1, z.shape[-1]), stages, beam_size, self.beam_score_weights)
 
     @fp32_island
     def _teacher_forced(self, z: Tensor, keep: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,8 +248,8 @@ class ResidualVQ(ResidualQuantizer):
             given = targets[..., k : k + 1]
             if keep is not None:
                 given = given.masked_fill(~keep.unsqueeze(-1), -1)
-            result = layer._quantize(residual, keep, 0.0, False, False, False, True,
-                                     targets=rearrange(given, "b n 1 -> 1 (b n)"))
+            result = layer._quantize(residual, keep, 0.0, may_init=False, update=False, ema_update=False,
+                                     freeze=True, targets=rearrange(given, "b n 1 -> 1 (b n)"))
             ce = ce + result.loss
             codes = layer._lookup(given)
             residual, total = residual - codes, total + codes
@@ -124,18 +257,22 @@ class ResidualVQ(ResidualQuantizer):
 
     def forward(self, x: Tensor, mask: Tensor | None = None, indices: Tensor | None = None,
                 return_all_codes: bool = False, sample_codebook_temp: float | None = None,
-                freeze_codebook: bool = False, rand_quantize_dropout_fixed_seed: int | None = None):
+                freeze_codebook: bool = False, rand_quantize_dropout_fixed_seed: int | None = None,
+                beam_size: int | None = None):
         dtype = x.dtype
         tokens, spatial = to_tokens(x, self.accept_image_fmap, self.dim, "ResidualVQ")
         keep = check_mask(mask, tokens, spatial)
         z = project(self.project_in, without_padding(tokens, keep))
         if indices is not None:
+            if self.mlps is not None:
+                raise ValueError("indices: the cross-entropy to given codes is not supported with "
+                                 "implicit_neural_codebook=True")
             targets = self._check_targets(indices, tokens)
             quantized, ce = self._teacher_forced(z, keep, targets)
             return self._output(quantized, tokens, keep, dtype, spatial), ce
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         quantized, all_indices, losses, codes = self._residual_quantize(
-            z, keep, sample_codebook_temp, freeze_codebook, last_kept)
+            z, keep, sample_codebook_temp, freeze_codebook, last_kept, self._beam_width(beam_size))
         out = self._output(quantized, tokens, keep, dtype, spatial)
         all_indices = indices_from_tokens(all_indices, spatial)
         if not return_all_codes:
@@ -150,18 +287,29 @@ class ResidualVQ(ResidualQuantizer):
             out = torch.where(keep.unsqueeze(-1), out, masked_value)
         return from_tokens(out.to(dtype), spatial, self.accept_image_fmap)
 
+    def _beam_width(self, beam_size: int | None) -> int | None:
+        """This forward's beam (None: greedy): forward's `beam_size`, else beam_size in training
+        and eval_beam_size in eval; 1 is greedy (as the peer)."""
+        if beam_size is None:
+            beam_size = self.beam_size if self.training else self.eval_beam_size
+        else:
+            check_beam_search(beam_size, None, None, self.num_quantizers, {"use_cosine_sim": self.layers[0].use_cosine_sim})
+        return beam_size if beam_size is not None and beam_size > 1 else None
+
     def _check_targets(self, indices: Tensor, tokens: Tensor) -> Tensor:
         """indices (b, ..., q) -> (b, n, q) int64, checked."""
-        check_indices(indices, self.codebook_size)  # no -1: every stage needs its given code
+        check_indices(indices, max(self.codebook_sizes))  # no -1: every stage needs its given code
         expected = (tokens.shape[0], tokens.shape[1], self.num_quantizers)
         if indices.numel() != tokens.shape[0] * tokens.shape[1] * self.num_quantizers or indices.shape[-1] != self.num_quantizers:
             raise ValueError(f"indices: expected one index per token and quantizer, (b, ..., q) = {expected}, "
                              f"got shape {tuple(indices.shape)}")
+        for k, size in enumerate(self.codebook_sizes):
+            check_indices(indices[..., k], size, f"indices[..., {k}]")
         return indices.long().reshape(expected)
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """indices (b, ..., q'), q' <= q, -1 = dropped or masked -> each stage's codes (q, b, ..., d) fp32."""
-        check_indices(indices, self.codebook_size, allow_dropped=True)
+        check_indices(indices, max(self.codebook_sizes), allow_dropped=True)
         if indices.ndim < 2:
             raise ValueError(f"indices: expected (b, ..., q), got shape {tuple(indices.shape)}")
         return super().get_codes_from_indices(indices)
@@ -174,7 +322,24 @@ class ResidualVQ(ResidualQuantizer):
         return out.masked_fill(masked.unsqueeze(1 if self.accept_image_fmap else -1), 0.0)
 
     def _lookup_stage(self, k: int, indices: Tensor) -> Tensor:
+        check_indices(indices, self.codebook_sizes[k], f"indices[..., {k}]")
         return self.layers[k]._lookup(indices.unsqueeze(-1))
+
+    def _stage_codes(self, indices: Tensor) -> Tensor:
+        """With implicit codebooks, stage k's code is its network's transform of the base code,
+        conditioned on the codes before it (one code per token: no per-token codebook)."""
+        if self.mlps is None:
+            return super()._stage_codes(indices)
+        so_far = []
+
+        def lookup(k, stage_indices):
+            codes = self._lookup_stage(k, stage_indices)
+            if k > 0:  # dropped (trailing) and masked positions are zeroed by stage_codes afterwards
+                codes = self.mlps[k - 1].transform_codes(codes, sum_stages(torch.stack(so_far))).float()
+            so_far.append(codes)
+            return codes
+
+        return stage_codes(indices, [partial(lookup, k) for k in range(self.num_quantizers)])
 
     def _channel_first_output(self, indices: Tensor) -> bool:
         return self.accept_image_fmap

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import namedtuple
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from ..checks import check_indices, check_positive_int
 from ..codebook import KMEANS_INIT_EAGER, Codebook, runs_eagerly
+from ..directional_reparam import check_directional_reparam, directional_reparam
 from ..distributed import all_reduce_sum, all_reduce_sum_, check_finite, is_distributed
 from ..kernels.code_softmax import (
     code_cross_entropy,
@@ -26,7 +28,6 @@ from ..kernels.code_softmax import (
     entropy,
     soft_codes,
 )
-from ..kernels.nearest_code import nearest_code
 from ..layout import (
     check_mask,
     from_tokens,
@@ -40,6 +41,14 @@ from ..rotation_trick import rotation_trick
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
 from .vq_updates import CodebookUpdates
+from .vq_search import (
+    check_topk,
+    find_codes,
+    per_token_codebooks,
+    topk_output,
+    topk_quantized,
+    trainable_loss,
+)
 
 _NON_FINITE = ("input: non-finite values (NaN or Inf) in a training batch (on this rank or another); the "
                "codebook and its statistics were left untouched")
@@ -138,6 +147,9 @@ class VectorQuantize(CodebookUpdates, nn.Module):
         sync_update_v: float = 0.0,
         in_place_codebook_optimizer=None,
         manual_in_place_optimizer_update: bool = False,
+        directional_reparam: bool = False,
+        directional_reparam_variance: float = 5e-3,
+        route_gradients_to_input: bool = True,
     ):
         super().__init__()
         self.dim = check_positive_int("dim", dim)
@@ -150,13 +162,14 @@ class VectorQuantize(CodebookUpdates, nn.Module):
             raise ValueError("accept_image_fmap, accept_3d_fmap: at most one can be True, got both")
         if orthogonal_reg_max_codes is not None:
             check_positive_int("orthogonal_reg_max_codes", orthogonal_reg_max_codes)
-        learnable_codebook = bool(learnable_codebook)
+        # DiVeQ learns the codebook through the output: a learnable codebook, no EMA, no rotation trick
+        learnable_codebook = bool(directional_reparam if learnable_codebook is None else learnable_codebook)
         ema_update = not learnable_codebook if ema_update is None else ema_update
         if ema_update and learnable_codebook:
             raise ValueError("ema_update, learnable_codebook: a learnable codebook is trained by its loss, "
                              "not by EMA; pass ema_update=False with learnable_codebook=True")
         if rotation_trick is None:
-            rotation_trick = not straight_through and self.codebook_dim > 1
+            rotation_trick = not straight_through and not directional_reparam and self.codebook_dim > 1
         if rotation_trick and straight_through:
             raise ValueError("straight_through, rotation_trick: choose one gradient estimator, got both True")
         if affine_param and use_cosine_sim:
@@ -166,6 +179,11 @@ class VectorQuantize(CodebookUpdates, nn.Module):
                             ("affine_param_codebook_decay", affine_param_codebook_decay)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}")
+        check_directional_reparam(directional_reparam, directional_reparam_variance, straight_through,
+                                  rotation_trick, threshold_ema_dead_code)
+        self.directional_reparam = bool(directional_reparam)
+        self.directional_reparam_variance = float(directional_reparam_variance)
+        self.route_gradients_to_input = bool(route_gradients_to_input)
 
         self.separate_codebook_per_head = separate_codebook_per_head
         self.channel_last, self.accept_image_fmap, self.accept_3d_fmap = channel_last, accept_image_fmap, accept_3d_fmap
@@ -251,8 +269,13 @@ class VectorQuantize(CodebookUpdates, nn.Module):
     @fp32_island
     def _quantize(self, z: Tensor, keep: Tensor | None, temperature: float, may_init: bool, update: bool,
                   ema_update: bool, freeze: bool, targets: Tensor | None = None, ema_update_weight=None,
-                  accum_ema_update: bool = False) -> Quantized:
-        """z (b, n, heads*d), keep (b, n) bool or None -> Quantized (fp32)."""
+                  accum_ema_update: bool = False, topk: int | None = None,
+                  codebook_transform_fn: Callable | None = None, chosen: Tensor | None = None) -> Quantized:
+        """z (b, n, heads*d), keep (b, n) bool or None -> Quantized (fp32).
+
+        `topk`: the k nearest codes (a k axis after the tokens); `codebook_transform_fn`: search
+        per-token codebooks made from the codebook; `chosen` (g, m): take these codes, no search.
+        """
         b, n, _ = z.shape
         search, kept = self._searched(z, keep)
         sync = self._sync()
@@ -275,9 +298,14 @@ class VectorQuantize(CodebookUpdates, nn.Module):
         sample = self.training and self.stochastic_sample_codes and temperature > 0
         # sampling uses the peer's distribution: softmax(-||x - c|| / t) (or x . c / t when cosine)
         metric = "euclidean" if sample and self.metric == "l2" else self.metric
-        indices, _ = nearest_code(search.detach(), codebook.detach(), metric, temperature if sample else 0.0,
-                                  valid=kept)
-        codes = torch.gather(codebook, 1, indices.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
+        per_token = None if codebook_transform_fn is None else per_token_codebooks(
+            codebook_transform_fn, codebook, b, n, self.use_cosine_sim)
+        indices, codes = find_codes(search, codebook, per_token, metric, temperature if sample else 0.0, kept, topk,
+                                    chosen)
+        if topk is not None:
+            quantized, shown, loss, losses = topk_quantized(self, search, codebook, codes, indices, kept, freeze, sync,
+                                                            temperature, b, n)
+            return Quantized(quantized, shown, loss, LossBreakdown(*losses, z.new_zeros(())), search.detach(), indices, kept)
 
         zero = search.new_zeros(())
         commitment = diversity = orthogonal = zero
@@ -303,6 +331,7 @@ class VectorQuantize(CodebookUpdates, nn.Module):
                 + orthogonal * self.orthogonal_reg_weight)
         if targets is not None:
             loss = commitment
+        loss = trainable_loss(loss, self.training)
         breakdown = LossBreakdown(commitment, diversity, orthogonal, inplace)
         return Quantized(quantized, out_indices, loss, breakdown, search.detach(), indices, kept)
 
@@ -315,9 +344,17 @@ class VectorQuantize(CodebookUpdates, nn.Module):
             self._codebook.broadcast_state_(self.process_group)  # or later steps would diverge
 
     def _route_gradients(self, search: Tensor, codes: Tensor, codebook: Tensor, temperature: float) -> Tensor:
-        """The codes in value; the gradient reaches the input by the chosen estimator."""
+        """The codes in value; the gradient reaches the input by the chosen estimator (or none:
+        route_gradients_to_input=False leaves the codes, differentiable in a learnable codebook)."""
+        if not self.route_gradients_to_input:
+            return codes
         if self.straight_through and temperature > 0:  # Gumbel-softmax straight-through
-            return straight_through(codes, soft_codes(search, codebook, self.metric, 1.0 / temperature))
+            soft = soft_codes(search, codebook, self.metric, 1.0 / temperature)
+            return straight_through(codes, soft if codes.ndim == soft.ndim else soft.unsqueeze(2).expand_as(codes))
+        if search.ndim < codes.ndim:  # topk: each of the k codes routes to its input
+            search = search.unsqueeze(2).expand_as(codes)
+        if self.directional_reparam:  # DiVeQ: the gradient reaches the input and the code
+            return directional_reparam(search, codes, self.directional_reparam_variance) if search.requires_grad else codes
         if self.rotation_trick and search.requires_grad:
             return rotation_trick(search, codes.detach())
         return straight_through(codes, search)
@@ -326,7 +363,7 @@ class VectorQuantize(CodebookUpdates, nn.Module):
         zero = search.new_zeros(())
         commitment = diversity = orthogonal = zero
         rows = search.new_tensor(float(search.shape[0] * search.shape[1])) if kept is None else kept.sum().float()
-        if self.commitment_weight > 0:
+        if self.commitment_weight > 0 and not self.directional_reparam:  # DiVeQ has none (as the peer)
             if self.commitment_use_cross_entropy_loss:
                 targets = indices if kept is None else indices.masked_fill(~kept, -1)
                 commitment = code_cross_entropy(search, codebook, targets, self.metric)
@@ -385,7 +422,7 @@ class VectorQuantize(CodebookUpdates, nn.Module):
     def forward(self, x: Tensor, indices: Tensor | None = None, mask: Tensor | None = None, lens: Tensor | None = None,
                 sample_codebook_temp: float | None = None, freeze_codebook: bool | None = None,
                 return_loss_breakdown: bool = False, ema_update: bool | None = None, ema_update_weight=None,
-                accum_ema_update: bool = False):
+                accum_ema_update: bool = False, topk: int | None = None, codebook_transform_fn: Callable | None = None):
         dtype = x.dtype
         tokens, spatial, channel_first, only_one = self._to_tokens(x)
         if mask is not None and lens is not None:
@@ -399,9 +436,14 @@ class VectorQuantize(CodebookUpdates, nn.Module):
         ema_update = self.ema_update if ema_update is None else ema_update
         updating = self.training and torch.is_grad_enabled() and not freeze and targets is None
         ema_update_weight = self._checked_ema_weight(ema_update_weight) if updating else None
+        topk = check_topk(self, topk, codebook_transform_fn, targets is not None)
 
-        result = self._quantize(project(self.project_in, without_padding(tokens, keep)), keep, temperature, updating, updating,
-                                ema_update, freeze, targets, ema_update_weight, accum_ema_update)
+        result = self._quantize(project(self.project_in, without_padding(tokens, keep)), keep, temperature,
+                                may_init=updating, update=updating and topk is None, ema_update=ema_update,
+                                freeze=freeze, targets=targets, ema_update_weight=ema_update_weight,
+                                accum_ema_update=accum_ema_update, topk=topk, codebook_transform_fn=codebook_transform_fn)
+        if topk is not None:  # a k axis before the features; no codebook update (as the peer)
+            return topk_output(self, result, tokens, keep, spatial, channel_first, only_one, dtype, return_loss_breakdown)
         out = project(self.project_out, result.quantized)
         if keep is not None:
             masked_value = torch.zeros_like(out) if self.return_zeros_for_masked_padding else tokens.to(out.dtype)
