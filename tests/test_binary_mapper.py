@@ -213,9 +213,57 @@ def test_bad_input():
         mapper.log_prob(torch.randn(2, 3), one_hot=torch.zeros(2, 4))
     with pytest.raises(TypeError, match="kl_loss_threshold"):
         BinaryMapper(3, kl_loss_threshold="1 bit")
-    mapper.max_one_hot_elements = 100
-    with pytest.raises(ValueError, match="13 tokens x 2\\^3 codes"):
-        mapper(torch.randn(13, 3))
+    with pytest.raises(TypeError, match="indices: expected an integer tensor, got list"):
+        mapper.log_prob(torch.randn(2, 3), indices=[1, 2])
+    with pytest.raises(TypeError, match="one_hot: expected a tensor, got list"):
+        mapper.log_prob(torch.randn(2, 3), one_hot=[[1, 0], [0, 1]])
+    for limit in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="max_one_hot_elements"):
+            BinaryMapper(3, max_one_hot_elements=limit)
+
+
+def test_max_one_hot_elements_is_a_keyword_that_can_be_lifted():
+    logits = randn(13, 3)
+    with pytest.raises(ValueError, match=r"max_one_hot_elements: .*13 tokens x 2\^3 codes.*max_one_hot_elements=None"):
+        BinaryMapper(3, max_one_hot_elements=100)(logits)
+    assert BinaryMapper(3, max_one_hot_elements=104)(logits)[0].shape == (13, 8)  # the limit itself is allowed
+    unlimited = BinaryMapper(3, max_one_hot_elements=None)
+    assert unlimited.max_one_hot_elements is None and "max_one_hot_elements=None" in repr(unlimited)
+    one_hot, indices, _ = unlimited(logits, deterministic=True, return_indices=True)
+    assert indices.tolist() == [sign_indices(t) for t in logits] and torch.equal(one_hot.argmax(-1), indices)
+
+
+def test_default_limit_lets_through_what_the_peer_runs_on_a_big_gpu():
+    """4096 tokens x 2^17 codes (2 GiB of fp32 one-hot): the peer runs it; the default does
+    not refuse it (shapes checked on the meta device, nothing allocated)."""
+    mapper = BinaryMapper(17).to("meta").train()
+    logits = torch.empty(4096, 17, device="meta", requires_grad=True)
+    one_hot, indices, loss = mapper(logits, return_indices=True)
+    assert one_hot.shape == (4096, 2**17) and one_hot.requires_grad and indices.shape == (4096,)
+
+
+def test_soft_probability_table_is_built_only_when_a_gradient_can_flow(monkeypatch):
+    """The (N, 2^bits) table of code probabilities feeds only the straight-through gradient:
+    not built under no_grad or for logits that need no gradient; the one-hot is the same."""
+    import vq_layers.layers.binary_mapper as module
+
+    calls = []
+    real = module.code_log_probs
+    monkeypatch.setattr(module, "code_log_probs", lambda t: calls.append(t.shape) or real(t))
+    mapper = BinaryMapper(BITS).train()
+    logits = randn(6, BITS, scale=2.0)
+    torch.manual_seed(0)
+    with_grad, _ = mapper(logits.clone().requires_grad_(True), straight_through=True)
+    assert calls == [(6, BITS)] and with_grad.requires_grad
+    calls.clear()
+    # logits that need no gradient; logits that do, under no_grad
+    for make, context in ((lambda: logits, torch.enable_grad),
+                          (lambda: logits.clone().requires_grad_(True), torch.no_grad)):
+        torch.manual_seed(0)
+        with context():
+            one_hot, _ = mapper(make(), straight_through=True)
+        assert calls == [] and not one_hot.requires_grad
+        assert torch.equal(one_hot, with_grad.detach())
 
 
 def test_same_as_vector_quantize_pytorch_where_deterministic():

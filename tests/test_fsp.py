@@ -88,6 +88,73 @@ def test_dtype_matrix_indices_equal_fp32_reference(cell):
     assert torch.equal(level_indices.cpu()[clear], levels[clear])
 
 
+@pytest.mark.parametrize("cell", dtype_matrix())
+def test_dtype_matrix_many_levels_with_inverse_equals_fp32(cell):
+    """L = 256 with need_inv_act: the outer bins' midpoints 0.5/256 lie below bf16's eps and
+    fp16's is close; in eval the output is the fp64 formula rounded to the input dtype."""
+    levels = [256, 256]
+    x = randn(2, 30, 2, scale=2.0)
+    x[0, :2] = torch.tensor([[-6.0, 6.0], [30.0, -30.0]])  # outer bins; saturated
+    result = run_cell(cell, lambda: FSP(levels, need_inv_act=True, quantize_rate=0.5),
+                      lambda dtype: x.to(dtype), unpack=unpack)
+    codes, expected, _, margin = reference(result.x.detach().cpu(), levels, "tanh", True, eps=0.0)
+    indices, _ = result.parts.indices
+    clear = margin > 1e-5
+    assert torch.equal(indices.cpu()[clear], expected[clear])
+    if not cell.train:
+        out, dtype = result.parts.output.detach().cpu(), result.x.dtype
+        clear = clear[..., None].expand_as(out)
+        torch.testing.assert_close(out[clear].double(), codes.to(dtype)[clear].double(), rtol=torch.finfo(dtype).eps,
+                                   atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_input_gives_the_fp32_output_at_every_level_count(dtype):
+    """The review's repro (L = 256, bf16 gave -2.4219 for the fp32 -3.1182) and every bin of
+    other level counts: forward equals the fp32 forward rounded to the input dtype and
+    indices_to_codes."""
+    fsp = FSP([256, 256], need_inv_act=True).eval()
+    x = torch.tensor([[-6.0, 6.0]])
+    out, indices, _, _ = fsp(x.to(dtype))
+    expected = fsp.indices_to_codes(indices)
+    torch.testing.assert_close(expected, torch.tensor([[-3.1182, 3.1182]]), rtol=0, atol=1e-4)
+    assert torch.equal(out, expected.to(dtype)) and torch.equal(indices, fsp(x)[1])
+    for act in ACTS:
+        for L in (2, 65, 129, 513, 1000, 4099):
+            fsp = FSP([L], act_name=act, need_inv_act=True).eval()
+            every_bin = fsp.indices_to_codes(torch.arange(L))  # fp32: each bin's code, fed back in
+            z = torch.cat([every_bin, torch.tensor([[-1e4], [1e4]])]).to(dtype)
+            out, indices, _, _ = fsp(z)
+            fp32_out, fp32_indices, _, _ = fsp(z.float())
+            assert torch.equal(indices, fp32_indices), (act, L)
+            assert torch.equal(out, fp32_out.to(dtype)), (act, L)
+            assert torch.equal(out, fsp.indices_to_codes(indices).to(dtype)), (act, L)
+            assert indices[-2:].tolist() == [0, L - 1], (act, L)
+
+
+def test_quantize_act_value_is_the_bin_midpoint():
+    peer = pytest.importorskip("vector_quantize_pytorch")
+    levels = [8, 5, 256]
+    fsp, theirs = FSP(levels), peer.FSP(levels)
+    act = torch.rand(50, 3, generator=torch.Generator().manual_seed(0))
+    act[0] = torch.tensor([0.0, 1.0, 0.5 / 256])  # the bottom edge, the top edge (last bin), a midpoint
+    act.requires_grad_(True)
+    value, level = fsp.quantize_act_value(act, eps=1e-6)
+    L = torch.tensor(levels, dtype=F64)
+    expected_level = torch.minimum((act.detach().double() * L).floor(), L - 1)
+    assert level.dtype == torch.long and torch.equal(level, expected_level.long())
+    assert value.dtype == act.dtype
+    torch.testing.assert_close(value.double(), (expected_level + 0.5) / L, rtol=0, atol=1e-7)
+    (grad,) = torch.autograd.grad(value.sum(), act)
+    assert torch.equal(grad, torch.ones_like(act))  # straight-through
+    p_value, p_level = theirs.quantize_act_value(act[1:].detach(), 1e-7)
+    assert torch.equal(level[1:], p_level.long()) and torch.equal(value[1:].detach(), p_value)
+    half_value, half_level = fsp.quantize_act_value(act.detach().bfloat16())
+    assert half_value.dtype == torch.bfloat16 and half_level.dtype == torch.long
+    z = randn(20, 3, scale=2.0)
+    assert torch.equal(fsp.eval()(z)[3]["level_indices"], fsp.quantize_act_value(fsp.act_func(z))[1])
+
+
 # --- values against the formulas ---------------------------------------------------------------------
 
 
@@ -220,12 +287,16 @@ def test_gradients_are_straight_through(act):
 
 
 def test_fp16_inverse_activation_stays_finite():
-    """The default eps is z's dtype's: 1 - eps is a representable fp16 value and its inverse CDF
-    is finite in fp16 (cauchy: ~325), also for saturated and perturbed values."""
+    """Cauchy's inverse at fp32's eps (a saturated activation whose perturbation is rejected)
+    is ~2.7e6, past fp16's 65504: the code is clamped to the input dtype's range."""
     z = torch.tensor([[1e4, -1e4, 0.5], [200.0, 3.0, -3.0]], dtype=torch.float16)
     for train in (False, True):
         out, _, _, _ = FSP(LEVELS, act_name="cauchy", need_inv_act=True).train(train)(z)
         assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.manual_seed(0)
+    saturated = torch.full((200, 3), float("inf"), dtype=torch.float16)  # act = 1 even in fp32
+    out, _, _, _ = FSP(LEVELS, act_name="cauchy", need_inv_act=True, quantize_rate=0.0).train()(saturated)
+    assert torch.isfinite(out).all() and (out == 65504).any()  # rejected proposals keep act = 1
     big = FSP(LEVELS, act_name="cauchy", need_inv_act=True, quantize_rate=0.0).train()(z.float())[0]
     assert torch.isfinite(big).all()
 

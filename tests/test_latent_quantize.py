@@ -243,6 +243,12 @@ def test_bad_configuration_and_input():
         LatentQuantize(LEVELS, dim=3, optimize_values=False, in_place_codebook_optimizer=torch.optim.SGD)
     with pytest.raises(TypeError, match="commitment_loss_weight"):
         LatentQuantize(LEVELS, dim=3, commitment_loss_weight="0.1")
+    for name in ("commitment_loss_weight", "quantization_loss_weight"):
+        for weight in (-1.0, -1e-9, float("nan")):
+            with pytest.raises(ValueError, match=f"{name}: expected a weight >= 0"):
+                LatentQuantize([5, 5], dim=2, **{name: weight})
+        for weight in (None, 0, 0.0):  # None means 0, as the peer
+            assert getattr(LatentQuantize([5, 5], dim=2, **{name: weight}), name) == 0.0
     layer = LatentQuantize(LEVELS, dim=3)
     with pytest.raises(ValueError, match="expected input feature dim 3 on axis 1, got 4"):
         layer(torch.randn(2, 4, 5))
@@ -250,8 +256,12 @@ def test_bad_configuration_and_input():
         layer(torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"indices: expected values in \[0, 60\)"):
         layer.indices_to_codes(torch.tensor([[0, 60]]))
-    with pytest.raises(ValueError, match="codes: expected last dim codebook_dim=3"):
+    with pytest.raises(ValueError, match="zhat: expected last dim codebook_dim=3"):
         layer.codes_to_indices(torch.zeros(4, 2))
+    with pytest.raises(TypeError, match="zhat: expected a floating point tensor, got list"):
+        layer.codes_to_indices([0.1, 0.2, 0.3])
+    with pytest.raises(TypeError, match="z: expected a floating point tensor, got list"):
+        layer([1, 2, 3])
     with pytest.raises(ValueError, match="num_codebooks=2"):
         LatentQuantize(LEVELS, dim=6, num_codebooks=2).indices_to_codes(torch.zeros(2, 3, dtype=torch.long))
 
@@ -283,8 +293,12 @@ def test_same_as_vector_quantize_pytorch_where_it_is_right():
 
 def test_peer_keywords_are_accepted():
     peer = pytest.importorskip("vector_quantize_pytorch")
-    for ours, theirs in ((LatentQuantize, peer.LatentQuantize), (LatentQuantize.forward, peer.LatentQuantize.forward)):
-        assert set(inspect.signature(theirs).parameters) <= set(inspect.signature(ours).parameters)
+    for method in ("__init__", "forward", "codes_to_indices", "indices_to_codes"):
+        ours, theirs = getattr(LatentQuantize, method), getattr(peer.LatentQuantize, method)
+        assert set(inspect.signature(theirs).parameters) <= set(inspect.signature(ours).parameters), method
+    layer = LatentQuantize(LEVELS, dim=3)
+    zhat = torch.tensor([[0.5, -0.5, 0.0]])  # positions (4, 0, 1) of levels (5, 4, 3)
+    assert layer.codes_to_indices(zhat=zhat).tolist() == [4 + 0 * 5 + 1 * 20]
 
 
 def _in_place_layer(**kwargs):

@@ -51,6 +51,10 @@ class BinaryMapper(nn.Module):
         kl_loss_threshold: the aux loss is relu(KL(p || uniform) - threshold) per token, in nats
             (default: one bit, ln 2).
         deterministic_on_eval: in eval, take each bit's likely side instead of sampling.
+        max_one_hot_elements (extra): forward refuses (ValueError) a one-hot output of more
+            than this many values (tokens x 2^bits) rather than attempt it; default 2^31 (8 GiB
+            per fp32 (N, 2^bits) tensor, of which a training forward holds about four); None
+            for no limit.
 
     Shapes:
         forward(logits): logits (..., bits)
@@ -59,20 +63,20 @@ class BinaryMapper(nn.Module):
         log_prob(logits, indices=(...) | one_hot=(..., 2^bits)) -> (...) fp32, or (..., bits)
             with sum_bits=False.
 
-    The one-hot output is refused (ValueError) beyond `max_one_hot_elements` entries rather than
-    attempted; log_prob and calc_aux_loss work at any size (up to 62 bits).
+    log_prob and calc_aux_loss need no one-hot and work at any size (up to 62 bits).
     """
 
-    # 1 GiB per (N, 2^bits) fp32 tensor; a training forward holds about four of them
-    max_one_hot_elements = 2**28
-
-    def __init__(self, bits: int = 1, kl_loss_threshold: float = NAT, deterministic_on_eval: bool = False):
+    def __init__(self, bits: int = 1, kl_loss_threshold: float = NAT, deterministic_on_eval: bool = False,
+                 max_one_hot_elements: int | None = 2**31):
         super().__init__()
         bits = check_positive_int("bits", bits)
         if bits > MAX_BITS:
             raise ValueError(f"bits: expected at most {MAX_BITS} (codes are int64 indices), got {bits}")
         if isinstance(kl_loss_threshold, bool) or not isinstance(kl_loss_threshold, numbers.Real):
             raise TypeError(f"kl_loss_threshold: expected a number (nats), got {type(kl_loss_threshold).__name__}")
+        if max_one_hot_elements is not None:
+            max_one_hot_elements = check_positive_int("max_one_hot_elements", max_one_hot_elements)
+        self.max_one_hot_elements = max_one_hot_elements
         self.bits = bits
         self.num_codes = 2**bits
         self.kl_loss_threshold = float(kl_loss_threshold)
@@ -81,7 +85,7 @@ class BinaryMapper(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, num_codes={self.num_codes}, kl_loss_threshold={self.kl_loss_threshold:.4g}, "
-                f"deterministic_on_eval={self.deterministic_on_eval}")
+                f"deterministic_on_eval={self.deterministic_on_eval}, max_one_hot_elements={self.max_one_hot_elements}")
 
     # bits <-> indices
 
@@ -128,9 +132,13 @@ class BinaryMapper(nn.Module):
             raise ValueError("log_prob: expected exactly one of indices or one_hot, got "
                              f"{'both' if indices is not None else 'neither'}")
         if one_hot is not None:
-            if one_hot.shape[-1] != self.num_codes:
+            if not isinstance(one_hot, Tensor):
+                raise TypeError(f"one_hot: expected a tensor, got {type(one_hot).__name__}")
+            if one_hot.ndim == 0 or one_hot.shape[-1] != self.num_codes:
                 raise ValueError(f"one_hot: expected a last dim of {self.num_codes}, got shape {tuple(one_hot.shape)}")
             indices = one_hot.argmax(dim=-1)
+        if not isinstance(indices, Tensor):
+            raise TypeError(f"indices: expected an integer tensor, got {type(indices).__name__}")
         if tuple(indices.shape) != tuple(logits.shape[:-1]):
             raise ValueError(f"indices: expected shape {tuple(logits.shape[:-1])} (the logits' leading dims), "
                              f"got {tuple(indices.shape)}")
@@ -156,16 +164,19 @@ class BinaryMapper(nn.Module):
 
         lead = logits.shape[:-1]
         flat = rearrange(logits, "... bits -> (...) bits")
-        if flat.shape[0] * self.num_codes > self.max_one_hot_elements:
+        limit = self.max_one_hot_elements
+        if limit is not None and flat.shape[0] * self.num_codes > limit:
             raise ValueError(
-                f"BinaryMapper: the one-hot output of {flat.shape[0]} tokens x 2^{self.bits} codes would hold "
-                f"{flat.shape[0] * self.num_codes:.3g} values (limit {self.max_one_hot_elements:.3g}); use fewer "
-                "tokens or bits, or log_prob / calc_aux_loss, which need no one-hot"
+                f"max_one_hot_elements: the one-hot output of {flat.shape[0]} tokens x 2^{self.bits} codes would "
+                f"hold {flat.shape[0] * self.num_codes:.3g} values, over the limit of {limit:.3g}; raise it "
+                "(BinaryMapper(..., max_one_hot_elements=None) for none), or use fewer tokens or bits, or "
+                "log_prob / calc_aux_loss, which need no one-hot"
             )
         indices = (self._sample_bits(flat, float(temperature), deterministic).long() * self.power_two).sum(-1)
         one_hot = flat.new_zeros(flat.shape[0], self.num_codes).scatter_(-1, indices.unsqueeze(-1), 1.0)
-        if straight_through:
+        if straight_through and logits.requires_grad and torch.is_grad_enabled():
             # value: the one-hot exactly; gradient: that of p(code | logits) at temperature 1
+            # (the (N, 2^bits) probability table is built only when a gradient can flow)
             one_hot = exact_straight_through(one_hot, code_log_probs(flat).exp())
 
         if calc_aux_loss:

@@ -17,13 +17,16 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_indices, check_positive_int
+from ..checks import check_positive_int
 from ..layout import from_tokens, indices_from_tokens, to_tokens
+from ..mixed_radix import digits_to_indices, indices_to_digits, register_mixed_radix
 from ..precision import fp32_island, project
 from ..straight_through import straight_through
 from .fsq import check_levels
 
 UNIFORM_STD = 12**-0.5  # std of U(0, 1): bin midpoints are rescaled by it to unit variance
+FP32_EPS = torch.finfo(torch.float32).eps  # the default eps: the island computes in fp32
+BELOW_ONE = 1.0 - 2.0**-24  # the largest fp32 value below 1
 
 
 # CDF activations R -> [0, 1] and their inverses (0, 1) -> R, written for fp32 accuracy in the
@@ -142,8 +145,11 @@ class FSP(nn.Module):
             -> (q_z like z in z's dtype, indices (...) int64, norm_loss fp32,
                 info {"level_indices": (..., d) int64, "norm_info": moments (d,) fp32,
                       "p_accept_prob": fp32 (training with quantize_rate < 1)}).
-        `eps` clamps the value given to the inverse activation to [eps, 1 - eps] (default: the
-        machine epsilon of z's dtype, so the output stays finite in that dtype).
+        With need_inv_act, `eps` clamps a perturbed (or saturated) activation value to
+        [eps, 1 - eps] before the inverse (default: float32's machine epsilon, as everything
+        here runs in fp32). Bin midpoints (l + 1/2) / L are never clamped, so the output is the
+        fp32 computation's for every input dtype and equals `indices_to_codes`. Code values are
+        clamped to the input dtype's finite range (Cauchy's inverse exceeds fp16's 65504).
     """
 
     def __init__(self, levels: Sequence[int], dim: int | None = None, channel_first: bool = False,
@@ -158,15 +164,9 @@ class FSP(nn.Module):
         self.levels = levels
         self.codebook_dim = len(levels)
         self.dim = self.codebook_dim if dim is None else check_positive_int("dim", dim)
-        self.codebook_size = math.prod(levels)
-        if self.codebook_size >= 2**63:
-            raise ValueError(f"levels: codebook size prod(levels) must fit int64, got {levels}")
+        self.codebook_size = register_mixed_radix(self, levels)
         self.channel_first = channel_first
         self.act_name, self.need_inv_act, self.quantize_rate = act_name, need_inv_act, float(quantize_rate)
-
-        basis = [math.prod(levels[:i]) for i in range(len(levels))]
-        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.long), persistent=False)
-        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.long), persistent=False)
 
         self.has_projections = self.dim != self.codebook_dim
         if self.has_projections:
@@ -190,45 +190,66 @@ class FSP(nn.Module):
 
     # numerics (fp32): activation value in [0, 1] <-> bin (level index)
 
-    def _code_value(self, value: Tensor, eps: float) -> Tensor:
-        """Activation-space value (..., d) -> code value: the inverse activation (of the value
-        clamped to [eps, 1 - eps]) or (value - 1/2) / std(U(0, 1))."""
+    def _midpoint(self, level: Tensor) -> Tensor:
+        """Level index (..., d) -> bin midpoint (l + 1/2) / L in (0, 1), fp32 (for L > 2^24 the
+        top midpoint rounds to 1 in fp32 and is kept just below it)."""
+        return ((level + 0.5) / self._levels.to(torch.float32)).clamp(max=BELOW_ONE)
+
+    def _code_value(self, value: Tensor) -> Tensor:
+        """Activation-space value (..., d) in (0, 1) -> code value: the inverse activation, or
+        (value - 1/2) / std(U(0, 1))."""
         if self.need_inv_act:
-            return self.inv_act_func(value.clamp(eps, 1.0 - eps))
+            return self.inv_act_func(value)
         return (value - 0.5) / UNIFORM_STD
 
     @fp32_island
-    def _quantize(self, z: Tensor, eps: float):
-        """z (n, d) fp32 -> codes (n, d), level indices (n, d) int64, info."""
+    def _bins(self, act: Tensor) -> tuple[Tensor, Tensor]:
+        """act (..., d) in [0, 1] -> (bin midpoints (..., d) fp32 with the straight-through
+        gradient of act, level indices (..., d) int64). Bin = floor(act * L), the top edge
+        act = 1 in the last bin; NaN -> bin 0."""
         levels = self._levels.to(torch.float32)
-        act = self.act_func(z)
-        # bin = floor(act * L), the top edge act = 1 in the last bin; NaN input -> bin 0
         level = torch.minimum(torch.floor(act * levels).nan_to_num(0.0).clamp(min=0.0), levels - 1)
-        value = straight_through((level + 0.5) / levels, act)
+        return straight_through(self._midpoint(level), act), level.long()
+
+    def quantize_act_value(self, act_z: Tensor, eps: float | None = None) -> tuple[Tensor, Tensor]:
+        """Activation values act_z (..., d) in [0, 1] -> (their bin midpoints (..., d) in act_z's
+        dtype, straight-through gradient; level indices (..., d) int64). `eps` is accepted for
+        compatibility: the bins need no clamp (the top edge 1 is in the last bin)."""
+        value, level = self._bins(act_z)
+        return value.to(act_z.dtype), level
+
+    @fp32_island
+    def _quantize(self, z: Tensor, eps: float, limit: float):
+        """z (n, d) fp32 -> codes (n, d) in [-limit, limit], level indices (n, d) int64, info."""
+        act = self.act_func(z)
+        value, level = self._bins(act)
         info = {}
         quantize_rate = self.quantize_rate if self.training else 1.0
         if quantize_rate < 1.0:
-            proposal = act + (torch.rand_like(act) * 2.0 - 1.0) / (2.0 * levels)
+            half_bin = 0.5 / self._levels.to(torch.float32)
+            proposal = act + (torch.rand_like(act) * 2.0 - 1.0) * half_bin
             accept = (proposal > 0.0) & (proposal < 1.0)
             info["p_accept_prob"] = accept.to(torch.float32).mean()
-            perturbed = torch.where(accept, proposal, act)
+            perturbed = torch.where(accept, proposal, act)  # a saturated act is 0 or 1
+            if self.need_inv_act:
+                perturbed = perturbed.clamp(eps, 1.0 - eps)
             value = torch.where(torch.rand_like(act) >= quantize_rate, perturbed, value)
-        codes = self._code_value(value, eps)
+        codes = self._code_value(value).clamp(-limit, limit)
         if self.need_inv_act:  # the gradient goes straight to z
             codes = straight_through(codes, z)
-        return codes, level.long(), info
+        return codes, level, info
 
     def forward(self, z: Tensor, eps: float | None = None):
         dtype = z.dtype
         tokens, spatial = to_tokens(z, self.channel_first, self.dim, "FSP")
         if not eps:  # None or 0, as the peer
-            eps = torch.finfo(dtype).eps
+            eps = FP32_EPS
         elif not 0.0 < eps < 0.5:
             raise ValueError(f"eps: expected a value in (0, 0.5), got {eps!r}")
         flat = project(self.project_in, tokens).reshape(-1, self.codebook_dim)
         norm_loss, norm_info = self.vector_norm(flat)
-        codes, level, info = self._quantize(flat, eps)
-        indices = (level * self._basis).sum(-1)
+        codes, level, info = self._quantize(flat, eps, torch.finfo(dtype).max)
+        indices = digits_to_indices(level, self._basis)
 
         b, n = tokens.shape[:2]
         codes = codes.reshape(b, n, self.codebook_dim)
@@ -243,21 +264,21 @@ class FSP(nn.Module):
         """Bin per dimension (..., d) -> indices (...), int64 (first dimension fastest)."""
         if level_indices.shape[-1] != self.codebook_dim:
             raise ValueError(f"level_indices: expected last dim {self.codebook_dim}, got {tuple(level_indices.shape)}")
-        return (level_indices.long() * self._basis).sum(-1)
+        return digits_to_indices(level_indices, self._basis)
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:
         """indices (...) -> bin per dimension (..., d), int64."""
-        check_indices(indices, self.codebook_size)
-        return (indices.long().unsqueeze(-1) // self._basis) % self._levels
+        return indices_to_digits(indices, self._basis, self._levels, self.codebook_size)
 
     def indices_to_act_value(self, indices: Tensor) -> Tensor:
-        """indices (...) -> bin midpoints in [0, 1] (..., d), fp32."""
-        return (self.indices_to_level_indices(indices) + 0.5) / self._levels.to(torch.float32)
+        """indices (...) -> bin midpoints in (0, 1) (..., d), fp32."""
+        return self._midpoint(self.indices_to_level_indices(indices).to(torch.float32))
 
     def indices_to_codes(self, indices: Tensor, eps: float = 1e-6) -> Tensor:
         """indices (b, ...) -> codes (b, ..., dim) (channel-first with channel_first), fp32 or
-        the projection's dtype; equal to forward's output in eval."""
+        the projection's dtype; equal to forward's output in eval. `eps` is accepted for
+        compatibility: bin midpoints are never clamped."""
         value = self.indices_to_act_value(indices)
-        codes = fp32_island(self._code_value)(value, eps)
+        codes = fp32_island(self._code_value)(value)
         codes = project(self.project_out, codes)
         return rearrange(codes, "b ... d -> b d ...") if self.channel_first else codes

@@ -15,8 +15,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_indices, check_positive_int
+from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_positive_int
 from ..layout import from_tokens, indices_from_tokens, to_tokens
+from ..mixed_radix import digits_to_indices, indices_to_digits, register_mixed_radix
 from ..precision import Fp32BuffersModule, fp32_island, project
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
@@ -115,9 +116,8 @@ class FSQ(Fp32BuffersModule):
         self.effective_codebook_dim = self.codebook_dim * num_codebooks
         self.keep_num_codebooks_dim = keep_num_codebooks_dim
         self.dim = self.effective_codebook_dim if dim is None else check_positive_int("dim", dim)
-        self.codebook_size = math.prod(levels)
-        if self.codebook_size >= 2**63:
-            raise ValueError(f"levels: codebook size prod(levels) must fit int64, got {levels}")
+        # int64 levels and mixed-radix basis: dtype casts never touch them, indices stay exact
+        self.codebook_size = register_mixed_radix(self, levels)
 
         self.scale = scale
         self.channel_first = channel_first
@@ -127,11 +127,6 @@ class FSQ(Fp32BuffersModule):
         self.preserve_symmetry = preserve_symmetry
         self.noise_dropout = noise_dropout
         self.bound_hard_clamp = bound_hard_clamp
-
-        # int64 levels and mixed-radix basis: dtype casts never touch them, indices stay exact
-        basis = [math.prod(levels[:i]) for i in range(len(levels))]
-        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.long), persistent=False)
-        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.long), persistent=False)
 
         self.has_projections = self.dim != self.effective_codebook_dim
         make = lambda i, o: nn.Linear(i, o, bias=projection_has_bias)  # noqa: E731
@@ -200,7 +195,7 @@ class FSQ(Fp32BuffersModule):
         # NaN input must still give an in-range index (the output stays NaN and shows it)
         level = torch.minimum(level.nan_to_num(0.0).clamp(min=0.0), self._levels_f32() - 1)
         codes = straight_through(self._level_to_code(level), self._level_to_code(position))
-        indices = (level.long() * self._basis).sum(dim=-1)
+        indices = digits_to_indices(level, self._basis)
         if self.training and self.noise_dropout > 0:
             noisy = torch.rand_like(codes) < self.noise_dropout
             codes = torch.where(noisy, codes + torch.rand_like(codes) - 0.5, codes).clamp(-1.0, 1.0)
@@ -226,8 +221,7 @@ class FSQ(Fp32BuffersModule):
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:
         """indices (...) -> level index per code dimension (..., d), int64."""
-        check_indices(indices, self.codebook_size)
-        return (indices.long().unsqueeze(-1) // self._basis) % self._levels
+        return indices_to_digits(indices, self._basis, self._levels, self.codebook_size)
 
     def _indices_to_raw_codes(self, indices: Tensor) -> Tensor:
         """indices (...) -> codes (..., d) in fp32, before rotation and projection."""
@@ -239,8 +233,7 @@ class FSQ(Fp32BuffersModule):
             raise ValueError(
                 f"codes: expected last dim {self.codebook_dim} (len(levels)), got {codes.shape[-1]}"
             )
-        level = self._code_to_level(codes.float()).round().long()
-        return (level * self._basis).sum(dim=-1)
+        return digits_to_indices(self._code_to_level(codes.float()).round(), self._basis)
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """indices (b, ...[, c]) -> codes (b, ..., dim) (channel-first for images/video).

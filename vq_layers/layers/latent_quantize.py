@@ -14,7 +14,6 @@ Losses, on the quantizer's latent z (after project_in), as in the paper:
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable, Sequence
 
@@ -23,9 +22,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_indices, check_positive_int
+from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_positive_int
 from ..distributed import all_reduce_sum_, check_finite, is_distributed
 from ..layout import from_tokens, indices_from_tokens, to_tokens
+from ..mixed_radix import digits_to_indices, indices_to_digits, register_mixed_radix
 from ..precision import Fp32BuffersModule, fp32_island, project, stack
 from ..straight_through import straight_through
 from .fsq import check_levels
@@ -106,6 +106,8 @@ class LatentQuantize(Fp32BuffersModule):
                              ("quantization_loss_weight", quantization_loss_weight)):
             if weight is not None and (isinstance(weight, bool) or not isinstance(weight, numbers.Real)):
                 raise TypeError(f"{name}: expected a number or None, got {type(weight).__name__}")
+            if weight is not None and not weight >= 0:  # NaN fails too
+                raise ValueError(f"{name}: expected a weight >= 0 (or None for 0), got {weight!r}")
         if in_place_codebook_optimizer is not None and not optimize_values:
             raise ValueError("in_place_codebook_optimizer: needs optimize_values=True (there are no values "
                              "to optimize), got optimize_values=False")
@@ -116,17 +118,11 @@ class LatentQuantize(Fp32BuffersModule):
         self.effective_codebook_dim = self.codebook_dim * num_codebooks
         self.keep_num_codebooks_dim = keep_num_codebooks_dim
         self.dim = check_positive_int("dim", dim)
-        self.codebook_size = math.prod(levels)
-        if self.codebook_size >= 2**63:
-            raise ValueError(f"levels: codebook size prod(levels) must fit int64, got {levels}")
+        self.codebook_size = register_mixed_radix(self, levels)
         self.commitment_loss_weight = float(commitment_loss_weight or 0.0)
         self.quantization_loss_weight = float(quantization_loss_weight or 0.0)
         self.optimize_values = bool(optimize_values)
         self.sync_codebook, self.process_group = sync_codebook, process_group
-
-        basis = [math.prod(levels[:i]) for i in range(len(levels))]
-        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.long), persistent=False)
-        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.long), persistent=False)
 
         self.has_projections = self.dim != self.effective_codebook_dim
         self.project_in = nn.Linear(self.dim, self.effective_codebook_dim) if self.has_projections else nn.Identity()
@@ -165,7 +161,7 @@ class LatentQuantize(Fp32BuffersModule):
             self._in_place_step(z.detach())
         values = self._values_f32()
         zhat, positions = nearest_values(z, [v.detach() for v in values] if in_place else values)
-        indices = (positions * self._basis).sum(dim=-1)
+        indices = digits_to_indices(positions, self._basis)
         loss = z.new_zeros(())
         if self.training and z.numel():
             if self.commitment_loss_weight:
@@ -199,6 +195,8 @@ class LatentQuantize(Fp32BuffersModule):
         self.in_place_codebook_optimizer.zero_grad()
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if not isinstance(z, Tensor):
+            raise TypeError(f"z: expected a floating point tensor, got {type(z).__name__}")
         dtype = z.dtype
         tokens, spatial = to_tokens(z, True, self.dim, "LatentQuantize")
         codes, indices, loss = self._quantize(project(self.project_in, tokens))
@@ -210,17 +208,18 @@ class LatentQuantize(Fp32BuffersModule):
 
     # indices <-> codes
 
-    def codes_to_indices(self, codes: Tensor) -> Tensor:
-        """codes (..., codebook_dim) -> indices (...) int64 of each dimension's nearest value."""
-        if codes.shape[-1] != self.codebook_dim:
-            raise ValueError(f"codes: expected last dim codebook_dim={self.codebook_dim}, got {tuple(codes.shape)}")
-        _, positions = fp32_island(nearest_values)(codes, self._values_f32())
-        return (positions * self._basis).sum(dim=-1)
+    def codes_to_indices(self, zhat: Tensor) -> Tensor:
+        """zhat (..., codebook_dim) -> indices (...) int64 of each dimension's nearest value."""
+        if not isinstance(zhat, Tensor) or not zhat.is_floating_point():
+            raise TypeError(f"zhat: expected a floating point tensor, got {getattr(zhat, 'dtype', type(zhat).__name__)}")
+        if zhat.ndim == 0 or zhat.shape[-1] != self.codebook_dim:
+            raise ValueError(f"zhat: expected last dim codebook_dim={self.codebook_dim}, got {tuple(zhat.shape)}")
+        _, positions = fp32_island(nearest_values)(zhat, self._values_f32())
+        return digits_to_indices(positions, self._basis)
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:
         """indices (...) -> position in each dimension's values (..., codebook_dim), int64."""
-        check_indices(indices, self.codebook_size)
-        return (indices.long().unsqueeze(-1) // self._basis) % self._levels
+        return indices_to_digits(indices, self._basis, self._levels, self.codebook_size)
 
     def _lookup(self, level_indices: Tensor) -> Tensor:
         """(..., d) positions -> values (..., d) in the values' dtype."""
