@@ -23,6 +23,13 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+def check_non_negative(name: str, value) -> float:
+    """A real number >= 0 (weights, temperatures, fractions); NaN, bools and non-numbers fail."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+    return float(value)
+
+
 def check_indices(indices, codebook_size: int, name: str = "indices", allow_dropped: bool = False) -> None:
     """An integer tensor with every value in [0, codebook_size), or -1 (masked or dropped) when
     `allow_dropped` (one host sync; the value check is skipped when compiling)."""

@@ -16,14 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import check_non_negative
+
 
 def check_directional_reparam(enabled: bool, variance, straight_through: bool, rotation_trick: bool,
                               threshold_ema_dead_code: float) -> None:
     """The peer's constraints, as errors: one gradient estimator, dead-code replacement on."""
     if not enabled:
         return
-    if not (isinstance(variance, (int, float)) and variance >= 0):
-        raise ValueError(f"directional_reparam_variance: expected a number >= 0, got {variance!r}")
+    check_non_negative("directional_reparam_variance", variance)
     if straight_through or rotation_trick:
         raise ValueError("directional_reparam, straight_through, rotation_trick: choose one gradient estimator, got "
                          f"directional_reparam=True with straight_through={straight_through}, "

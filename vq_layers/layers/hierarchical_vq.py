@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_indices, check_positive_int
+from ..checks import check_indices, check_non_negative, check_positive_int
 from ..distributed import shared_seed
 from ..layout import check_mask, from_tokens, indices_from_tokens, lens_to_mask
 from ..precision import fp32_island, project, stack
@@ -252,8 +252,8 @@ class HierarchicalVQ(nn.Module):
                              "get_output_from_indices")
         fmap, keep = self._check_input(x, mask, lens)
         dtype = x.dtype
-        if sample_codebook_temp is not None and not sample_codebook_temp >= 0:
-            raise ValueError(f"sample_codebook_temp: expected a number >= 0, got {sample_codebook_temp!r}")
+        if sample_codebook_temp is not None:
+            check_non_negative("sample_codebook_temp", sample_codebook_temp)
         full_shape = tuple(fmap.shape[2:])
         updating = self.training and torch.is_grad_enabled()
         cutoff = self.sample_nested_cutoff(x.device)

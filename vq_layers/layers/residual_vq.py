@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_indices, check_positive_int
+from ..checks import check_indices, check_non_negative, check_positive_int
 from ..directional_reparam import directional_reparam
 from ..distributed import check_finite
 from ..kernels.nearest_code import nearest_codes, nearest_codes_per_token
@@ -128,8 +128,7 @@ class ResidualVQ(ResidualQuantizer):
                          quantize_dropout_multiple_of, process_group)
         if shared_codebook and len(set(sizes)) > 1:
             raise ValueError(f"codebook_size: shared_codebook=True needs one size for every stage, got {sizes}")
-        if not (isinstance(quant_grad_frac, (int, float)) and quant_grad_frac >= 0):
-            raise ValueError(f"quant_grad_frac: expected a number >= 0, got {quant_grad_frac!r}")
+        check_non_negative("quant_grad_frac", quant_grad_frac)
         self.diveq = bool(diveq)
         if diveq:  # DiVeQ on the sum of the stages: learnable codebooks, trained through the output only
             if vq_kwargs.get("ema_update"):

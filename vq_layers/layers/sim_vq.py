@@ -18,7 +18,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_indices, check_positive_int
+from ..checks import check_indices, check_non_negative, check_positive_int
 from ..kernels.nearest_code import nearest_code
 from ..layout import from_tokens, to_tokens
 from ..precision import Fp32BuffersModule, fp32_island, project, without_autocast
@@ -30,11 +30,6 @@ from ..usage import CodeUsage, code_usage
 def identity(t: Tensor) -> Tensor:
     return t
 
-
-def check_weight(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
-    return float(value)
 
 
 class SimVQ(Fp32BuffersModule):
@@ -78,9 +73,9 @@ class SimVQ(Fp32BuffersModule):
             raise TypeError(f"init_fn: expected a callable taking and returning the frozen codebook, got "
                             f"{type(init_fn).__name__}")
         self.channel_first, self.rotation_trick = channel_first, rotation_trick
-        self.input_to_quantize_commit_loss_weight = check_weight("input_to_quantize_commit_loss_weight",
+        self.input_to_quantize_commit_loss_weight = check_non_negative("input_to_quantize_commit_loss_weight",
                                                                  input_to_quantize_commit_loss_weight)
-        self.commitment_weight = check_weight("commitment_weight", commitment_weight)
+        self.commitment_weight = check_non_negative("commitment_weight", commitment_weight)
 
         shape = (self.codebook_size, self.frozen_codebook_dim)
         frozen = init_fn(torch.randn(shape, dtype=torch.float32) * self.frozen_codebook_dim**-0.5)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_indices, check_positive_int
+from ..checks import check_indices, check_non_negative, check_positive_int
 from ..codebook import KMEANS_INIT_EAGER, Codebook, runs_eagerly
 from ..directional_reparam import check_directional_reparam, directional_reparam
 from ..distributed import all_reduce_sum, all_reduce_sum_, check_finite, is_distributed
@@ -73,11 +73,6 @@ class Quantized(NamedTuple):
     codebook_indices: Tensor  # (g, m)
     keep: Tensor | None  # (g, m)
 
-
-def _check_weight(name: str, value) -> float:
-    if not value >= 0:
-        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
-    return float(value)
 
 
 class VectorQuantize(CodebookUpdates, nn.Module):
@@ -190,16 +185,16 @@ class VectorQuantize(CodebookUpdates, nn.Module):
         self.freeze_codebook, self.ema_update = freeze_codebook, ema_update
         self.learnable_codebook = learnable_codebook
         self.use_cosine_sim, self.metric = use_cosine_sim, "dot" if use_cosine_sim else "l2"
-        self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
+        self.commitment_weight = check_non_negative("commitment_weight", commitment_weight)
         self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
-        self.orthogonal_reg_weight = _check_weight("orthogonal_reg_weight", orthogonal_reg_weight)
+        self.orthogonal_reg_weight = check_non_negative("orthogonal_reg_weight", orthogonal_reg_weight)
         self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
         self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
-        self.codebook_diversity_loss_weight = _check_weight("codebook_diversity_loss_weight",
+        self.codebook_diversity_loss_weight = check_non_negative("codebook_diversity_loss_weight",
                                                             codebook_diversity_loss_weight)
         self.codebook_diversity_temperature = codebook_diversity_temperature
         self.stochastic_sample_codes = stochastic_sample_codes
-        self.sample_codebook_temp = _check_weight("sample_codebook_temp", sample_codebook_temp)
+        self.sample_codebook_temp = check_non_negative("sample_codebook_temp", sample_codebook_temp)
         self.straight_through, self.rotation_trick = straight_through, rotation_trick
         self.sync_codebook, self.sync_kmeans, self.process_group = sync_codebook, sync_kmeans, process_group
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
@@ -430,7 +425,7 @@ class VectorQuantize(CodebookUpdates, nn.Module):
         keep = lens_to_mask(lens, tokens, spatial) if lens is not None else check_mask(
             mask.reshape(-1, 1) if only_one and mask is not None and mask.ndim == 1 else mask, tokens, spatial)
         targets = None if indices is None else self._targets(indices, tokens, keep)
-        temperature = self.sample_codebook_temp if sample_codebook_temp is None else _check_weight(
+        temperature = self.sample_codebook_temp if sample_codebook_temp is None else check_non_negative(
             "sample_codebook_temp", sample_codebook_temp)
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         ema_update = self.ema_update if ema_update is None else ema_update
