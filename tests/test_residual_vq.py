@@ -1194,3 +1194,39 @@ def _distributed_worker(rank, world_size):
 
 def test_distributed_same_dropout_depth_and_identical_codebooks():
     run_in_processes(_distributed_worker, 2, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------
+# VectorQuantize's statistics extras through a shared codebook
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_shared_codebook_in_place_optimizer_steps_once_on_every_stages_loss(masked):
+    """As vector-quantize-pytorch (manual_in_place_optimizer_update on every stage, one step at
+    the end): every stage searches the codebook as it was before the step; one SGD step on the sum
+    of the stages' mean((code - sg(residual))^2), against an fp64 reference."""
+    lr = 0.5
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=4, num_quantizers=3, codebook_size=8, shared_codebook=True, learnable_codebook=True,
+                     in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=lr)).train()
+    first = rvq.layers[0]
+    assert all(layer.in_place_codebook_optimizer is first.in_place_codebook_optimizer for layer in rvq.layers)
+    embed = first._codebook.embed
+    codes = embed.detach()[0].to(F64).clone()
+    x = randn(2, 7, 4, seed=3)
+    keep = torch.rand(2, 7, generator=torch.Generator().manual_seed(4)) > 0.3 if masked else None
+    kept = torch.ones(2, 7, dtype=torch.bool) if keep is None else keep
+    residual, grad, path = x.to(F64)[kept], torch.zeros(8, 4, dtype=F64), []
+    for _ in range(3):
+        idx = torch.cdist(residual, codes).argmin(-1)
+        grad.index_add_(0, idx, 2 * (codes[idx] - residual) / residual.numel())
+        residual, path = residual - codes[idx], path + [idx]
+    _, indices, _ = rvq(x, mask=keep)
+    assert torch.equal(indices[kept], torch.stack(path, -1))
+    torch.testing.assert_close(embed.detach()[0].to(F64), codes - lr * grad, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_codebook_with_affine_param_raises():
+    with pytest.raises(ValueError, match="affine_param, shared_codebook"):
+        ResidualVQ(dim=4, num_quantizers=2, codebook_size=8, shared_codebook=True, affine_param=True)
+    ResidualVQ(dim=4, num_quantizers=2, codebook_size=8, affine_param=True)  # each stage its own moments

@@ -16,6 +16,8 @@ rule, arXiv 2305.08842), never by calling the code under test:
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -177,12 +179,63 @@ def test_bad_ema_update_weight_raises_before_any_buffer_changes(bad):
     assert_unchanged(before, layer)
 
 
-def test_bad_ema_update_weight_callable_raises_before_the_statistics_change():
-    layer = make()
+def adam(params):
+    return torch.optim.Adam(params, lr=0.1, weight_decay=0.1)
+
+
+CALLABLE_CONFIGS = {  # state a step changes before the callable's result exists
+    "plain": dict(),
+    "affine": dict(affine_param=True),
+    "in_place": dict(in_place_codebook_optimizer=adam, orthogonal_reg_weight=0.1),  # learnable, and EMA
+    "kmeans": dict(kmeans_init=True, threshold_ema_dead_code=1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(CALLABLE_CONFIGS))
+def test_bad_ema_update_weight_callable_raises_before_any_buffer_changes(name):
+    """The callable's result is checked once the statistics exist; whatever the step changed
+    before (affine moments, k-means init, an in-place step and its optimizer's state) is undone:
+    the next good step equals that of a twin that never saw the bad call."""
+    kwargs = CALLABLE_CONFIGS[name]
+    layer = VectorQuantize(dim=6, codebook_size=10, **kwargs).train() if name == "kmeans" else make(**kwargs)
+    twin = VectorQuantize(dim=6, codebook_size=10, **kwargs).train()
+    twin.load_state_dict(layer.state_dict())
+    if name == "in_place":
+        layer(randn(2, 5, 6, seed=9))  # optimizer state to keep
+        twin(randn(2, 5, 6, seed=9))
     before = state(layer)
+    x = randn(2, 5, 6, seed=10)
     with pytest.raises(ValueError, match="ema_update_weight"):
-        layer(randn(2, 5, 6, seed=10), ema_update_weight=lambda s, c: torch.ones(4))
+        layer(x, ema_update_weight=lambda s, c: torch.ones(4))
     assert_unchanged(before, layer)
+    for good in (layer, twin):
+        torch.manual_seed(11)  # k-means and dead codes draw alike
+        good(x, ema_update_weight=lambda s, c: (c > 0).float())
+    for key, value in twin.state_dict().items():
+        assert torch.equal(layer.state_dict()[key], value), key
+    if name == "in_place":
+        a, b = layer.in_place_codebook_optimizer.state_dict(), twin.in_place_codebook_optimizer.state_dict()
+        assert a["state"][0]["step"] == b["state"][0]["step"] == 2
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a["state"][0][key], b["state"][0][key]), key
+
+
+def test_a_tensor_ema_update_weight_is_checked_once_per_step(monkeypatch):
+    """Checked at the boundary (one host sync), not again by the codebook."""
+    from vq_layers import codebook, ema
+    from vq_layers.layers import vq_updates
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return ema.ema_weight(*args)
+
+    monkeypatch.setattr(codebook, "ema_weight", counted)
+    monkeypatch.setattr(vq_updates, "ema_weight", counted)
+    layer = make()
+    layer(randn(2, 5, 6, seed=10), ema_update_weight=torch.ones(10))
+    assert len(calls) == 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -475,7 +528,9 @@ def test_manual_in_place_optimizer_update_gathers_gradients_until_asked():
         z = x.to(F64).reshape(-1, 6)
         idx = nearest64(z, before[0])
         grad += torch.zeros(10, 6, dtype=F64).index_add_(0, idx, 2 * (before[0][idx] - z) / z.numel())
+        held = embed.grad
         layer(x)
+        assert held is None or embed.grad is held  # added in place (DDP's gradient_as_bucket_view views)
         assert torch.equal(embed.detach().to(F64), before)  # no step yet
     close(embed.grad[0], grad)
     layer.update_in_place_optimizer()
@@ -527,6 +582,28 @@ def test_empty_batches_change_nothing():
     _, ce = layer(empty, indices=no_indices)
     assert ce == 0
     assert_unchanged(before, layer)
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_empty_and_all_masked_batches_take_no_in_place_step(manual):
+    """Adam with weight decay would move the codebook on a zero gradient (momentum, decay): an
+    in-place step without a kept row anywhere must not run."""
+    layer = VectorQuantize(dim=6, codebook_size=10, learnable_codebook=True, in_place_codebook_optimizer=adam,
+                           manual_in_place_optimizer_update=manual).train()
+    layer(randn(2, 5, 6, seed=11))  # a real step: Adam has momentum now
+    layer.update_in_place_optimizer()
+    embed = layer._codebook.embed
+    before = embed.detach().clone()
+    optimizer = copy.deepcopy(layer.in_place_codebook_optimizer.state_dict())
+    _, _, _, breakdown = layer(randn(2, 5, 6, seed=12), mask=torch.zeros(2, 5, dtype=torch.bool),
+                               return_loss_breakdown=True)
+    assert breakdown.inplace_optimize == 0
+    layer(randn(0, 5, 6))
+    assert torch.equal(embed.detach(), before)
+    assert embed.grad is None or not embed.grad.any()
+    after = layer.in_place_codebook_optimizer.state_dict()
+    assert after["state"][0]["step"] == optimizer["state"][0]["step"]
+    assert torch.equal(after["state"][0]["exp_avg"], optimizer["state"][0]["exp_avg"])
 
 
 NAN_CALLS = {
@@ -668,6 +745,19 @@ def _dist_worker(rank, world):
             torch.testing.assert_close(value, single.state_dict()[key], rtol=1e-5, atol=1e-5)
         for key, value in layer.named_parameters():
             torch.testing.assert_close(value, dict(single.named_parameters())[key], rtol=1e-5, atol=1e-6)
+    # expire_codes_ before any synced step, on ranks built from different seeds with different
+    # dead codes: the first rank's state is taken first (as a training step does), then rows drawn
+    torch.manual_seed(rank)
+    layer = VectorQuantize(dim=6, codebook_size=10, threshold_ema_dead_code=1.0).train()
+    with torch.no_grad():
+        layer._codebook.cluster_size.fill_(5.0)[0, rank] = 0.0
+    alive = layer._codebook.embed.detach().clone()
+    dist.broadcast(alive, 0)
+    layer.expire_codes_(_rank_batch(0, rank))
+    for key, value in layer.state_dict().items():
+        assert _gathered_equal(value), f"expire_codes_: {key} differs across ranks"
+    assert int(layer._codebook.dead_codes_replaced) == 1
+    assert torch.equal(layer._codebook.embed[0, 1:], alive[0, 1:])  # rank 0's live codes kept
 
 
 @pytest.mark.timeout(120)

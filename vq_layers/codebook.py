@@ -290,8 +290,9 @@ class Codebook(Fp32BuffersModule):
 
         EMA statistics (when ema_update or dead-code replacement needs them), the codebook they
         describe (unless manual_ema_update), then dead codes revived from this batch's vectors.
-        `weight`: the per-code `ema_update_weight` (ema.ema_weight). With `accumulate`, this
-        step's statistics are only added to the pending ones; the next step applies them all.
+        `weight`: the per-code `ema_update_weight`, as ema.ema_weight returns it (checked), or a
+        callable, evaluated and checked here. With `accumulate`, this step's statistics are only
+        added to the pending ones; the next step applies them all.
         """
         self.dead_codes_replaced = torch.zeros((), dtype=torch.long, device=x.device)
         if not ema_update and self.threshold_ema_dead_code <= 0:
@@ -306,7 +307,8 @@ class Codebook(Fp32BuffersModule):
         pending = self.accum_cluster_size is not None
         if pending:
             counts, sums = counts + self.accum_cluster_size, sums + self.accum_embed_sum
-        ema_update_(self.cluster_size, self.embed_avg, counts, sums, self.decay, ema_weight(weight, sums, counts))
+        weight = ema_weight(weight, sums, counts) if callable(weight) else weight
+        ema_update_(self.cluster_size, self.embed_avg, counts, sums, self.decay, weight)
         if pending:
             self._free_accumulators()
         if ema_update and not self.manual_ema_update:

@@ -80,7 +80,8 @@ class ResidualVQ(ResidualQuantizer):
         Dropped quantizers (quantize_dropout in training) and masked tokens get index -1.
 
     With shared_codebook, every stage searches the codebook as it was before the step, and the
-    codebook is updated once from all stages' statistics at the end of the step.
+    codebook is updated once from all stages' statistics at the end of the step (an
+    in_place_codebook_optimizer takes one step there, on the sum of the stages' codebook losses).
 
     Extras (vector-quantize-pytorch's keywords): `codebook_size` a tuple of one size per stage
     (num_quantizers may then be left out); `quant_grad_frac`, the fraction of the gradient that
@@ -128,6 +129,9 @@ class ResidualVQ(ResidualQuantizer):
                          quantize_dropout_multiple_of, process_group)
         if shared_codebook and len(set(sizes)) > 1:
             raise ValueError(f"codebook_size: shared_codebook=True needs one size for every stage, got {sizes}")
+        if shared_codebook and vq_kwargs.get("affine_param"):  # one set of moments for residuals of every scale
+            raise ValueError("affine_param, shared_codebook: not supported together (the stages' residuals have "
+                             "different scales; one set of batch moments cannot map the codes onto all of them)")
         check_non_negative("quant_grad_frac", quant_grad_frac)
         self.diveq = bool(diveq)
         if diveq:  # DiVeQ on the sum of the stages: learnable codebooks, trained through the output only
@@ -156,9 +160,10 @@ class ResidualVQ(ResidualQuantizer):
             self.mlps = nn.ModuleList(
                 ImplicitCodebookMLP(codebook_dim, l2norm_output=self.layers[0].use_cosine_sim, **(mlp_kwargs or {}))
                 for _ in range(num_quantizers - 1))
-        if shared_codebook:
+        if shared_codebook:  # the first stage's in-place optimizer (over the shared codes) steps for all
             for layer in self.layers[1:]:
                 layer._codebook = self.layers[0]._codebook
+                layer.in_place_codebook_optimizer = self.layers[0].in_place_codebook_optimizer
         self.codebook_size = self.layers[0].codebook_size
 
     def extra_repr(self) -> str:
@@ -199,9 +204,11 @@ class ResidualVQ(ResidualQuantizer):
         stages = [partial(stage, k, layer) for k, layer in enumerate(self.layers)]
         quantized, indices, codes, extras = run_stages(z, stages, last_kept, self.quant_grad_frac)
         if updating and self.shared_codebook and results:
-            # one update from every stage's vectors, after all stages searched the same codebook
+            # one update from every stage's vectors, after all stages searched the same codebook:
+            # the in-place step on the sum of the stages' losses, then the statistics
             keeps = None if keep is None else torch.cat([r.keep for r in results], dim=1)
             first = self.layers[0]
+            first._in_place_step([(r.search, r.keep) for r in results], first._sync(), z.new_zeros(()))
             first._codebook.update_(torch.cat([r.search for r in results], dim=1),
                                     torch.cat([r.codebook_indices for r in results], dim=1), keeps,
                                     first.ema_update, first._sync(), self.process_group)

@@ -40,7 +40,7 @@ from ..precision import fp32_island, project
 from ..rotation_trick import rotation_trick
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
-from .vq_updates import CodebookUpdates
+from .vq_updates import NON_FINITE, CodebookUpdates, masked_mse
 from .vq_search import (
     check_topk,
     find_codes,
@@ -50,8 +50,7 @@ from .vq_search import (
     trainable_loss,
 )
 
-_NON_FINITE = ("input: non-finite values (NaN or Inf) in a training batch (on this rank or another); the "
-               "codebook and its statistics were left untouched")
+_NON_FINITE = NON_FINITE.format("input")
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
@@ -92,9 +91,10 @@ class VectorQuantize(CodebookUpdates, nn.Module):
     buffer and issue no collective.
 
     Statistics extras (vector-quantize-pytorch's): forward's `ema_update_weight` (per-code weight
-    (codebook_size,) or (heads, codebook_size) on the EMA step, or a callable (sums, counts) ->
-    weight) and `accum_ema_update` (only accumulate this step's statistics), manual_ema_update
-    with update_ema(), update_indices(x, indices), expire_codes_(x), affine_param, sync_update_v,
+    (codebook_size,) or (num_codebooks, codebook_size) on the EMA step, num_codebooks = heads with
+    separate_codebook_per_head else 1, or a callable (sums, counts) -> weight) and
+    `accum_ema_update` (only accumulate this step's statistics), manual_ema_update with update_ema(),
+    update_indices(x, indices), expire_codes_(x), affine_param, sync_update_v,
     in_place_codebook_optimizer (vq_updates.py, codebook.py, affine.py).
     """
 
@@ -246,6 +246,14 @@ class VectorQuantize(CodebookUpdates, nn.Module):
 
     # the fp32 core, on tokens
 
+    def _searched_codebook(self, snapshot: bool = False) -> Tensor:
+        """The codes as searched (g, k, d) fp32, normalized for a learnable cosine codebook;
+        `snapshot`: a copy, for a step whose update rewrites the live codes in place before its
+        backward (recomputed softmax tiles) runs."""
+        codebook = self._codebook.codes()
+        codebook = codebook.clone() if snapshot else codebook
+        return F.normalize(codebook, dim=-1) if self.use_cosine_sim and self.learnable_codebook else codebook
+
     def _per_codebook(self, t: Tensor) -> Tensor:
         """(h, n, ...) per head -> (g, m, ...) per codebook: heads sharing one codebook are pooled."""
         return t if self.separate_codebook_per_head or self.heads == 1 else t.reshape(1, -1, *t.shape[2:])
@@ -281,15 +289,11 @@ class VectorQuantize(CodebookUpdates, nn.Module):
             if may_init and self._codebook.needs_init():
                 self._kmeans_init(search, kept, sync)
             if update:
-                self._codebook.update_affine_(search.detach(), kept, self._sync_affine(), self.process_group)
-        inplace = self._in_place_step(search, kept, sync) if update else search.new_zeros(())
-
-        codebook = self._codebook.codes()
-        if may_init or update:  # a snapshot: this step's update (here, or a shared codebook's after all
-            codebook = codebook.clone()  # stages) rewrites the codes in place; the backward (recomputed
-            # softmax tiles) must see the codebook this step searched
-        if self.use_cosine_sim and self.learnable_codebook:
-            codebook = F.normalize(codebook, dim=-1)
+                self._codebook.update_affine_(search, kept, self._sync_affine(), self.process_group)
+        zero = search.new_zeros(())
+        inplace = self._in_place_step([(search, kept)], sync, zero) if update else zero
+        # a snapshot: this step's update (here, or a shared codebook's after all stages) rewrites the codes
+        codebook = self._searched_codebook(snapshot=may_init or update)
         sample = self.training and self.stochastic_sample_codes and temperature > 0
         # sampling uses the peer's distribution: softmax(-||x - c|| / t) (or x . c / t when cosine)
         metric = "euclidean" if sample and self.metric == "l2" else self.metric
@@ -302,7 +306,6 @@ class VectorQuantize(CodebookUpdates, nn.Module):
                                                             temperature, b, n)
             return Quantized(quantized, shown, loss, LossBreakdown(*losses, z.new_zeros(())), search.detach(), indices, kept)
 
-        zero = search.new_zeros(())
         commitment = diversity = orthogonal = zero
         if targets is not None:  # cross-entropy of x's code distribution to the given codes
             commitment = code_cross_entropy(search, codebook, targets, self.metric)
@@ -357,17 +360,13 @@ class VectorQuantize(CodebookUpdates, nn.Module):
     def _losses(self, search, codebook, codes, indices, kept, freeze, sync):
         zero = search.new_zeros(())
         commitment = diversity = orthogonal = zero
-        rows = search.new_tensor(float(search.shape[0] * search.shape[1])) if kept is None else kept.sum().float()
         if self.commitment_weight > 0 and not self.directional_reparam:  # DiVeQ has none (as the peer)
             if self.commitment_use_cross_entropy_loss:
                 targets = indices if kept is None else indices.masked_fill(~kept, -1)
                 commitment = code_cross_entropy(search, codebook, targets, self.metric)
             else:
                 target = codes if self.learnable_codebook and not freeze else codes.detach()
-                error = (search - target).square()
-                if kept is not None:
-                    error = torch.where(kept.unsqueeze(-1), error, 0.0)
-                commitment = error.sum() / (rows * search.shape[-1]).clamp(min=1)
+                commitment, _ = masked_mse(search, target, kept)
         if self.codebook_diversity_loss_weight > 0:
             probs = code_probs_sum(search, codebook, self.metric, self.codebook_diversity_temperature, kept)
             count = search.new_full((search.shape[0], 1), float(search.shape[1])) if kept is None else kept.sum(-1, keepdim=True, dtype=torch.float32)
@@ -433,10 +432,11 @@ class VectorQuantize(CodebookUpdates, nn.Module):
         ema_update_weight = self._checked_ema_weight(ema_update_weight) if updating else None
         topk = check_topk(self, topk, codebook_transform_fn, targets is not None)
 
-        result = self._quantize(project(self.project_in, without_padding(tokens, keep)), keep, temperature,
-                                may_init=updating, update=updating and topk is None, ema_update=ema_update,
-                                freeze=freeze, targets=targets, ema_update_weight=ema_update_weight,
-                                accum_ema_update=accum_ema_update, topk=topk, codebook_transform_fn=codebook_transform_fn)
+        quantize = self._undone_on_error(self._quantize) if callable(ema_update_weight) else self._quantize
+        result = quantize(project(self.project_in, without_padding(tokens, keep)), keep, temperature,
+                          may_init=updating, update=updating and topk is None, ema_update=ema_update,
+                          freeze=freeze, targets=targets, ema_update_weight=ema_update_weight,
+                          accum_ema_update=accum_ema_update, topk=topk, codebook_transform_fn=codebook_transform_fn)
         if topk is not None:  # a k axis before the features; no codebook update (as the peer)
             return topk_output(self, result, tokens, keep, spatial, channel_first, only_one, dtype, return_loss_breakdown)
         out = project(self.project_out, result.quantized)
@@ -474,9 +474,7 @@ class VectorQuantize(CodebookUpdates, nn.Module):
 
     def _lookup(self, indices: Tensor) -> Tensor:
         """indices (..., heads) checked -> codes (..., heads * codebook_dim) fp32; -1 -> zeros."""
-        codebook = self._codebook.codes()
-        if self.use_cosine_sim and self.learnable_codebook:
-            codebook = F.normalize(codebook, dim=-1)
+        codebook = self._searched_codebook()
         safe = indices.clamp(min=0)
         if self.separate_codebook_per_head:
             codes = codebook[torch.arange(self.heads, device=indices.device), safe]

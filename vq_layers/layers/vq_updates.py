@@ -13,14 +13,15 @@
   is z_q in value, its gradient reaches the input unchanged (by the layer's estimator) and
   the chosen codes as v x the output gradient, so the codebook follows the task loss.
 
-A mixin: VectorQuantize provides `_codebook`, `_searched`, `_to_tokens`, `_targets` and the
+A mixin: VectorQuantize provides `_codebook`, `_searched`, `_searched_codebook`, `_to_tokens`, `_targets` and the
 options; the statistics themselves live in codebook.py / ema.py.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..codebook import runs_eagerly
@@ -30,7 +31,21 @@ from ..kernels.nearest_code import nearest_code
 from ..layout import check_mask, without_padding
 from ..precision import fp32_island, project
 
-_NON_FINITE = "{}: non-finite values (NaN or Inf) on this rank or another; the codebook and its statistics were left untouched"
+NON_FINITE = "{}: non-finite values (NaN or Inf) on this rank or another; the codebook and its statistics were left untouched"
+
+
+def masked_mse(x: Tensor, target: Tensor, kept: Tensor | None, sync: bool = False, group=None) -> tuple[Tensor, Tensor]:
+    """x, target (g, m, d), kept (g, m) or None -> (sum of the kept rows' squared errors over
+    their element count, that count); under `sync` the count is the global batch's (the caller
+    sums the ranks' losses or gradients), so the ranks' terms add up to the global mean."""
+    error = (x - target).square()
+    if kept is not None:
+        error = torch.where(kept.unsqueeze(-1), error, 0.0)
+    rows = x.new_tensor(float(x.shape[0] * x.shape[1])) if kept is None else kept.sum().float()
+    count = rows * x.shape[-1]
+    if sync:
+        count = all_reduce_sum_(count.clone(), group)
+    return error.sum() / count.clamp(min=1), count
 
 
 class CodebookUpdates:
@@ -63,6 +78,28 @@ class CodebookUpdates:
         if weight is None or callable(weight):
             return weight
         return ema_weight(weight, None, self._codebook.cluster_size)
+
+    def _undone_on_error(self, step):
+        """`step` wrapped so that, should it raise, the codebook's state (statistics, affine
+        moments, k-means init, codes) and the in-place optimizer's are as before it. For a
+        callable ema_update_weight: its result can be checked only once the step's statistics
+        exist, after the affine moments, k-means init and an in-place step changed state."""
+        def run(*args, **kwargs):
+            codebook, optimizer = self._codebook, self.in_place_codebook_optimizer
+            saved = {k: v.detach().clone() for k, v in codebook.state_dict().items()}
+            saved_optimizer = None if optimizer is None else copy.deepcopy(optimizer.state_dict())
+            attributes = {name: getattr(codebook, name) for name in ("_state_broadcast", "dead_codes_replaced")}
+            try:
+                return step(*args, **kwargs)
+            except Exception:
+                with torch.no_grad():
+                    codebook.load_state_dict(saved)
+                if optimizer is not None:
+                    optimizer.load_state_dict(saved_optimizer)
+                for name, value in attributes.items():
+                    setattr(codebook, name, value)
+                raise
+        return run
 
     def _explicit_sync(self) -> bool:
         """Whether a method the user calls (update_indices, expire_codes_) talks to the other
@@ -98,9 +135,17 @@ class CodebookUpdates:
     @torch.no_grad()
     def _expire(self, z: Tensor) -> None:
         search, _ = self._searched(z, None)
+        self._codebook.expire_codes_(search, None, self._explicit_checked(search), self.process_group)
+
+    def _explicit_checked(self, search: Tensor) -> bool:
+        """Before update_indices / expire_codes_ change anything: the NaN check (on every rank
+        under sync) and, at the first synced step, the first rank's state, as a training step
+        takes them -> whether to sync."""
         sync = self._explicit_sync()
-        check_finite(search, _NON_FINITE.format("x"), self.process_group, sync)
-        self._codebook.expire_codes_(search, None, sync, self.process_group)
+        check_finite(search, NON_FINITE.format("x"), self.process_group, sync)
+        if sync:
+            self._codebook.broadcast_state_(self.process_group, once=True)
+        return sync
 
     @torch.no_grad()
     def update_indices(self, x: Tensor, indices: Tensor, mask: Tensor | None = None) -> None:
@@ -117,10 +162,7 @@ class CodebookUpdates:
     @fp32_island
     def _update_from(self, z: Tensor, keep: Tensor | None, targets: Tensor) -> None:
         search, _ = self._searched(z, keep)
-        sync = self._explicit_sync()
-        check_finite(search, _NON_FINITE.format("x"), self.process_group, sync)
-        if sync:
-            self._codebook.broadcast_state_(self.process_group, once=True)
+        sync = self._explicit_checked(search)
         if self._codebook.needs_init():
             raise ValueError("update_indices: the codebook is not initialized yet (kmeans_init=True runs on the "
                              "first training forward); run one before updating with given indices")
@@ -128,35 +170,34 @@ class CodebookUpdates:
 
     # the in-place optimizer
 
-    def _in_place_step(self, search: Tensor, kept: Tensor | None, sync: bool) -> Tensor:
-        """One optimizer step on the codebook loss of this batch (fp32, inside the island) ->
-        the loss (detached; the global batch's under sync); zero without an optimizer."""
+    def _in_place_step(self, parts: list, sync: bool, zero: Tensor) -> Tensor:
+        """One optimizer step on the codebook loss (fp32, inside the island): the sum over
+        `parts`, pairs (search (g, m, d), kept (g, m) or None) (one per stage of a ResidualVQ with
+        a shared codebook), of each part's mean((nearest code - sg(z))^2) over its kept rows ->
+        the loss (detached; the global batch's under sync); `zero` without an optimizer."""
         if self.in_place_codebook_optimizer is None:
-            return search.new_zeros(())
-        return self._in_place_optimize(search, kept, sync)
+            return zero
+        return self._in_place_optimize(parts, sync)
 
     @runs_eagerly("in_place_codebook_optimizer: the optimizer step runs eagerly, a graph break; compile with "
                   "fullgraph=False")
-    def _in_place_optimize(self, search: Tensor, kept: Tensor | None, sync: bool) -> Tensor:
+    def _in_place_optimize(self, parts: list, sync: bool) -> Tensor:
         """The gradient is that of the global batch's loss (per-rank sums over the global count,
-        summed over the ranks)."""
+        summed over the ranks). No step where no part has a row anywhere (empty or all-masked
+        batches change nothing: no momentum or weight decay step either)."""
         self._codebook._check_in_place_write("in_place_codebook_optimizer")
-        target = search.detach()
         params = [p for group in self.in_place_codebook_optimizer.param_groups for p in group["params"]]
         with torch.enable_grad():
-            codebook = self._codebook.codes()
-            if self.use_cosine_sim and self.learnable_codebook:  # as the search in VectorQuantize
-                codebook = F.normalize(codebook, dim=-1)
-            indices, _ = nearest_code(target, codebook.detach(), self.metric, valid=kept)
-            codes = torch.gather(codebook, 1, indices.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
-            error = (codes - target).square()
-            if kept is not None:
-                error = torch.where(kept.unsqueeze(-1), error, 0.0)
-            rows = target.new_tensor(float(target.shape[0] * target.shape[1])) if kept is None else kept.sum().float()
-            count = rows * target.shape[-1]
-            if sync:
-                count = all_reduce_sum_(count.clone(), self.process_group)
-            loss = error.sum() / count.clamp(min=1)
+            codebook = self._searched_codebook()
+            loss, count = 0.0, 0.0
+            for search, kept in parts:
+                target = search.detach()
+                indices, _ = nearest_code(target, codebook.detach(), self.metric, valid=kept)
+                codes = torch.gather(codebook, 1, indices.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
+                part_loss, part_count = masked_mse(codes, target, kept, sync, self.process_group)
+                loss, count = loss + part_loss, count + part_count
+            if not bool(count > 0):
+                return codebook.new_zeros(())
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [None if g is None else (all_reduce_sum_(g, self.process_group) if sync else g) for g in grads]
         self._apply_in_place(params, grads)
@@ -170,7 +211,10 @@ class CodebookUpdates:
         if self.manual_in_place_optimizer_update:
             for p, g in zip(params, grads):
                 if g is not None:
-                    p.grad = g.to(p.dtype) if p.grad is None else p.grad + g.to(p.dtype)
+                    if p.grad is None:
+                        p.grad = g.to(p.dtype)
+                    else:  # in place: keeps DDP's gradient_as_bucket_view aliasing
+                        p.grad.add_(g.to(p.dtype))
             return
         saved = [p.grad for p in params]
         for p, g in zip(params, grads):
