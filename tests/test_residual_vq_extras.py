@@ -194,8 +194,9 @@ def test_beam_search_never_worse_than_greedy_and_beam_1_is_greedy():
 
         def stage(j, residual, so_far, width, codebooks=codebooks, k=k):
             from vq_layers.kernels.nearest_code import nearest_codes
-            idx, _ = nearest_codes(residual.reshape(-1, 3), codebooks[j], "l2", min(width, k))
-            return idx.reshape(*residual.shape[:2], -1), codebooks[j][idx].reshape(*residual.shape[:2], -1, 3)
+            idx, distances = nearest_codes(residual.reshape(-1, 3), codebooks[j], "l2", min(width, k))
+            return (idx.reshape(*residual.shape[:2], -1), distances.reshape(*residual.shape[:2], -1),
+                    lambda beam, index: codebooks[j][index])
 
         stages = [lambda r, s, w, j=j: stage(j, r, s, w) for j in range(q)]
         assert torch.equal(beam_search(x, stages, 1, [1.0] * q), greedy)  # beam_size=1 is greedy
