@@ -525,7 +525,10 @@ def test_search_extras_with_statistics_extras(search, extra):
         reference = run_with_gradients(plain, x, w, **keywords)
         assert_same_step((out[:, :, 0], indices[..., 0], gx, gc), reference)
         return
-    per_token = lambda cb: cb[:, None, None].expand(1, 2, 5, *cb.shape[1:])  # noqa: E731  every token: the codebook
+
+    def per_token(cb):  # every token's codebook: the codebook
+        return cb[:, None, None].expand(1, 2, 5, *cb.shape[1:])
+
     if extra == "in_place":
         with pytest.raises(ValueError, match="codebook_transform_fn: not supported with in_place_codebook_optimizer"):
             layer(x, codebook_transform_fn=per_token)
@@ -561,7 +564,7 @@ def test_frozen_codebook_gets_no_gradient_without_routing_to_the_input():
                            route_gradients_to_input=False, commitment_weight=0.0).train()
     x = randn(2, 4, 3, seed=45).requires_grad_()
     for kwargs in (dict(freeze_codebook=True), dict(freeze_codebook=True, topk=2)):
-        out, _, loss = layer(x, **kwargs)
+        out, _, _ = layer(x, **kwargs)
         assert not out.requires_grad or torch.autograd.grad(out.sum(), layer._codebook.embed, allow_unused=True)[0] is None
 
 
