@@ -459,3 +459,21 @@ def test_grouped_forward_beam_size_and_codebooks_with_sizes_per_stage():
     assert len(codebooks) == 2 and all(len(c) == 2 for c in codebooks)
     assert all(torch.equal(codebooks[g][k], sized.rvqs[g].layers[k].codebook) for g in range(2) for k in range(2))
     assert GroupedResidualVQ(dim=4, groups=2, num_quantizers=3, codebook_size=8).codebooks.shape == (2, 3, 8, 2)
+
+
+def test_implicit_neural_codebook_beam_search_wide_enough_is_the_exhaustive_optimum():
+    """QINCo stages (each beam's codebook conditioned on its own reconstruction): K = 3, q = 3,
+    beam_size 9 = K^(q-1) returns the best of all 27 paths, scored in fp64 from the codes
+    get_codes_from_indices gives each path (chosen codes transformed one by one, no per-token codebook)."""
+    torch.manual_seed(8)
+    rvq = ResidualVQ(dim=2, num_quantizers=3, codebook_size=3, implicit_neural_codebook=True,
+                     mlp_kwargs=dict(depth=1, dim_hidden=8)).eval()
+    x = randn(1, 40, 2, seed=19)
+    path = rvq(x, beam_size=9)[1][0]  # (40, 3)
+    all_paths = torch.tensor(list(itertools.product(range(3), repeat=3)))  # (27, 3)
+    with torch.no_grad():
+        codes = rvq.get_codes_from_indices(all_paths[None].expand(40, -1, -1)).to(F64)  # (3, 40, 27, 2)
+    residuals = x[0, :, None].to(F64) - codes.cumsum(0)  # after each stage
+    scores = residuals.square().mean(-1).sum(0)  # (40, 27)
+    chosen = scores.gather(1, (path * torch.tensor([9, 3, 1])).sum(-1, keepdim=True))[:, 0]
+    torch.testing.assert_close(chosen, scores.min(-1).values, rtol=1e-5, atol=1e-7)
