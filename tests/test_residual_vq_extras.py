@@ -194,8 +194,9 @@ def test_beam_search_never_worse_than_greedy_and_beam_1_is_greedy():
 
         def stage(j, residual, so_far, width, codebooks=codebooks, k=k):
             from vq_layers.kernels.nearest_code import nearest_codes
-            idx, _ = nearest_codes(residual.reshape(-1, 3), codebooks[j], "l2", min(width, k))
-            return idx.reshape(*residual.shape[:2], -1), codebooks[j][idx].reshape(*residual.shape[:2], -1, 3)
+            idx, distances = nearest_codes(residual.reshape(-1, 3), codebooks[j], "l2", min(width, k))
+            return (idx.reshape(*residual.shape[:2], -1), distances.reshape(*residual.shape[:2], -1),
+                    lambda beam, index: codebooks[j][index])
 
         stages = [lambda r, s, w, j=j: stage(j, r, s, w) for j in range(q)]
         assert torch.equal(beam_search(x, stages, 1, [1.0] * q), greedy)  # beam_size=1 is greedy
@@ -344,3 +345,135 @@ def test_beam_search_nan_in_training_raises_before_any_buffer_changes():
     with pytest.raises(ValueError, match="non-finite"):
         rvq(x)
     assert all(torch.equal(v, rvq.state_dict()[k]) for k, v in state.items())
+
+
+# ------------------------------------------------------------------------------------------
+# beam search in training with the statistics extras, its memory, GroupedResidualVQ
+
+
+def all_path_scores64(x, codebooks, k, q):
+    """fp64 score of every one of the k^q paths -> (m, k^q)."""
+    paths = torch.tensor(list(itertools.product(range(k), repeat=q)))
+    return torch.stack([path_score64(x, codebooks, p.expand(x.shape[0], q), [1.0] * q) for p in paths], -1)
+
+
+TRAINING_EXTRAS = {
+    "ema": dict(),
+    "sync_update_v": dict(learnable_codebook=True, ema_update=False, sync_update_v=0.5),
+    "straight_through": dict(straight_through=True, rotation_trick=False),
+    "affine_param": dict(affine_param=True),
+    "in_place": dict(learnable_codebook=True, ema_update=False,
+                     in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=5.0)),
+}
+
+
+@pytest.mark.parametrize("extra", sorted(TRAINING_EXTRAS))
+def test_beam_search_in_training_with_statistics_extras(extra):
+    """K = 4, q = 3, beam_size 16 in a training step: either a ValueError (the stages would change
+    their codebooks before quantizing) or the exhaustive optimum over the codebooks the step used,
+    never worse than their greedy path, and the output is that path's codes."""
+    torch.manual_seed(5)
+    kwargs = dict(dim=2, num_quantizers=3, codebook_size=4, commitment_weight=0.0, **TRAINING_EXTRAS[extra])
+    x = randn(1, 64, 2, seed=15)
+    if extra in ("affine_param", "in_place"):
+        with pytest.raises(ValueError, match="beam_size: beam search in training is not supported"):
+            ResidualVQ(beam_size=16, **kwargs)
+        rvq = ResidualVQ(beam_size=1, eval_beam_size=16, **kwargs).train()
+        with pytest.raises(ValueError, match="beam_size: beam search in training is not supported"):
+            rvq(x, beam_size=16)  # forward's beam_size in a training step
+        rvq(x, beam_size=16, freeze_codebook=True)  # no update: the codebooks searched are those used
+        rvq.eval()(x)  # eval_beam_size
+        return
+    rvq = ResidualVQ(beam_size=16, **kwargs).train()
+    used = [c.clone() for c in codebooks_of(rvq)]
+    out, indices, _ = rvq(x.clone().requires_grad_())
+    path = indices[0]
+    scores = all_path_scores64(x[0], used, 4, 3)
+    score = path_score64(x[0], used, path, [1.0] * 3)
+    torch.testing.assert_close(score, scores.min(-1).values, rtol=1e-6, atol=1e-9)
+    assert (score <= path_score64(x[0], used, greedy64(x[0], used), [1.0] * 3) + 1e-9).all()
+    torch.testing.assert_close(out[0].detach(), sum(used[k][path[:, k]] for k in range(3)), rtol=1e-6, atol=1e-6)
+
+
+def test_implicit_neural_codebook_refuses_the_in_place_optimizer():
+    with pytest.raises(ValueError, match="implicit_neural_codebook, in_place_codebook_optimizer"):
+        ResidualVQ(dim=4, num_quantizers=2, codebook_size=8, implicit_neural_codebook=True,
+                   in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_beam_search_memory_is_not_beams_squared_times_dim(implicit, monkeypatch):
+    """No tensor of m x B x B x d: candidates are scored from the search's distances and only
+    the kept ones' codes are gathered (per-token codebooks, m x B x K x d, are inherent)."""
+    import vq_layers.kernels.nearest_code as nc
+
+    monkeypatch.setattr(nc, "TILE_ELEMENTS", 2048)  # the search's own blocks: far below m x B x B x d
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class MaxNumel(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            self.largest = max([self.largest, *sizes])
+            return out
+
+    m, beam, d, k = 64, 8, 16, 8 if implicit else 64
+    rvq = ResidualVQ(dim=d, num_quantizers=3, codebook_size=k, beam_size=beam, implicit_neural_codebook=implicit,
+                     mlp_kwargs=dict(depth=1, dim_hidden=4)).eval()
+    x = randn(1, m, d, seed=16)
+    with torch.no_grad(), MaxNumel() as seen:
+        rvq(x)
+    inherent = m * beam * k * d if implicit else 0
+    assert seen.largest <= max(inherent, m * beam * beam * d // 4), (seen.largest, m * beam * beam * d)
+
+
+def test_forward_beam_size_takes_integral_values_and_zero_is_greedy():
+    torch.manual_seed(6)
+    rvq = ResidualVQ(dim=2, num_quantizers=3, codebook_size=4, beam_size=16).eval()
+    x = randn(1, 40, 2, seed=17)
+    greedy = greedy64(x[0], codebooks_of(rvq))
+    for width in (0, 1):
+        assert torch.equal(rvq(x, beam_size=width)[1][0], greedy)
+    wide = rvq(x, beam_size=16)[1]
+    np = pytest.importorskip("numpy")
+    for width in (torch.tensor(16), np.int64(16)):
+        assert torch.equal(rvq(x, beam_size=width)[1], wide)
+    for bad in (-1, 2.5, True, torch.tensor(2.0)):
+        with pytest.raises(ValueError, match="beam_size"):
+            rvq(x, beam_size=bad)
+
+
+def test_grouped_forward_beam_size_and_codebooks_with_sizes_per_stage():
+    torch.manual_seed(7)
+    grouped = GroupedResidualVQ(dim=4, groups=2, num_quantizers=3, codebook_size=4).eval()
+    x = randn(1, 30, 4, seed=18)
+    _, indices, _ = grouped(x, beam_size=16)
+    for g, chunk in enumerate(x.chunk(2, dim=-1)):
+        assert torch.equal(indices[g], grouped.rvqs[g](chunk, beam_size=16)[1])
+    assert not torch.equal(indices, grouped(x)[1])  # greedy differs somewhere
+    sized = GroupedResidualVQ(dim=4, groups=2, codebook_size=(8, 4))
+    codebooks = sized.codebooks
+    assert len(codebooks) == 2 and all(len(c) == 2 for c in codebooks)
+    assert all(torch.equal(codebooks[g][k], sized.rvqs[g].layers[k].codebook) for g in range(2) for k in range(2))
+    assert GroupedResidualVQ(dim=4, groups=2, num_quantizers=3, codebook_size=8).codebooks.shape == (2, 3, 8, 2)
+
+
+def test_implicit_neural_codebook_beam_search_wide_enough_is_the_exhaustive_optimum():
+    """QINCo stages (each beam's codebook conditioned on its own reconstruction): K = 3, q = 3,
+    beam_size 9 = K^(q-1) returns the best of all 27 paths, scored in fp64 from the codes
+    get_codes_from_indices gives each path (chosen codes transformed one by one, no per-token codebook)."""
+    torch.manual_seed(8)
+    rvq = ResidualVQ(dim=2, num_quantizers=3, codebook_size=3, implicit_neural_codebook=True,
+                     mlp_kwargs=dict(depth=1, dim_hidden=8)).eval()
+    x = randn(1, 40, 2, seed=19)
+    path = rvq(x, beam_size=9)[1][0]  # (40, 3)
+    all_paths = torch.tensor(list(itertools.product(range(3), repeat=3)))  # (27, 3)
+    with torch.no_grad():
+        codes = rvq.get_codes_from_indices(all_paths[None].expand(40, -1, -1)).to(F64)  # (3, 40, 27, 2)
+    residuals = x[0, :, None].to(F64) - codes.cumsum(0)  # after each stage
+    scores = residuals.square().mean(-1).sum(0)  # (40, 27)
+    chosen = scores.gather(1, (path * torch.tensor([9, 3, 1])).sum(-1, keepdim=True))[:, 0]
+    torch.testing.assert_close(chosen, scores.min(-1).values, rtol=1e-5, atol=1e-7)

@@ -7,6 +7,7 @@ written out in fp64, and the peer (vector-quantize-pytorch 1.32) for shapes.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -201,6 +202,7 @@ def test_topk_matches_the_peer(train, layout):
 
 @pytest.mark.parametrize("train", [True, False])
 def test_topk_equals_fp64_brute_force(train):
+    torch.manual_seed(0)  # the codebook's init: the near-tie check below holds for this draw
     layer = VectorQuantize(dim=4, codebook_size=20, commitment_weight=0.5).train(train)
     x = randn(3, 7, 4, seed=11)
     mask = torch.ones(3, 7, dtype=torch.bool)
@@ -242,9 +244,13 @@ def test_topk_routes_each_codes_gradient_to_its_input():
 def test_topk_errors():
     layer = VectorQuantize(dim=4, codebook_size=8)
     x = randn(2, 3, 4)
-    for bad in (0, -1, True, 1.5):
-        with pytest.raises(ValueError, match="topk: expected a positive int"):
+    for bad in (0, -1, True, 1.5, torch.tensor(2.0)):
+        with pytest.raises(ValueError, match="topk: expected"):
             layer(x, topk=bad)
+    np = pytest.importorskip("numpy")
+    plain = layer(x, topk=3)[1]
+    for integral in (torch.tensor(3), np.int64(3)):  # integral values, as the peer's int(topk)
+        assert torch.equal(layer(x, topk=integral)[1], plain)
     with pytest.raises(ValueError, match="heads=1"):
         VectorQuantize(dim=4, codebook_size=8, heads=2, codebook_dim=2)(x, topk=2)
     with pytest.raises(ValueError, match="topk, indices"):
@@ -451,3 +457,125 @@ def test_topk_nan_in_training_raises_before_any_buffer_changes_and_loss_breakdow
     _, indices, loss, breakdown = layer(randn(2, 4, 3, seed=33), topk=2, return_loss_breakdown=True)
     assert breakdown.commitment.shape == indices.shape == loss.shape == (2, 4, 2)
     torch.testing.assert_close(loss, breakdown.commitment)  # commitment_weight 1, no other loss
+
+
+# --------------------------------------------------------------------------------------------
+# the search extras combined with the statistics extras (affine_param, sync_update_v,
+# in_place_codebook_optimizer, accum_ema_update, ema_update_weight) and straight_through
+
+
+STATISTICS_EXTRAS = {
+    "plain": dict(),
+    "affine_param": dict(affine_param=True),
+    "sync_update_v": dict(learnable_codebook=True, ema_update=False, sync_update_v=0.5),
+    "in_place": dict(learnable_codebook=True, ema_update=False,
+                     in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.5)),
+    "accum_ema_update": dict(),  # forward keyword
+    "ema_update_weight": dict(),  # forward keyword
+    "straight_through": dict(straight_through=True, rotation_trick=False),  # Gumbel surrogate (temperature 1)
+    "straight_through_learnable": dict(straight_through=True, rotation_trick=False, learnable_codebook=True,
+                                       ema_update=False, sync_update_v=0.3),
+}
+FORWARD_KEYWORDS = {"accum_ema_update": dict(accum_ema_update=True),
+                    "ema_update_weight": dict(ema_update_weight=torch.linspace(0.5, 1.0, 8))}
+
+
+def run_with_gradients(layer, x, w, **kwargs):
+    """forward + backward of sum(w * out) + mean(loss) (topk: per-token losses) -> (out, indices,
+    input grad, codebook grad)."""
+    x = x.clone().requires_grad_()
+    out, indices, loss = layer(x, **kwargs)
+    ((out * w).sum() + loss.mean()).backward()
+    grad = layer._codebook.embed.grad
+    return out.detach(), indices, x.grad, None if grad is None else grad.clone()
+
+
+def assert_same_step(a, b):
+    for name, u, v in zip(("output", "indices", "input grad", "codebook grad"), a, b):
+        assert (u is None) == (v is None), name
+        if u is not None:
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("extra", sorted(STATISTICS_EXTRAS))
+@pytest.mark.parametrize("search", ["topk", "codebook_transform_fn"])
+def test_search_extras_with_statistics_extras(search, extra):
+    """Each combination raises a clear ValueError or is consistent: topk=1 leaves every buffer
+    as it was and equals the plain forward on the codes it searched (values and gradients);
+    an identity codebook_transform_fn equals the plain forward (values, gradients, the state after)."""
+    torch.manual_seed(0)
+    layer = VectorQuantize(dim=3, codebook_size=8, commitment_weight=0.3, **STATISTICS_EXTRAS[extra]).train()
+    x, w = randn(2, 5, 3, seed=40), randn(2, 5, 3, seed=41)
+    keywords = FORWARD_KEYWORDS.get(extra, {})
+    plain = copy.deepcopy(layer)
+    if search == "topk":
+        if extra == "in_place":
+            with pytest.raises(ValueError, match="topk, in_place_codebook_optimizer"):
+                layer(x, topk=1)
+            return
+        state = ema_state(layer)
+        searched = layer._codebook.codes()[0].detach().clone()
+        out, indices, gx, gc = run_with_gradients(layer, x, w[:, :, None], topk=1, **keywords)
+        assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items()), "topk changed a buffer"
+        ref, _, gap = brute_topk64(x.reshape(1, 10, 3), searched[None], 1)  # the codes actually searched
+        assert (gap > 1e-5).all() and torch.equal(indices[..., 0], ref.reshape(2, 5))
+        assert torch.equal(out[:, :, 0], searched[indices[..., 0]])
+        if extra == "affine_param":  # the plain forward maps the codes onto this batch first: not comparable
+            return
+        reference = run_with_gradients(plain, x, w, **keywords)
+        assert_same_step((out[:, :, 0], indices[..., 0], gx, gc), reference)
+        return
+
+    def per_token(cb):  # every token's codebook: the codebook
+        return cb[:, None, None].expand(1, 2, 5, *cb.shape[1:])
+
+    if extra == "in_place":
+        with pytest.raises(ValueError, match="codebook_transform_fn: not supported with in_place_codebook_optimizer"):
+            layer(x, codebook_transform_fn=per_token)
+        return
+    result = run_with_gradients(layer, x, w, codebook_transform_fn=per_token, **keywords)
+    assert_same_step(result, run_with_gradients(plain, x, w, **keywords))
+    for (name, u), v in zip(layer.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_codebook_transform_fn_gumbel_straight_through_surrogate_uses_the_per_token_codebooks():
+    """straight_through with temperature t > 0: the input's gradient is that of
+    softmax(-||x - c||/t) @ C over each token's own codebook C (fp64), not the base codebook's."""
+    torch.manual_seed(0)
+    layer = VectorQuantize(dim=4, codebook_size=8, straight_through=True, rotation_trick=False,
+                           commitment_weight=0.0, sample_codebook_temp=0.7).train()
+    codebook = layer.codebook.detach().clone()
+    x = randn(1, 16, 4, seed=42).requires_grad_()
+    shift = randn(1, 16, 8, 4, seed=43)
+    out, _, _ = layer(x, codebook_transform_fn=lambda c: (c * 3 + 1)[:, None] + shift)
+    w = randn(*out.shape, seed=44)
+    (out * w).sum().backward()
+    x64 = x.detach().to(F64).requires_grad_()
+    per_token = (codebook.to(F64) * 3 + 1)[None, None] + shift.to(F64)  # (1, 16, 8, 4)
+    probs = (-(x64[:, :, None] - per_token).square().sum(-1).sqrt() / 0.7).softmax(-1)
+    ((probs[..., None] * per_token).sum(-2) * w.to(F64)).sum().backward()
+    torch.testing.assert_close(x.grad.to(F64), x64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_codebook_gets_no_gradient_without_routing_to_the_input():
+    """route_gradients_to_input=False with freeze_codebook: the output is the frozen codes."""
+    layer = VectorQuantize(dim=3, codebook_size=6, learnable_codebook=True, ema_update=False,
+                           route_gradients_to_input=False, commitment_weight=0.0).train()
+    x = randn(2, 4, 3, seed=45).requires_grad_()
+    for kwargs in (dict(freeze_codebook=True), dict(freeze_codebook=True, topk=2)):
+        out, _, _ = layer(x, **kwargs)
+        assert not out.requires_grad or torch.autograd.grad(out.sum(), layer._codebook.embed, allow_unused=True)[0] is None
+
+
+def test_topk_computes_the_orthogonal_loss_once():
+    """orthogonal_reg_active_codes_only: one loss over the k codes (one randperm draw with
+    orthogonal_reg_max_codes: the same draw as a direct computation)."""
+    layer = VectorQuantize(dim=3, codebook_size=12, orthogonal_reg_weight=1.0, orthogonal_reg_active_codes_only=True,
+                           orthogonal_reg_max_codes=4, commitment_weight=0.0).train()
+    x = randn(2, 5, 3, seed=46)
+    torch.manual_seed(1)
+    _, indices, _, breakdown = layer(x, topk=3, return_loss_breakdown=True)
+    torch.manual_seed(1)
+    expected = layer._orthogonal_loss(layer._codebook.codes(), indices.reshape(1, -1), None)
+    torch.testing.assert_close(breakdown.orthogonal_reg, expected)

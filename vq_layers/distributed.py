@@ -63,6 +63,11 @@ def any_rank(flag: Tensor, group=None, sync: bool = True) -> bool:
     return bool(flag.item() > 0)
 
 
+# check_finite's message for a training batch, raised before any buffer changes
+NON_FINITE_INPUT = ("input: non-finite values (NaN or Inf) in a training batch (on this rank or another); the "
+                    "codebook and its statistics were left untouched")
+
+
 def check_finite(x: Tensor, message: str, group=None, sync: bool = True) -> None:
     """Raises ValueError(message) when `x` holds a NaN or Inf on any rank of the group (this
     one alone when not `sync`); every rank raises alike.

@@ -51,9 +51,15 @@ def _gumbel(shape, generator, device) -> Tensor:
     return -torch.log(-torch.log(u))
 
 
-def _check(x: Tensor, codebook: Tensor, metric: str, temperature: float) -> None:
+def _check_options(metric: str, temperature: float) -> None:
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    if not temperature >= 0:  # NaN too
+        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+
+
+def _check(x: Tensor, codebook: Tensor, metric: str, temperature: float) -> None:
+    _check_options(metric, temperature)
     if x.ndim not in (2, 3) or codebook.ndim != x.ndim:
         raise ValueError(f"x, codebook: expected (n, d) and (k, d), or (h, n, d) and (h, k, d); "
                          f"got {tuple(x.shape)} and {tuple(codebook.shape)}")
@@ -64,8 +70,6 @@ def _check(x: Tensor, codebook: Tensor, metric: str, temperature: float) -> None
         raise ValueError("codebook: expected at least one code, got 0")
     if codebook.shape[-1] == 0:
         raise ValueError("x, codebook: expected a feature dim of at least 1, got 0")
-    if not temperature >= 0:  # NaN too
-        raise ValueError(f"temperature: expected >= 0, got {temperature}")
 
 
 # rows the centre is estimated from (a strided sample): enough for a median, cheap at any n
@@ -108,10 +112,11 @@ def _centred(x: Tensor, codebook: Tensor, valid: Tensor | None) -> tuple[Tensor,
     return x - centre, codebook - centre
 
 
-def _tiling(h: int, k: int) -> tuple[int, int]:
-    """(code tile, row tile) so that one tile of scores (h, rows, codes) stays within the budget."""
+def _tiling(h: int, k: int, kept: int = 0) -> tuple[int, int]:
+    """(code tile, row tile) so that one tile of scores (h, rows, codes), plus `kept` running
+    scores per row, stays within the budget."""
     code_tile = min(k, max(1, TILE_ELEMENTS // h))
-    return code_tile, max(1, TILE_ELEMENTS // (code_tile * h))
+    return code_tile, max(1, TILE_ELEMENTS // ((code_tile + kept) * h))
 
 
 def _tile_cost(dots: Tensor, code_norms: Tensor | None, row_norms: Tensor | None, temperature: float,
@@ -200,13 +205,11 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: f
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     euclidean = metric == "euclidean" and temperature > 0
     l2 = metric != "dot"
-    single = x.ndim == 2
     if valid is not None and (valid.dtype != torch.bool or valid.shape != x.shape[:-1]):
         raise ValueError(f"valid: expected a bool mask of shape {tuple(x.shape[:-1])}, got {valid.dtype} "
                          f"{tuple(valid.shape)}")
-    if single:
-        x, codebook = x.unsqueeze(0), codebook.unsqueeze(0)
-        valid = None if valid is None else valid.unsqueeze(0)
+    x, codebook, single = _as_heads(x, codebook, 2)
+    valid = None if valid is None else valid.reshape(x.shape[:2])
     centred_x, centred_codebook = _centred(x, codebook, valid) if l2 else (x, codebook)
     seed = _noise_seed(temperature, generator)
     indices = _search(centred_x, centred_codebook, l2, euclidean, float(temperature), seed, backend or "", precision)
@@ -261,8 +264,7 @@ def _torch_search_k(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temp
     """x (h, n, d), codebook (h, c, d) fp32 -> indices (h, n, k) int64, best first."""
     h, n, _ = x.shape
     size = codebook.shape[1]
-    code_tile = min(size, max(1, TILE_ELEMENTS // h))
-    row_tile = max(1, TILE_ELEMENTS // ((code_tile + k) * h))  # the merge holds k + code_tile per row
+    code_tile, row_tile = _tiling(h, size, k)  # the merge holds k + code_tile per row
     generator = torch.Generator(device=x.device).manual_seed(seed) if temperature > 0 else None
     code_norms = codebook.square().sum(-1) if l2 else None
     row_norms = x.square().sum(-1, keepdim=True) if euclidean else None
@@ -282,6 +284,7 @@ def _torch_search_k(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temp
 
 
 def _as_heads(x: Tensor, codebook: Tensor, codebook_ndim: int):
+    """(n, d) and one codebook -> a heads axis of 1 (single=True); (h, n, d) as given."""
     single = x.ndim == 2
     if x.ndim not in (2, 3) or codebook.ndim != x.ndim + codebook_ndim - 2:
         raise ValueError(f"x, codebook: expected (n, d) or (h, n, d) with a codebook of {codebook_ndim} dims "
@@ -311,11 +314,25 @@ def nearest_codes(x: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1, t
     centred_x, centred_codebook = _centred(x, codebook, valid) if l2 else (x, codebook)
     indices = _torch_search_k(centred_x, centred_codebook, l2, metric == "euclidean" and temperature > 0,
                               float(temperature), _noise_seed(temperature, generator), k)
-    chosen = codebook.gather(1, indices.flatten(1).unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
-    chosen = chosen.reshape(*indices.shape, codebook.shape[-1])
-    xs = x.unsqueeze(2)
-    score = (xs - chosen).square().sum(-1) if l2 else (xs * chosen).sum(-1)
+    score = _chosen_scores(x, codebook, indices, l2)
     return (indices[0], score[0]) if single else (indices, score)
+
+
+def _chosen_scores(x: Tensor, codebook: Tensor, indices: Tensor, l2: bool) -> Tensor:
+    """x (h, n, d), codebook (h, c, d), indices (h, n, k) -> ||x - c||^2 (or x . c) of the chosen
+    codes (h, n, k), computed directly (no norm cancellation) in row blocks within the budget:
+    never the n x k x d block of every chosen code at once (beam search asks for k = beams)."""
+    h, n, k = indices.shape
+    d = x.shape[-1]
+    scores = x.new_empty((h, n, k))
+    row_tile = max(1, TILE_ELEMENTS // (h * k * d))
+    for r in range(0, n, row_tile):
+        rows = slice(r, r + row_tile)
+        picked = indices[:, rows]
+        chosen = codebook.gather(1, picked.flatten(1).unsqueeze(-1).expand(-1, -1, d)).reshape(*picked.shape, d)
+        xs = x[:, rows].unsqueeze(2)
+        scores[:, rows] = (xs - chosen).square().sum(-1) if l2 else (xs * chosen).sum(-1)
+    return scores
 
 
 @fp32_island
@@ -326,15 +343,12 @@ def nearest_codes_per_token(x: Tensor, codebooks: Tensor, metric: str = "l2", k:
     first, as `nearest_codes`. The codebooks are inherently n x c x d; the search adds at most one
     budget-sized block (rows of direct differences x - c, exact: no norm cancellation).
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    _check_options(metric, temperature)
     x, codebooks, single = _as_heads(x, codebooks, 3)
     h, n, d = x.shape
     if codebooks.shape[:2] != (h, n) or codebooks.shape[-1] != d or codebooks.shape[2] == 0:
         raise ValueError(f"codebooks: expected ({h}, {n}, codes >= 1, {d}) for x of shape {tuple(x.shape)}, "
                          f"got {tuple(codebooks.shape)}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature: expected >= 0, got {temperature}")
     size = codebooks.shape[2]
     k = _check_k(k, size)
     seed = _noise_seed(temperature, generator)

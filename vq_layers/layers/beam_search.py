@@ -19,8 +19,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-# stage(residual (m, B, d), reconstruction so far (m, B, d), k) -> (indices (m, B, k), codes (m, B, k, d))
-StageSearch = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
+# stage(residual (m, B, d), reconstruction so far (m, B, d), k) -> (indices (m, B, k), squared
+# distances ||residual - code||^2 (m, B, k) fp32, lookup(beam (m, B'), index (m, B')) -> codes (m, B', d))
+Lookup = Callable[[Tensor, Tensor], Tensor]
+StageSearch = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor, Lookup]]
 
 
 def _select(t: Tensor, rows: Tensor) -> Tensor:
@@ -30,7 +32,10 @@ def _select(t: Tensor, rows: Tensor) -> Tensor:
 
 @torch.no_grad()
 def beam_search(z: Tensor, stages: Sequence[StageSearch], beam_size: int, weights: Sequence[float]) -> Tensor:
-    """z (m, d) fp32 -> the chosen path's indices (m, len(stages)) int64."""
+    """z (m, d) fp32 -> the chosen path's indices (m, len(stages)) int64.
+
+    Memory per stage: the candidates' scores (m, B, B) and the kept beams' residuals (m, B, d);
+    codes are looked up for the kept candidates only (never (m, B, B, d))."""
     m, d = z.shape
     if m == 0:
         return torch.zeros((0, len(stages)), dtype=torch.long, device=z.device)
@@ -39,20 +44,20 @@ def beam_search(z: Tensor, stages: Sequence[StageSearch], beam_size: int, weight
     paths = torch.zeros((m, 1, 0), dtype=torch.long, device=z.device)
     greedy = torch.ones((m, 1), dtype=torch.bool, device=z.device)  # which beam is the greedy path
     for k, (stage, weight) in enumerate(zip(stages, weights)):
-        indices, codes = stage(residual, so_far, beam_size)  # (m, B, c), (m, B, c, d)
+        indices, distances, lookup = stage(residual, so_far, beam_size)  # (m, B, c) twice
         c = indices.shape[-1]
-        left = residual[:, :, None] - codes
-        candidates = (score[:, :, None] + weight * left.square().mean(-1)).reshape(m, -1)  # (m, B * c)
+        candidates = (score[:, :, None] + weight * (distances / d)).reshape(m, -1)  # (m, B * c)
         keep = 1 if k == len(stages) - 1 else min(beam_size, candidates.shape[1])
         chosen = candidates.sort(dim=-1, stable=True).indices[:, :keep]  # (m, keep)
         greedy_candidate = (greedy.int().argmax(-1) * c)[:, None]  # its nearest code is the extension's first
         if keep > 1 or k < len(stages) - 1:
             kept = (chosen == greedy_candidate).any(-1, keepdim=True)
             chosen[:, -1:] = torch.where(kept, chosen[:, -1:], greedy_candidate)
-        beam = chosen // c
-        residual = _select(left.reshape(m, -1, d), chosen)
-        so_far = _select(so_far, beam) + _select(codes.reshape(m, -1, d), chosen)
+        beam, index = chosen // c, _select(indices.reshape(m, -1), chosen)
+        codes = lookup(beam, index)  # (m, keep, d)
+        residual = _select(residual, beam) - codes
+        so_far = _select(so_far, beam) + codes
         score = candidates.gather(1, chosen)
-        paths = torch.cat([_select(paths, beam), _select(indices.reshape(m, -1), chosen)[..., None]], dim=-1)
+        paths = torch.cat([_select(paths, beam), index[..., None]], dim=-1)
         greedy = chosen == greedy_candidate
     return paths[:, 0]

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..checks import check_indices, check_non_negative, check_positive_int
 from ..directional_reparam import directional_reparam
-from ..distributed import check_finite
+from ..distributed import NON_FINITE_INPUT, check_finite
 from ..kernels.nearest_code import nearest_codes, nearest_codes_per_token
 from ..layout import (
     check_mask,
@@ -31,7 +31,8 @@ from .residual import (
     stage_codes,
     sum_stages,
 )
-from .vq import _NON_FINITE, VectorQuantize
+from .vq import VectorQuantize
+from .vq_search import as_integer
 
 
 def codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
@@ -54,6 +55,8 @@ def check_beam_search(beam_size, eval_beam_size, weights, num_quantizers: int, v
     for name, value in (("beam_size", beam_size), ("eval_beam_size", eval_beam_size)):
         if value is not None:
             check_positive_int(name, value)
+    check_beam_training(beam_size, vq_kwargs.get("in_place_codebook_optimizer") is not None,
+                        bool(vq_kwargs.get("affine_param", False)))
     if eval_beam_size is not None and beam_size is None:
         raise ValueError(f"eval_beam_size: needs beam_size too (as vector-quantize-pytorch), got eval_beam_size="
                          f"{eval_beam_size} with beam_size=None")
@@ -63,6 +66,19 @@ def check_beam_search(beam_size, eval_beam_size, weights, num_quantizers: int, v
     if len(weights) != num_quantizers:
         raise ValueError(f"beam_score_quantizer_weights: expected {num_quantizers} weights, got {len(weights)}")
     return beam_size, beam_size if eval_beam_size is None else eval_beam_size, weights
+
+
+def check_beam_training(beam_size, in_place: bool, affine: bool) -> None:
+    """Beam search in a training step that updates the codebooks: refused where the stages change
+    their codebooks before quantizing (the path would fit codebooks no longer used)."""
+    if (beam_size or 1) <= 1:
+        return
+    for name, given in (("in_place_codebook_optimizer", in_place), ("affine_param=True", affine)):
+        if given:
+            raise ValueError(f"beam_size: beam search in training is not supported with {name}: each stage changes "
+                             f"its codebook before quantizing, so the searched path would fit codes no longer used "
+                             f"(search in eval only with beam_size=1 and eval_beam_size, or freeze the codebooks)")
+
 
 # VectorQuantize keywords that describe the outer layer's input, not a stage's
 _LAYOUT_KEYWORDS = ("channel_last", "accept_3d_fmap", "heads", "separate_codebook_per_head")
@@ -144,6 +160,9 @@ class ResidualVQ(ResidualQuantizer):
         self.codebook_sizes = sizes
         self.implicit_neural_codebook = implicit_neural_codebook
         if implicit_neural_codebook:  # the networks learn through the stages' commitment losses (as the peer)
+            if vq_kwargs.get("in_place_codebook_optimizer") is not None:
+                raise ValueError("implicit_neural_codebook, in_place_codebook_optimizer: the in-place step fits the "
+                                 "base codebook, not the per-token codebooks the stages search; give at most one")
             vq_kwargs.update(learnable_codebook=True, ema_update=False)
         self.beam_size, self.eval_beam_size, self.beam_score_weights = check_beam_search(
             beam_size, eval_beam_size, beam_score_quantizer_weights, num_quantizers, vq_kwargs)
@@ -184,6 +203,9 @@ class ResidualVQ(ResidualQuantizer):
         updating = self.training and torch.is_grad_enabled() and not freeze
         results = []
         path = None  # (b*n, stages kept): the beam search's path, quantized along below
+        if beam_size is not None and updating:
+            first = self.layers[0]
+            check_beam_training(beam_size, first.in_place_codebook_optimizer is not None, first._codebook.affine_param)
         if beam_size is not None and not (updating and any(layer._codebook.needs_init() for layer in self.layers)):
             if updating:
                 self._share_codebooks(z)
@@ -223,7 +245,7 @@ class ResidualVQ(ResidualQuantizer):
         every rank takes before a buffer changes."""
         synced = [layer for layer in self.layers if layer._sync()]
         if synced:
-            check_finite(z, _NON_FINITE, self.process_group, True)
+            check_finite(z, NON_FINITE_INPUT, self.process_group, True)
             for layer in synced:
                 layer._codebook.broadcast_state_(self.process_group, once=True)
 
@@ -235,13 +257,18 @@ class ResidualVQ(ResidualQuantizer):
             codebook = layer._codebook.codes().detach()[0]
             width = min(width, layer.codebook_size)
             if k == 0 or self.mlps is None:
-                indices, _ = nearest_codes(residual.reshape(-1, d), codebook, "l2", width)
-                codes = codebook[indices]
-            else:  # per-token codebooks made from each beam's reconstruction
-                per_token = self.mlps[k - 1](codebook, condition=so_far).float().reshape(m * beams, -1, d)
-                indices, _ = nearest_codes_per_token(residual.reshape(-1, d), per_token, "l2", width)
-                codes = per_token.gather(1, indices.unsqueeze(-1).expand(-1, -1, d))
-            return indices.reshape(m, beams, width), codes.reshape(m, beams, width, d)
+                indices, distances = nearest_codes(residual.reshape(-1, d), codebook, "l2", width)
+
+                def lookup(beam, index):
+                    return codebook[index]
+            else:  # per-token codebooks made from each beam's reconstruction (inherently m x B x K x d)
+                per_token = self.mlps[k - 1](codebook, condition=so_far).float().reshape(m, beams, -1, d)
+                indices, distances = nearest_codes_per_token(residual.reshape(-1, d), per_token.flatten(0, 1), "l2",
+                                                             width)
+
+                def lookup(beam, index):
+                    return per_token[torch.arange(m, device=z.device)[:, None], beam, index]
+            return indices.reshape(m, beams, width), distances.reshape(m, beams, width), lookup
 
         stages = [partial(stage, k) for k in range(last_kept + 1)]
         return beam_search(z.detach().reshape(-1, z.shape[-1]), stages, beam_size, self.beam_score_weights)
@@ -298,8 +325,12 @@ class ResidualVQ(ResidualQuantizer):
         and eval_beam_size in eval; 1 is greedy (as the peer)."""
         if beam_size is None:
             beam_size = self.beam_size if self.training else self.eval_beam_size
-        else:
-            check_beam_search(beam_size, None, None, self.num_quantizers, {"use_cosine_sim": self.layers[0].use_cosine_sim})
+        else:  # integral values (numpy, 0-dim tensors) as the peer's int(); 0 and 1 are greedy
+            beam_size = as_integer("beam_size", beam_size)
+            if beam_size < 0:
+                raise ValueError(f"beam_size: expected an integer >= 0, got {beam_size}")
+            check_beam_search(beam_size or None, None, None, self.num_quantizers,
+                              {"use_cosine_sim": self.layers[0].use_cosine_sim})
         return beam_size if beam_size is not None and beam_size > 1 else None
 
     def _check_targets(self, indices: Tensor, tokens: Tensor) -> Tensor:
@@ -362,11 +393,19 @@ class GroupedResidualVQ(GroupedResidual):
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
         super().__init__(partial(ResidualVQ, accept_image_fmap=accept_image_fmap), dim, groups, accept_image_fmap, **kwargs)
 
+    @property
+    def codebooks(self) -> Tensor | tuple[Tensor | tuple[Tensor, ...], ...]:
+        """(g, q, codebook_size, codebook_dim); with different sizes per stage, a tuple of each
+        group's ResidualVQ.codebooks (a tuple of (size_k, codebook_dim))."""
+        codebooks = [rvq.codebooks for rvq in self.rvqs]
+        return torch.stack(codebooks) if isinstance(codebooks[0], Tensor) else tuple(codebooks)
+
     def forward(self, x: Tensor, indices: Tensor | None = None, return_all_codes: bool = False,
-                sample_codebook_temp: float | None = None, freeze_codebook: bool = False, mask: Tensor | None = None):
+                sample_codebook_temp: float | None = None, freeze_codebook: bool = False, mask: Tensor | None = None,
+                beam_size: int | None = None):
         if indices is None:
             return super().forward(x, return_all_codes=return_all_codes, sample_codebook_temp=sample_codebook_temp,
-                                   freeze_codebook=freeze_codebook, mask=mask)
+                                   freeze_codebook=freeze_codebook, mask=mask, beam_size=beam_size)
         self._check_groups(indices)
         chunks = x.chunk(self.groups, dim=self.split_dim)
         outs = [rvq(chunk, mask=mask, indices=i) for rvq, chunk, i in zip(self.rvqs, chunks, indices)]

@@ -42,11 +42,10 @@ from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
 from .vq_updates import NON_FINITE, CodebookUpdates, masked_mse
 from .vq_search import (
-    check_topk,
+    SearchExtras,
     find_codes,
     per_token_codebooks,
-    topk_output,
-    topk_quantized,
+    per_token_soft_codes,
     trainable_loss,
 )
 
@@ -74,7 +73,7 @@ class Quantized(NamedTuple):
 
 
 
-class VectorQuantize(CodebookUpdates, nn.Module):
+class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
     """Vector quantizer with an EMA (or learnable) codebook.
 
     Shapes:
@@ -302,8 +301,8 @@ class VectorQuantize(CodebookUpdates, nn.Module):
         indices, codes = find_codes(search, codebook, per_token, metric, temperature if sample else 0.0, kept, topk,
                                     chosen)
         if topk is not None:
-            quantized, shown, loss, losses = topk_quantized(self, search, codebook, codes, indices, kept, freeze, sync,
-                                                            temperature, b, n)
+            quantized, shown, loss, losses = self._topk_quantized(search, codebook, codes, indices, kept, freeze, sync,
+                                                                  temperature, b, n, per_token)
             return Quantized(quantized, shown, loss, LossBreakdown(*losses, z.new_zeros(())), search.detach(), indices, kept)
 
         commitment = diversity = orthogonal = zero
@@ -315,7 +314,8 @@ class VectorQuantize(CodebookUpdates, nn.Module):
             self._codebook.update_(search.detach(), indices, kept, ema_update, sync, self.process_group,
                                    ema_update_weight, accum_ema_update)
 
-        quantized = self._route_gradients(search, codes, codebook, temperature) if self.training else codes.detach()
+        quantized = self._route_gradients(search, codes, codebook, temperature, freeze, per_token) if self.training \
+            else codes.detach()
         quantized = self._synchronized_update(quantized, codes, freeze)
         shown = indices
         if keep is not None:
@@ -341,13 +341,16 @@ class VectorQuantize(CodebookUpdates, nn.Module):
         if sync and not self.sync_kmeans:  # k-means on each rank's own data: rank 0's wins,
             self._codebook.broadcast_state_(self.process_group)  # or later steps would diverge
 
-    def _route_gradients(self, search: Tensor, codes: Tensor, codebook: Tensor, temperature: float) -> Tensor:
+    def _route_gradients(self, search: Tensor, codes: Tensor, codebook: Tensor, temperature: float,
+                         freeze: bool = False, per_token: Tensor | None = None) -> Tensor:
         """The codes in value; the gradient reaches the input by the chosen estimator (or none:
-        route_gradients_to_input=False leaves the codes, differentiable in a learnable codebook)."""
+        route_gradients_to_input=False leaves the codes, differentiable in a learnable codebook
+        unless frozen). `per_token` (g, m, c, d): the codebooks searched (codebook_transform_fn)."""
         if not self.route_gradients_to_input:
-            return codes
+            return codes.detach() if freeze else codes
         if self.straight_through and temperature > 0:  # Gumbel-softmax straight-through
-            soft = soft_codes(search, codebook, self.metric, 1.0 / temperature)
+            soft = soft_codes(search, codebook, self.metric, 1.0 / temperature) if per_token is None else \
+                per_token_soft_codes(search, per_token, self.metric, 1.0 / temperature)
             return straight_through(codes, soft if codes.ndim == soft.ndim else soft.unsqueeze(2).expand_as(codes))
         if search.ndim < codes.ndim:  # topk: each of the k codes routes to its input
             search = search.unsqueeze(2).expand_as(codes)
@@ -368,15 +371,19 @@ class VectorQuantize(CodebookUpdates, nn.Module):
                 target = codes if self.learnable_codebook and not freeze else codes.detach()
                 commitment, _ = masked_mse(search, target, kept)
         if self.codebook_diversity_loss_weight > 0:
-            probs = code_probs_sum(search, codebook, self.metric, self.codebook_diversity_temperature, kept)
-            count = search.new_full((search.shape[0], 1), float(search.shape[1])) if kept is None else kept.sum(-1, keepdim=True, dtype=torch.float32)
-            if sync:  # the codebook's distribution over the global batch
-                probs = all_reduce_sum(probs, self.process_group)
-                count = all_reduce_sum_(count.clone(), self.process_group)
-            diversity = -entropy(probs / count.clamp(min=1)).mean()
+            diversity = self._diversity_loss(search, codebook, kept, sync)
         if self.orthogonal_reg_weight > 0:
             orthogonal = self._orthogonal_loss(codebook, indices, kept)
         return commitment, diversity, orthogonal
+
+    def _diversity_loss(self, search: Tensor, codebook: Tensor, kept: Tensor | None, sync: bool) -> Tensor:
+        """Minus the entropy of the batch's mean code distribution (the global batch's when synced)."""
+        probs = code_probs_sum(search, codebook, self.metric, self.codebook_diversity_temperature, kept)
+        count = search.new_full((search.shape[0], 1), float(search.shape[1])) if kept is None else kept.sum(-1, keepdim=True, dtype=torch.float32)
+        if sync:  # the codebook's distribution over the global batch
+            probs = all_reduce_sum(probs, self.process_group)
+            count = all_reduce_sum_(count.clone(), self.process_group)
+        return -entropy(probs / count.clamp(min=1)).mean()
 
     def _orthogonal_loss(self, codebooks: Tensor, indices: Tensor, kept: Tensor | None) -> Tensor:
         """Eq. 2 of arXiv 2112.00384, mean over codebooks of ||C^ C^T||_F^2 / K^2 - 1/K on
@@ -430,7 +437,7 @@ class VectorQuantize(CodebookUpdates, nn.Module):
         ema_update = self.ema_update if ema_update is None else ema_update
         updating = self.training and torch.is_grad_enabled() and not freeze and targets is None
         ema_update_weight = self._checked_ema_weight(ema_update_weight) if updating else None
-        topk = check_topk(self, topk, codebook_transform_fn, targets is not None)
+        topk = self._check_search_extras(topk, codebook_transform_fn, targets is not None)
 
         quantize = self._undone_on_error(self._quantize) if callable(ema_update_weight) else self._quantize
         result = quantize(project(self.project_in, without_padding(tokens, keep)), keep, temperature,
@@ -438,7 +445,7 @@ class VectorQuantize(CodebookUpdates, nn.Module):
                           freeze=freeze, targets=targets, ema_update_weight=ema_update_weight,
                           accum_ema_update=accum_ema_update, topk=topk, codebook_transform_fn=codebook_transform_fn)
         if topk is not None:  # a k axis before the features; no codebook update (as the peer)
-            return topk_output(self, result, tokens, keep, spatial, channel_first, only_one, dtype, return_loss_breakdown)
+            return self._topk_output(result, tokens, keep, spatial, channel_first, only_one, dtype, return_loss_breakdown)
         out = project(self.project_out, result.quantized)
         if keep is not None:
             masked_value = torch.zeros_like(out) if self.return_zeros_for_masked_padding else tokens.to(out.dtype)
