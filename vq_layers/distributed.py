@@ -63,9 +63,10 @@ def any_rank(flag: Tensor, group=None, sync: bool = True) -> bool:
     return bool(flag.item() > 0)
 
 
-# check_finite's message for a training batch, raised before any buffer changes
-NON_FINITE_INPUT = ("input: non-finite values (NaN or Inf) in a training batch (on this rank or another); the "
-                    "codebook and its statistics were left untouched")
+# check_finite's messages for data about to enter the statistics, raised before any buffer changes
+NON_FINITE = ("{}: non-finite values (NaN or Inf) on this rank or another; the codebook and its statistics were "
+              "left untouched")
+NON_FINITE_INPUT = NON_FINITE.format("input")
 
 
 def check_finite(x: Tensor, message: str, group=None, sync: bool = True) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..checks import check_indices, check_non_negative, check_positive_int
 from ..codebook import KMEANS_INIT_EAGER, Codebook, runs_eagerly
 from ..directional_reparam import check_directional_reparam, directional_reparam
-from ..distributed import all_reduce_sum, all_reduce_sum_, check_finite, is_distributed
+from ..distributed import NON_FINITE_INPUT, all_reduce_sum, all_reduce_sum_, check_finite, is_distributed
 from ..kernels.code_softmax import (
     code_cross_entropy,
     code_probs_sum,
@@ -40,7 +40,7 @@ from ..precision import fp32_island, project
 from ..rotation_trick import rotation_trick
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
-from .vq_updates import NON_FINITE, CodebookUpdates, masked_mse
+from .vq_updates import CodebookUpdates, masked_mse
 from .vq_search import (
     SearchExtras,
     find_codes,
@@ -49,7 +49,6 @@ from .vq_search import (
     trainable_loss,
 )
 
-_NON_FINITE = NON_FINITE.format("input")
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
@@ -282,7 +281,7 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
         search, kept = self._searched(z, keep)
         sync = self._sync()
         if may_init or update:
-            check_finite(search, _NON_FINITE, self.process_group, sync)
+            check_finite(search, NON_FINITE_INPUT, self.process_group, sync)
             if sync:
                 self._codebook.broadcast_state_(self.process_group, once=True)
             if may_init and self._codebook.needs_init():

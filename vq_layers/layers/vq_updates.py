@@ -25,13 +25,12 @@ import torch
 from torch import Tensor
 
 from ..codebook import runs_eagerly
-from ..distributed import all_reduce_sum_, check_finite, is_distributed
+from ..distributed import NON_FINITE, all_reduce_sum_, check_finite, is_distributed
 from ..ema import ema_weight
 from ..kernels.nearest_code import nearest_code
 from ..layout import check_mask, without_padding
 from ..precision import fp32_island, project
 
-NON_FINITE = "{}: non-finite values (NaN or Inf) on this rank or another; the codebook and its statistics were left untouched"
 
 
 def masked_mse(x: Tensor, target: Tensor, kept: Tensor | None, sync: bool = False, group=None) -> tuple[Tensor, Tensor]:
