@@ -174,6 +174,7 @@ def test_nearest_codes_errors():
 from dtype_matrix import Parts, dtype_matrix, run_cell
 
 from vq_layers import VectorQuantize
+from vq_layers.codebook_losses import orthogonal_loss
 from vq_layers.directional_reparam import directional_reparam
 
 
@@ -577,5 +578,5 @@ def test_topk_computes_the_orthogonal_loss_once():
     torch.manual_seed(1)
     _, indices, _, breakdown = layer(x, topk=3, return_loss_breakdown=True)
     torch.manual_seed(1)
-    expected = layer._orthogonal_loss(layer._codebook.codes(), indices.reshape(1, -1), None)
+    expected = orthogonal_loss(layer._codebook.codes(), indices.reshape(1, -1), None, True, 4)
     torch.testing.assert_close(breakdown.orthogonal_reg, expected)

@@ -20,14 +20,10 @@ from torch import Tensor, nn
 
 from ..checks import check_indices, check_non_negative, check_positive_int
 from ..codebook import KMEANS_INIT_EAGER, Codebook, runs_eagerly
+from ..codebook_losses import diversity_loss, orthogonal_loss
 from ..directional_reparam import check_directional_reparam, directional_reparam
-from ..distributed import NON_FINITE_INPUT, all_reduce_sum, all_reduce_sum_, check_finite, is_distributed
-from ..kernels.code_softmax import (
-    code_cross_entropy,
-    code_probs_sum,
-    entropy,
-    soft_codes,
-)
+from ..distributed import NON_FINITE_INPUT, check_finite, is_distributed
+from ..kernels.code_softmax import code_cross_entropy, soft_codes
 from ..layout import (
     check_mask,
     from_tokens,
@@ -40,7 +36,6 @@ from ..precision import fp32_island, project
 from ..rotation_trick import rotation_trick
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
-from .vq_updates import CodebookUpdates, masked_mse
 from .vq_search import (
     SearchExtras,
     find_codes,
@@ -48,7 +43,7 @@ from .vq_search import (
     per_token_soft_codes,
     trainable_loss,
 )
-
+from .vq_updates import CodebookUpdates, masked_mse
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
@@ -370,39 +365,12 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
                 target = codes if self.learnable_codebook and not freeze else codes.detach()
                 commitment, _ = masked_mse(search, target, kept)
         if self.codebook_diversity_loss_weight > 0:
-            diversity = self._diversity_loss(search, codebook, kept, sync)
+            diversity = diversity_loss(search, codebook, self.metric, self.codebook_diversity_temperature, kept,
+                                       sync, self.process_group)
         if self.orthogonal_reg_weight > 0:
-            orthogonal = self._orthogonal_loss(codebook, indices, kept)
+            orthogonal = orthogonal_loss(codebook, indices, kept, self.orthogonal_reg_active_codes_only,
+                                         self.orthogonal_reg_max_codes)
         return commitment, diversity, orthogonal
-
-    def _diversity_loss(self, search: Tensor, codebook: Tensor, kept: Tensor | None, sync: bool) -> Tensor:
-        """Minus the entropy of the batch's mean code distribution (the global batch's when synced)."""
-        probs = code_probs_sum(search, codebook, self.metric, self.codebook_diversity_temperature, kept)
-        count = search.new_full((search.shape[0], 1), float(search.shape[1])) if kept is None else kept.sum(-1, keepdim=True, dtype=torch.float32)
-        if sync:  # the codebook's distribution over the global batch
-            probs = all_reduce_sum(probs, self.process_group)
-            count = all_reduce_sum_(count.clone(), self.process_group)
-        return -entropy(probs / count.clamp(min=1)).mean()
-
-    def _orthogonal_loss(self, codebooks: Tensor, indices: Tensor, kept: Tensor | None) -> Tensor:
-        """Eq. 2 of arXiv 2112.00384, mean over codebooks of ||C^ C^T||_F^2 / K^2 - 1/K on
-        normalized codes C^, computed as ||C^T C^||_F^2 (a d x d product, not K x K). `codebooks`:
-        the step's snapshot (the EMA update rewrites the live codes before the backward runs)."""
-        losses = []
-        for g, codebook in enumerate(codebooks):
-            if self.orthogonal_reg_active_codes_only:
-                used = indices[g] if kept is None else indices[g][kept[g]]
-                codebook = codebook[torch.unique(used)]
-            if self.orthogonal_reg_max_codes is not None and codebook.shape[0] > self.orthogonal_reg_max_codes:
-                codebook = codebook[torch.randperm(codebook.shape[0], device=codebook.device)[:self.orthogonal_reg_max_codes]]
-            k = codebook.shape[0]
-            if k == 0:
-                losses.append(codebook.sum() * 0)
-                continue
-            normed = F.normalize(codebook, dim=-1)
-            gram = normed.t() @ normed
-            losses.append(gram.square().sum() / k**2 - 1 / k)
-        return torch.stack(losses).mean()
 
     # the layer
 

@@ -7,7 +7,7 @@ it last), indices (b, n, k), and per-token losses (b, n, k): mean over features 
 (code - input)^2 in the codebook space, zero where masked. topk calls never update the codebook.
 
 `SearchExtras` is a mixin of VectorQuantize: its methods read the layer's configuration and
-reuse its loss and gradient helpers (_diversity_loss, _orthogonal_loss, _route_gradients,
+reuse its loss and gradient helpers (_route_gradients,
 _synchronized_update).
 """
 
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..codebook_losses import diversity_loss, orthogonal_loss
 from ..kernels.code_softmax import code_logits
 from ..kernels.nearest_code import nearest_codes, nearest_codes_per_token
 from ..layout import from_tokens, indices_from_tokens
@@ -86,10 +87,12 @@ class SearchExtras:
         weighted = self.commitment_weight > 0 and not self.directional_reparam
         if self.training:
             if self.codebook_diversity_loss_weight > 0:
-                diversity = self._diversity_loss(search, codebook, kept, sync)
+                diversity = diversity_loss(search, codebook, self.metric, self.codebook_diversity_temperature, kept,
+                                           sync, self.process_group)
             if self.orthogonal_reg_weight > 0:  # all k codes are active
                 kept_k = None if kept is None else kept.repeat_interleave(k, dim=1)
-                orthogonal = self._orthogonal_loss(codebook, indices.flatten(1), kept_k)
+                orthogonal = orthogonal_loss(codebook, indices.flatten(1), kept_k, self.orthogonal_reg_active_codes_only,
+                                             self.orthogonal_reg_max_codes)
             commitment = commitment if weighted else zero
             loss = (commitment * self.commitment_weight + diversity * self.codebook_diversity_loss_weight
                     + orthogonal * self.orthogonal_reg_weight)
