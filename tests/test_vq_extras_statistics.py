@@ -188,6 +188,8 @@ CALLABLE_CONFIGS = {  # state a step changes before the callable's result exists
     "affine": dict(affine_param=True),
     "in_place": dict(in_place_codebook_optimizer=adam, orthogonal_reg_weight=0.1),  # learnable, and EMA
     "kmeans": dict(kmeans_init=True, threshold_ema_dead_code=1.0),
+    "in_place_manual": dict(in_place_codebook_optimizer=adam, orthogonal_reg_weight=0.1,
+                            manual_in_place_optimizer_update=True),  # the step adds to .grad
 }
 
 
@@ -200,14 +202,18 @@ def test_bad_ema_update_weight_callable_raises_before_any_buffer_changes(name):
     layer = VectorQuantize(dim=6, codebook_size=10, **kwargs).train() if name == "kmeans" else make(**kwargs)
     twin = VectorQuantize(dim=6, codebook_size=10, **kwargs).train()
     twin.load_state_dict(layer.state_dict())
-    if name == "in_place":
-        layer(randn(2, 5, 6, seed=9))  # optimizer state to keep
+    if name.startswith("in_place"):
+        layer(randn(2, 5, 6, seed=9))  # optimizer state (or gradients, manual) to keep
         twin(randn(2, 5, 6, seed=9))
     before = state(layer)
+    grad = layer._codebook.embed.grad
+    grad = None if grad is None else grad.clone()
     x = randn(2, 5, 6, seed=10)
     with pytest.raises(ValueError, match="ema_update_weight"):
         layer(x, ema_update_weight=lambda s, c: torch.ones(4))
     assert_unchanged(before, layer)
+    after = layer._codebook.embed.grad
+    assert (grad is None and after is None) or torch.equal(grad, after)
     for good in (layer, twin):
         torch.manual_seed(11)  # k-means and dead codes draw alike
         good(x, ema_update_weight=lambda s, c: (c > 0).float())
@@ -577,6 +583,7 @@ def test_empty_batches_change_nothing():
     layer.update_indices(empty, no_indices)
     layer.expire_codes_(empty)
     layer(empty, accum_ema_update=True)
+    assert not any("accum" in key for key in layer.state_dict())  # nothing pending: no new state
     out, indices, loss = layer(empty, ema_update_weight=torch.ones(10))
     assert out.shape == (0, 5, 6) and indices.shape == (0, 5) and loss == 0
     _, ce = layer(empty, indices=no_indices)
@@ -763,3 +770,58 @@ def _dist_worker(rank, world):
 @pytest.mark.timeout(120)
 def test_distributed_accumulation_affine_and_in_place_equal_one_process():
     run_in_processes(_dist_worker, 2, timeout=100)
+
+
+@pytest.mark.parametrize("make", ["vq", "latent"])
+def test_an_in_place_step_that_would_make_the_codebook_non_finite_is_undone_and_raises(make):
+    """fp16 codebook + Adam: eps = 1e-8 rounds to 0 in fp16, so a code with a zero gradient takes
+    0/0 = NaN. The step is undone (values and optimizer state) and a ValueError says why; bf16
+    (fp32's exponent range) steps fine."""
+    from vq_layers import LatentQuantize
+
+    def build(dtype):
+        torch.manual_seed(0)
+        adam = lambda params: torch.optim.Adam(params, lr=0.1)  # noqa: E731
+        if make == "vq":
+            layer = VectorQuantize(dim=8, codebook_size=32, learnable_codebook=True, ema_update=False,
+                                   in_place_codebook_optimizer=adam)
+            return layer.to(dtype).train(), randn(2, 20, 8, seed=3).to(dtype)
+        layer = LatentQuantize(levels=[5, 5, 8], dim=8, in_place_codebook_optimizer=adam)
+        return layer.to(dtype).train(), randn(2, 8, 10, seed=3).to(dtype)
+
+    layer, x = build(torch.float16)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="in_place_codebook_optimizer: .*float16 codebook non-finite"):
+        layer(x)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    assert layer.in_place_codebook_optimizer.state_dict()["state"] == {}
+    layer, x = build(torch.bfloat16)
+    layer(x)
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+
+
+def test_a_peer_affine_checkpoint_saved_before_training_loads():
+    """The peer registers batch_mean/batch_variance at its first training step: an untrained
+    checkpoint lacks them and loads as the identity map (means 0, variances 1); a trained one
+    loads as it is."""
+    peer_module = pytest.importorskip("vector_quantize_pytorch")
+    peer = peer_module.VectorQuantize(dim=6, codebook_size=10, affine_param=True)
+    ours = VectorQuantize(dim=6, codebook_size=10, affine_param=True)
+    ours._codebook.batch_mean.fill_(3.0)
+    ours.load_state_dict(peer.state_dict())
+    assert torch.equal(ours._codebook.batch_mean, torch.zeros(1, 1, 6))
+    assert torch.equal(ours._codebook.batch_variance, torch.ones(1, 1, 6))
+    peer.train()(randn(2, 5, 6, seed=1))
+    ours.load_state_dict(peer.state_dict())
+    assert torch.equal(ours._codebook.batch_mean, peer._codebook.batch_mean)
+
+
+def test_update_ema_indices_is_the_peers_older_name():
+    layer, twin = make(), make()
+    twin.load_state_dict(layer.state_dict())
+    x = randn(2, 5, 6, seed=2)
+    indices = torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(0))
+    layer.update_ema_indices(x, indices)
+    twin.update_indices(x, indices)
+    assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), twin.state_dict().values()))
+    assert not torch.equal(layer._codebook.embed, make()._codebook.embed)  # it did update

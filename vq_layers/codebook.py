@@ -210,6 +210,10 @@ class Codebook(Fp32BuffersModule):
         return bool(self.initted)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.affine_param:  # the peer registers the batch moments at its first training step only
+            for name, value in (("batch_mean", 0.0), ("batch_variance", 1.0)):
+                if prefix + name not in state_dict and prefix + "codebook_mean" in state_dict:
+                    state_dict[prefix + name] = torch.full_like(getattr(self, name), value)
         for name in ACCUMULATORS:  # present in a checkpoint only while statistics are pending
             if prefix + name in state_dict and getattr(self, name) is None:
                 like = self.cluster_size if name == ACCUMULATORS[0] else self.embed_avg
@@ -319,6 +323,8 @@ class Codebook(Fp32BuffersModule):
     @runs_eagerly("accum_ema_update: the accumulators are allocated on first use, a graph break")
     def _accumulate_(self, counts: Tensor, sums: Tensor) -> None:
         if self.accum_cluster_size is None:
+            if not bool(counts.any()):  # nothing (empty or all-masked, on every rank): no pending state
+                return
             self.register_fp32_buffer(ACCUMULATORS[0], torch.zeros_like(counts))
             self.register_fp32_buffer(ACCUMULATORS[1], torch.zeros_like(sums))
         self.accum_cluster_size.add_(counts)

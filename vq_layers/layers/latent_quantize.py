@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_positive_int
 from ..distributed import all_reduce_sum_, check_finite, is_distributed
+from ..in_place_step import step_on
 from ..layout import from_tokens, indices_from_tokens, to_tokens
 from ..mixed_radix import digits_to_indices, indices_to_digits, register_mixed_radix
 from ..precision import Fp32BuffersModule, fp32_island, project, stack
@@ -189,10 +190,7 @@ class LatentQuantize(Fp32BuffersModule):
         if summed[-1] == 0:  # no tokens on any rank: nothing to learn from
             return
         mean_grads = (summed[:-1] / summed[-1]).split([v.numel() for v in values])
-        for value, grad in zip(values, mean_grads):
-            value.grad = grad.reshape(value.shape).to(value.dtype)
-        self.in_place_codebook_optimizer.step()
-        self.in_place_codebook_optimizer.zero_grad()
+        step_on(self.in_place_codebook_optimizer, values, [g.reshape(v.shape) for v, g in zip(values, mean_grads)])
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if not isinstance(z, Tensor):

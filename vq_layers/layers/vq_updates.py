@@ -27,6 +27,7 @@ from torch import Tensor
 from ..codebook import runs_eagerly
 from ..distributed import NON_FINITE, all_reduce_sum_, check_finite, is_distributed
 from ..ema import ema_weight
+from ..in_place_step import step_on
 from ..kernels.nearest_code import nearest_code
 from ..layout import check_mask, without_padding
 from ..precision import fp32_island, project
@@ -80,13 +81,16 @@ class CodebookUpdates:
 
     def _undone_on_error(self, step):
         """`step` wrapped so that, should it raise, the codebook's state (statistics, affine
-        moments, k-means init, codes) and the in-place optimizer's are as before it. For a
+        moments, k-means init, codes), the in-place optimizer's and the gradients it
+        added (manual_in_place_optimizer_update) are as before it. For a
         callable ema_update_weight: its result can be checked only once the step's statistics
         exist, after the affine moments, k-means init and an in-place step changed state."""
         def run(*args, **kwargs):
             codebook, optimizer = self._codebook, self.in_place_codebook_optimizer
             saved = {k: v.detach().clone() for k, v in codebook.state_dict().items()}
             saved_optimizer = None if optimizer is None else copy.deepcopy(optimizer.state_dict())
+            params = [] if optimizer is None else [p for group in optimizer.param_groups for p in group["params"]]
+            grads = [None if p.grad is None else p.grad.clone() for p in params]  # manual mode adds to them
             attributes = {name: getattr(codebook, name) for name in ("_state_broadcast", "dead_codes_replaced")}
             try:
                 return step(*args, **kwargs)
@@ -95,6 +99,8 @@ class CodebookUpdates:
                     codebook.load_state_dict(saved)
                 if optimizer is not None:
                     optimizer.load_state_dict(saved_optimizer)
+                for p, grad in zip(params, grads):
+                    p.grad = grad
                 for name, value in attributes.items():
                     setattr(codebook, name, value)
                 raise
@@ -167,6 +173,8 @@ class CodebookUpdates:
                              "first training forward); run one before updating with given indices")
         self._codebook.update_(search, targets.clamp(min=0), targets >= 0, self.ema_update, sync, self.process_group)
 
+    update_ema_indices = update_indices  # the peer's older name
+
     # the in-place optimizer
 
     def _in_place_step(self, parts: list, sync: bool, zero: Tensor) -> Tensor:
@@ -215,12 +223,7 @@ class CodebookUpdates:
                     else:  # in place: keeps DDP's gradient_as_bucket_view aliasing
                         p.grad.add_(g.to(p.dtype))
             return
-        saved = [p.grad for p in params]
-        for p, g in zip(params, grads):
-            p.grad = None if g is None else g.to(p.dtype)
-        self.in_place_codebook_optimizer.step()
-        for p, grad in zip(params, saved):
-            p.grad = grad
+        step_on(self.in_place_codebook_optimizer, params, grads)
 
     def update_in_place_optimizer(self) -> None:
         """With manual_in_place_optimizer_update=True: the optimizer step on the gradients
