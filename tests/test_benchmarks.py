@@ -77,3 +77,15 @@ def test_isolated_measurement_reports_time_and_memory(monkeypatch):
     result = run_isolated("benchmarks.fsq", [2**8, [8, 6, 5], 32, 256, "vq_layers"], 1, "cpu", 120)
     assert set(result) == {"seconds", "peak_mib_added"}, result
     assert result["seconds"] > 0
+
+
+def test_extras_benchmark_runs_every_feature_on_both_libraries(monkeypatch):
+    """benchmarks.extras at tiny sizes, in this process: each configuration's step runs for
+    vq_layers, the peer and the bound (the full run writes the README's extras table)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import extras
+
+    for feature, *_ in extras.CONFIGS:
+        for impl in extras.IMPLS:
+            result = extras.measure_one(feature, 16, 32, 64, 2, impl, 1, "cpu")
+            assert result["seconds"] > 0, (feature, impl)
