@@ -772,32 +772,47 @@ def test_distributed_accumulation_affine_and_in_place_equal_one_process():
     run_in_processes(_dist_worker, 2, timeout=100)
 
 
-@pytest.mark.parametrize("make", ["vq", "latent"])
-def test_an_in_place_step_that_would_make_the_codebook_non_finite_is_undone_and_raises(make):
-    """fp16 codebook + Adam: eps = 1e-8 rounds to 0 in fp16, so a code with a zero gradient takes
-    0/0 = NaN. The step is undone (values and optimizer state) and a ValueError says why; bf16
-    (fp32's exponent range) steps fine."""
+@pytest.mark.parametrize("make", ["vq", "vq_affine_kmeans", "latent"])
+def test_an_optimizer_eps_that_rounds_to_zero_in_fp16_is_refused_before_anything_changes(make):
+    """fp16 codebook + Adam: eps = 1e-8 rounds to 0 in fp16, so a code with a zero gradient would
+    take 0/0 = NaN. Refused before the step changes anything (affine moments, k-means init, codes,
+    optimizer state); an eps fp16 can hold steps, and bf16 (fp32's exponent range) steps fine."""
     from vq_layers import LatentQuantize
 
-    def build(dtype):
+    def build(dtype, eps=1e-8):
         torch.manual_seed(0)
-        adam = lambda params: torch.optim.Adam(params, lr=0.1)  # noqa: E731
-        if make == "vq":
+        adam = lambda params: torch.optim.Adam(params, lr=0.1, eps=eps)  # noqa: E731
+        if make.startswith("vq"):
+            extra = dict(affine_param=True, kmeans_init=True) if make == "vq_affine_kmeans" else {}
             layer = VectorQuantize(dim=8, codebook_size=32, learnable_codebook=True, ema_update=False,
-                                   in_place_codebook_optimizer=adam)
+                                   in_place_codebook_optimizer=adam, **extra)
             return layer.to(dtype).train(), randn(2, 20, 8, seed=3).to(dtype)
         layer = LatentQuantize(levels=[5, 5, 8], dim=8, in_place_codebook_optimizer=adam)
         return layer.to(dtype).train(), randn(2, 8, 10, seed=3).to(dtype)
 
     layer, x = build(torch.float16)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
-    with pytest.raises(ValueError, match="in_place_codebook_optimizer: .*float16 codebook non-finite"):
+    with pytest.raises(ValueError, match="in_place_codebook_optimizer: its eps=1e-08 rounds to 0 in the float16"):
         layer(x)
     assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
     assert layer.in_place_codebook_optimizer.state_dict()["state"] == {}
-    layer, x = build(torch.bfloat16)
-    layer(x)
-    assert all(torch.isfinite(p).all() for p in layer.parameters())
+    for dtype, eps in ((torch.float16, 1e-4), (torch.bfloat16, 1e-8)):
+        layer, x = build(dtype, eps)
+        for _ in range(2):
+            layer(x)
+        assert all(torch.isfinite(p).all() for p in layer.parameters())
+        assert layer.in_place_codebook_optimizer.state_dict()["state"] != {}
+
+
+def test_an_in_place_step_that_raises_leaves_the_users_grad():
+    """LBFGS needs a closure: its step raises, and the user's accumulated .grad is as it was."""
+    layer = VectorQuantize(dim=6, codebook_size=10, learnable_codebook=True, ema_update=False,
+                           in_place_codebook_optimizer=lambda p: torch.optim.LBFGS(p)).train()
+    embed = layer._codebook.embed
+    embed.grad = torch.full_like(embed, 7.0)
+    with pytest.raises(TypeError):
+        layer(randn(2, 5, 6, seed=1))
+    assert torch.equal(embed.grad, torch.full_like(embed, 7.0))
 
 
 def test_a_peer_affine_checkpoint_saved_before_training_loads():
@@ -814,6 +829,12 @@ def test_a_peer_affine_checkpoint_saved_before_training_loads():
     peer.train()(randn(2, 5, 6, seed=1))
     ours.load_state_dict(peer.state_dict())
     assert torch.equal(ours._codebook.batch_mean, peer._codebook.batch_mean)
+    # only an untrained peer checkpoint is filled: a partial or cut one is not
+    ours.load_state_dict({"_codebook.codebook_mean": torch.zeros(1, 1, 6)}, strict=False)
+    assert torch.equal(ours._codebook.batch_mean, peer._codebook.batch_mean)
+    cut = {k: v for k, v in ours.state_dict().items() if "batch_" not in k}
+    with pytest.raises(RuntimeError, match="batch_mean"):
+        ours.load_state_dict(cut)
 
 
 def test_update_ema_indices_is_the_peers_older_name():

@@ -210,10 +210,12 @@ class Codebook(Fp32BuffersModule):
         return bool(self.initted)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.affine_param:  # the peer registers the batch moments at its first training step only
+        untrained_peer = all(prefix + name not in state_dict for name in ("batch_mean", "batch_variance")) and bool(
+            state_dict.get(prefix + "codebook_mean_needs_init", False))
+        if self.affine_param and untrained_peer:  # the peer registers the batch moments at its first training step
+            like = state_dict[prefix + "codebook_mean"]
             for name, value in (("batch_mean", 0.0), ("batch_variance", 1.0)):
-                if prefix + name not in state_dict and prefix + "codebook_mean" in state_dict:
-                    state_dict[prefix + name] = torch.full_like(getattr(self, name), value)
+                state_dict[prefix + name] = torch.full(like.shape, value, dtype=torch.float32, device=like.device)
         for name in ACCUMULATORS:  # present in a checkpoint only while statistics are pending
             if prefix + name in state_dict and getattr(self, name) is None:
                 like = self.cluster_size if name == ACCUMULATORS[0] else self.embed_avg

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_positive_int
 from ..distributed import all_reduce_sum_, check_finite, is_distributed
-from ..in_place_step import step_on
+from ..in_place_step import check_in_place_optimizer, step_on
 from ..layout import from_tokens, indices_from_tokens, to_tokens
 from ..mixed_radix import digits_to_indices, indices_to_digits, register_mixed_radix
 from ..precision import Fp32BuffersModule, fp32_island, project, stack
@@ -178,6 +178,7 @@ class LatentQuantize(Fp32BuffersModule):
         gradients of the summed squared error and the element count are all-reduced, so every
         rank takes the same step, the one a single process would take on all ranks' tokens."""
         sync = self.sync_codebook is not False and is_distributed(self.process_group)
+        check_in_place_optimizer(self.in_place_codebook_optimizer)
         check_finite(z, "LatentQuantize: input has NaN/Inf in training; the in-place codebook step "
                      "would write it into the values", self.process_group, sync=sync)
         values = list(self.values_per_latent)

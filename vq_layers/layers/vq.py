@@ -24,6 +24,7 @@ from ..codebook_losses import diversity_loss, orthogonal_loss
 from ..directional_reparam import check_directional_reparam, directional_reparam
 from ..distributed import NON_FINITE_INPUT, check_finite, is_distributed
 from ..kernels.code_softmax import code_cross_entropy, soft_codes
+from ..in_place_step import check_in_place_optimizer
 from ..layout import (
     check_mask,
     from_tokens,
@@ -275,7 +276,8 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
         b, n, _ = z.shape
         search, kept = self._searched(z, keep)
         sync = self._sync()
-        if may_init or update:
+        if may_init or update:  # refusals first: nothing has changed yet
+            check_in_place_optimizer(self.in_place_codebook_optimizer)
             check_finite(search, NON_FINITE_INPUT, self.process_group, sync)
             if sync:
                 self._codebook.broadcast_state_(self.process_group, once=True)

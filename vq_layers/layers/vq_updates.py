@@ -89,8 +89,9 @@ class CodebookUpdates:
             codebook, optimizer = self._codebook, self.in_place_codebook_optimizer
             saved = {k: v.detach().clone() for k, v in codebook.state_dict().items()}
             saved_optimizer = None if optimizer is None else copy.deepcopy(optimizer.state_dict())
-            params = [] if optimizer is None else [p for group in optimizer.param_groups for p in group["params"]]
-            grads = [None if p.grad is None else p.grad.clone() for p in params]  # manual mode adds to them
+            params = [] if optimizer is None or not self.manual_in_place_optimizer_update else [
+                p for group in optimizer.param_groups for p in group["params"]]  # manual mode adds to .grad
+            grads = [None if p.grad is None else p.grad.clone() for p in params]
             attributes = {name: getattr(codebook, name) for name in ("_state_broadcast", "dead_codes_replaced")}
             try:
                 return step(*args, **kwargs)
@@ -100,7 +101,10 @@ class CodebookUpdates:
                 if optimizer is not None:
                     optimizer.load_state_dict(saved_optimizer)
                 for p, grad in zip(params, grads):
-                    p.grad = grad
+                    if grad is None or p.grad is None:
+                        p.grad = grad
+                    else:  # in place: keeps DDP's gradient_as_bucket_view aliasing
+                        p.grad.copy_(grad)
                 for name, value in attributes.items():
                     setattr(codebook, name, value)
                 raise
