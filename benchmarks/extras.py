@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 
 from benchmarks.common import PEER, bench_main, matrix_gib, time_steps
+from benchmarks.vq import matmul_bound, training_step
 
 NAME = "extras"
 TITLE = "The peer-surface extras: one training step (forward + backward)"
@@ -60,23 +61,11 @@ def layer_for(package, feature: str, dim: int, codebook_size: int, num_quantizer
 
 
 def step_fn(impl: str, feature: str, dim: int, codebook_size: int, num_quantizers: int, device: str):
-    import torch
-
     if impl == "matmul bound":
-        codebook = torch.randn(codebook_size, dim, device=device)
-
-        def step(x):
-            for _ in range(num_quantizers):
-                x.detach().reshape(-1, dim) @ codebook.t()
-        return step
+        return matmul_bound(dim, codebook_size, num_quantizers, device)
     package = __import__("vq_layers" if impl == "vq_layers" else "vector_quantize_pytorch")
     module, forward_kwargs = layer_for(package, feature, dim, codebook_size, num_quantizers)
-    module = module.to(device).train()
-
-    def step(x):
-        out, _, loss = module(x, **forward_kwargs)
-        (out.square().mean() + loss.sum()).backward()
-    return step
+    return training_step(module.to(device).train(), **forward_kwargs)
 
 
 def measure_one(feature: str, dim: int, codebook_size: int, tokens: int, num_quantizers: int, impl: str,

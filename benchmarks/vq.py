@@ -34,26 +34,34 @@ def peer_gib(layer: str, dim: int, codebook_size: int, tokens: int, num_quantize
     return matrix_gib(tokens, codebook_size)
 
 
-def step_fn(impl: str, layer: str, dim: int, codebook_size: int, num_quantizers: int, device: str):
+def matmul_bound(dim: int, codebook_size: int, stages: int, device: str):
+    """The step that bounds the search: one fp32 matmul x @ codebook^T per stage."""
     import torch
 
-    if impl == "matmul bound":
-        codebook = torch.randn(codebook_size, dim, device=device)
+    codebook = torch.randn(codebook_size, dim, device=device)
 
-        def step(x):
-            for _ in range(num_quantizers):
-                x.detach().reshape(-1, dim) @ codebook.t()
-        return step
+    def step(x):
+        for _ in range(stages):
+            x.detach().reshape(-1, dim) @ codebook.t()
+    return step
+
+
+def training_step(module, **forward_kwargs):
+    """forward + backward of (out, indices, loss) = module(x) on a reconstruction-like loss."""
+    def step(x):
+        out, _, loss = module(x, **forward_kwargs)
+        (out.square().mean() + loss.sum()).backward()
+    return step
+
+
+def step_fn(impl: str, layer: str, dim: int, codebook_size: int, num_quantizers: int, device: str):
+    if impl == "matmul bound":
+        return matmul_bound(dim, codebook_size, num_quantizers, device)
     package = __import__("vq_layers" if impl == "vq_layers" else "vector_quantize_pytorch")
     kwargs = {"dim": dim, "codebook_size": codebook_size}
     if layer == "ResidualVQ":
         kwargs["num_quantizers"] = num_quantizers
-    module = getattr(package, layer)(**kwargs).to(device).train()
-
-    def step(x):
-        out, _, loss = module(x)
-        (out.square().mean() + loss.sum()).backward()
-    return step
+    return training_step(getattr(package, layer)(**kwargs).to(device).train())
 
 
 def measure_one(layer: str, dim: int, codebook_size: int, tokens: int, num_quantizers: int, impl: str,
