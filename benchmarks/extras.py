@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks.common import PEER, bench_main, matrix_gib, time_steps
-from benchmarks.vq import matmul_bound, training_step
+from benchmarks.common import PEER, bench_main, matrix_gib
+from benchmarks.vq import columns, matmul_bound, measure_step, training_step
 
 NAME = "extras"
 TITLE = "The peer-surface extras: one training step (forward + backward)"
@@ -71,19 +71,11 @@ def step_fn(impl: str, feature: str, dim: int, codebook_size: int, num_quantizer
 def measure_one(feature: str, dim: int, codebook_size: int, tokens: int, num_quantizers: int, impl: str,
                 repeats: int, device: str) -> dict:
     """Runs inside the subprocess."""
-    import torch
-
-    torch.manual_seed(0)
-    x = torch.randn(16, tokens // 16, dim, device=device, requires_grad=True)
-    return time_steps(step_fn(impl, feature, dim, codebook_size, num_quantizers, device), x, repeats, device)
+    return measure_step(step_fn(impl, feature, dim, codebook_size, num_quantizers, device), dim, tokens, repeats,
+                        device)
 
 
-COLUMNS = [
-    ("feature", lambda r: r["feature"] + (f" × {r['num_quantizers']}" if r["num_quantizers"] > 1 else "")),
-    ("dim", lambda r: str(r["dim"])),
-    ("codes", lambda r: str(r["codebook_size"])),
-    ("tokens", lambda r: str(r["tokens"])),
-]
+COLUMNS = columns("feature")
 
 
 def main() -> None:

@@ -64,22 +64,32 @@ def step_fn(impl: str, layer: str, dim: int, codebook_size: int, num_quantizers:
     return training_step(getattr(package, layer)(**kwargs).to(device).train())
 
 
-def measure_one(layer: str, dim: int, codebook_size: int, tokens: int, num_quantizers: int, impl: str,
-                repeats: int, device: str) -> dict:
-    """Runs inside the subprocess."""
+def measure_step(step, dim: int, tokens: int, repeats: int, device: str) -> dict:
+    """Times `step` on a seeded (16, tokens / 16, dim) input that wants gradients."""
     import torch
 
     torch.manual_seed(0)
     x = torch.randn(16, tokens // 16, dim, device=device, requires_grad=True)
-    return time_steps(step_fn(impl, layer, dim, codebook_size, num_quantizers, device), x, repeats, device)
+    return time_steps(step, x, repeats, device)
 
 
-COLUMNS = [
-    ("layer", lambda r: r["layer"] + (f" × {r['num_quantizers']}" if r["num_quantizers"] > 1 else "")),
-    ("dim", lambda r: str(r["dim"])),
-    ("codes", lambda r: str(r["codebook_size"])),
-    ("tokens", lambda r: str(r["tokens"])),
-]
+def measure_one(layer: str, dim: int, codebook_size: int, tokens: int, num_quantizers: int, impl: str,
+                repeats: int, device: str) -> dict:
+    """Runs inside the subprocess."""
+    return measure_step(step_fn(impl, layer, dim, codebook_size, num_quantizers, device), dim, tokens, repeats, device)
+
+
+def columns(first: str) -> list:
+    """The table's leading columns: `first` (× stages when more than one), dim, codes, tokens."""
+    return [
+        (first, lambda r: r[first] + (f" × {r['num_quantizers']}" if r["num_quantizers"] > 1 else "")),
+        ("dim", lambda r: str(r["dim"])),
+        ("codes", lambda r: str(r["codebook_size"])),
+        ("tokens", lambda r: str(r["tokens"])),
+    ]
+
+
+COLUMNS = columns("layer")
 
 
 def main() -> None:
