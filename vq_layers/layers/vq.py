@@ -312,7 +312,6 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
 
         quantized = self._route_gradients(search, codes, codebook, temperature, freeze, per_token) if self.training \
             else codes.detach()
-        quantized = self._synchronized_update(quantized, codes, freeze)
         shown = indices
         if keep is not None:
             quantized = torch.where(kept.unsqueeze(-1), quantized, 0.0)
@@ -339,9 +338,15 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
 
     def _route_gradients(self, search: Tensor, codes: Tensor, codebook: Tensor, temperature: float,
                          freeze: bool = False, per_token: Tensor | None = None) -> Tensor:
-        """The codes in value; the gradient reaches the input by the chosen estimator (or none:
-        route_gradients_to_input=False leaves the codes, differentiable in a learnable codebook
-        unless frozen). `per_token` (g, m, c, d): the codebooks searched (codebook_transform_fn)."""
+        """A training forward's output: the codes in value; the gradient reaches the input by the
+        chosen estimator, and the codes by the synchronized update rule (sync_update_v), on every path
+        (plain and topk). `per_token` (g, m, c, d): the codebooks searched (codebook_transform_fn)."""
+        routed = self._estimator(search, codes, codebook, temperature, freeze, per_token)
+        return self._synchronized_update(routed, codes, freeze)
+
+    def _estimator(self, search, codes, codebook, temperature, freeze, per_token) -> Tensor:
+        """Straight-through (Gumbel-softmax with a temperature), rotation trick or DiVeQ; none with
+        route_gradients_to_input=False (the codes, differentiable in a learnable codebook unless frozen)."""
         if not self.route_gradients_to_input:
             return codes.detach() if freeze else codes
         if self.straight_through and temperature > 0:  # Gumbel-softmax straight-through

@@ -7,8 +7,7 @@ it last), indices (b, n, k), and per-token losses (b, n, k): mean over features 
 (code - input)^2 in the codebook space, zero where masked. topk calls never update the codebook.
 
 `SearchExtras` is a mixin of VectorQuantize: its methods read the layer's configuration and
-reuse its loss and gradient helpers (_route_gradients,
-_synchronized_update).
+reuse its loss and gradient helpers (_route_gradients).
 """
 
 from __future__ import annotations
@@ -97,7 +96,6 @@ class SearchExtras:
             loss = (commitment * self.commitment_weight + diversity * self.codebook_diversity_loss_weight
                     + orthogonal * self.orthogonal_reg_weight)
             quantized = self._route_gradients(search, codes, codebook, temperature, freeze, per_token)
-            quantized = self._synchronized_update(quantized, codes, freeze)
         else:
             loss = commitment * self.commitment_weight if weighted else commitment
             quantized = codes.detach()
