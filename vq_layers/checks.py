@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import operator
 
 import torch
 from torch import Tensor
@@ -28,6 +29,16 @@ def check_non_negative(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
         raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
     return float(value)
+
+def as_integer(name: str, value) -> int:
+    """An integral value (int, numpy integer, 0-dim integer tensor: what the peer's int() takes
+    without rounding) as an int, else ValueError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name}: expected an integer, got {value!r}") from None
 
 
 def check_indices(indices, codebook_size: int, name: str = "indices", allow_dropped: bool = False) -> None:

@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_indices, check_non_negative, check_positive_int
+from ..checks import as_integer, check_indices, check_non_negative, check_positive_int
 from ..directional_reparam import directional_reparam
 from ..distributed import NON_FINITE_INPUT, check_finite
 from ..kernels.nearest_code import nearest_codes, nearest_codes_per_token
@@ -32,7 +32,6 @@ from .residual import (
     sum_stages,
 )
 from .vq import VectorQuantize
-from .vq_search import as_integer
 
 
 def codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:

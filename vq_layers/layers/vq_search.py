@@ -12,29 +12,18 @@ reuse its loss and gradient helpers (_route_gradients).
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import as_integer
 from ..codebook_losses import diversity_loss, orthogonal_loss
 from ..kernels.code_softmax import code_logits
 from ..kernels.nearest_code import nearest_codes, nearest_codes_per_token
 from ..layout import from_tokens, indices_from_tokens
 from ..precision import project
-
-
-def as_integer(name: str, value) -> int:
-    """An integral value (int, numpy integer, 0-dim integer tensor: what the peer's int() takes
-    without rounding) as an int, else ValueError."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name}: expected an integer, got {value!r}") from None
 
 
 class SearchExtras:
