@@ -109,15 +109,19 @@ def _weight_dtype(module: nn.Module):
     return None
 
 
+def projection_input(x: Tensor, weight_dtype: torch.dtype | None) -> Tensor:
+    """The projection rule for an input: as it is under autocast (which casts it), else cast to
+    the weight's dtype."""
+    if weight_dtype is None or _autocast_on(x.device.type) or x.dtype == weight_dtype:
+        return x
+    return x.to(weight_dtype)
+
+
 def project(module: nn.Module, x: Tensor) -> Tensor:
     """Applies a projection under the projection rule (see the module docstring)."""
     if isinstance(module, nn.Identity):
         return x
-    if not _autocast_on(x.device.type):
-        dtype = _weight_dtype(module)
-        if dtype is not None and x.dtype != dtype:
-            x = x.to(dtype)
-    return module(x)
+    return module(projection_input(x, _weight_dtype(module)))
 
 
 def _keep_fp32_buffers_hook(module, args) -> None:

@@ -14,12 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_positive_int
-from ..precision import autocast_device_types, project
-
-
-def _like_weight(x: Tensor, weight: Tensor) -> Tensor:
-    """The projection rule (precision.project) for a slice of a weight: follow autocast, else cast."""
-    return x if x.device.type in autocast_device_types() else x.to(weight.dtype)
+from ..precision import project, projection_input
 
 
 class ImplicitCodebookMLP(nn.Module):
@@ -48,8 +43,8 @@ class ImplicitCodebookMLP(nn.Module):
     def _halves(self, condition: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
         """proj_in([condition, code]) = W_cond condition + (W_code code + bias), each half alone."""
         weight, d = self.proj_in.weight, self.dim
-        from_condition = F.linear(_like_weight(condition, weight), weight[:, :d])
-        from_codes = F.linear(_like_weight(codes, weight), weight[:, d:], self.proj_in.bias)
+        from_condition = F.linear(projection_input(condition, weight.dtype), weight[:, :d])
+        from_codes = F.linear(projection_input(codes, weight.dtype), weight[:, d:], self.proj_in.bias)
         return from_condition, from_codes
 
     def forward(self, codes: Tensor, *, condition: Tensor) -> Tensor:
