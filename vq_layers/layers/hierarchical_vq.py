@@ -279,7 +279,7 @@ class HierarchicalVQ(nn.Module):
             all_indices.append(indices_from_tokens(result.indices, level_shape)[..., 0])
             losses.append(result.loss)
         if updating and self.shared_codebook:
-            self._update_shared(results, keep is not None)
+            self.vq._update_shared(results)
 
         loss = stack(losses[: last_kept + 1]).mean()
         out = kept_reconstruction
@@ -291,14 +291,6 @@ class HierarchicalVQ(nn.Module):
         if return_cutoff:
             return out, tuple(all_indices), loss, cutoff
         return out, tuple(all_indices), loss
-
-    def _update_shared(self, results: list, masked: bool) -> None:
-        """One EMA step (and dead-code check) of the shared codebook from every level's vectors,
-        after all levels searched the same codebook."""
-        keep = torch.cat([r.keep for r in results], dim=1) if masked else None
-        self.vq._codebook.update_(torch.cat([r.search for r in results], dim=1),
-                                  torch.cat([r.codebook_indices for r in results], dim=1), keep,
-                                  self.vq.ema_update, self.vq._sync(), self.process_group)
 
     # decoding
 

@@ -224,15 +224,8 @@ class ResidualVQ(ResidualQuantizer):
 
         stages = [partial(stage, k, layer) for k, layer in enumerate(self.layers)]
         quantized, indices, codes, extras = run_stages(z, stages, last_kept, self.quant_grad_frac)
-        if updating and self.shared_codebook and results:
-            # one update from every stage's vectors, after all stages searched the same codebook:
-            # the in-place step on the sum of the stages' losses, then the statistics
-            keeps = None if keep is None else torch.cat([r.keep for r in results], dim=1)
-            first = self.layers[0]
-            first._in_place_step([(r.search, r.keep) for r in results], first._sync(), z.new_zeros(()))
-            first._codebook.update_(torch.cat([r.search for r in results], dim=1),
-                                    torch.cat([r.codebook_indices for r in results], dim=1), keeps,
-                                    first.ema_update, first._sync(), self.process_group)
+        if updating and self.shared_codebook and results:  # all stages searched the same codebook
+            self.layers[0]._update_shared(results)
         losses = torch.stack([extra[0] if extra is not None else z.new_zeros(()) for extra in extras])
         if self.diveq and self.training and torch.is_grad_enabled():  # eval outputs stay the codes exactly
             quantized = directional_reparam(z, quantized)

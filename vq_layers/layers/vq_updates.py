@@ -179,6 +179,17 @@ class CodebookUpdates:
 
     update_ema_indices = update_indices  # the peer's older name
 
+    def _update_shared(self, results: list) -> None:
+        """A codebook shared by several searches of one step (ResidualVQ's stages, HierarchicalVQ's
+        levels), each against the codebook as it was before the step (`Quantized` results): one
+        in-place step on the sum of their losses, then one statistics update from all their vectors."""
+        sync = self._sync()
+        keep = None if results[0].keep is None else torch.cat([r.keep for r in results], dim=1)
+        self._in_place_step([(r.search, r.keep) for r in results], sync, results[0].search.new_zeros(()))
+        self._codebook.update_(torch.cat([r.search for r in results], dim=1),
+                               torch.cat([r.codebook_indices for r in results], dim=1), keep, self.ema_update, sync,
+                               self.process_group)
+
     # the in-place optimizer
 
     def _in_place_step(self, parts: list, sync: bool, zero: Tensor) -> Tensor:
