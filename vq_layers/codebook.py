@@ -20,14 +20,13 @@ on every rank applies the same all-reduced update.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .affine import batch_moments, codebook_moments, to_batch_frame, to_codebook_frame
-from .distributed import broadcast_, first_rank, shared_generator
+from .compiling import register_runtime_owner, runs_eagerly
+from .distributed import broadcast_once_, broadcast_tensors_, first_rank
 from .ema import (
     code_statistics,
     ema_update_,
@@ -35,31 +34,13 @@ from .ema import (
     normalized_codebook,
     smoothed_cluster_size,
 )
-from .kmeans import draw_rows, kmeans, offered_rows
+from .kmeans import kmeans, sample_rows
 from .precision import Fp32BuffersModule, fp32_island
 
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch without distributed support
     DTensor = ()
-
-
-KMEANS_INIT_EAGER = ("kmeans_init=True: k-means runs once, eagerly, on the first training batch; compile with "
-                     "fullgraph=False, or run one training step before compiling with fullgraph=True")
-
-
-def runs_eagerly(reason: str):
-    """Decorator: under torch.compile the function runs eagerly, a graph break (an error under
-    fullgraph=True). torch._dynamo is imported only then: importing it in every process (a
-    torch.compiler.disable at import) costs a second and hangs DDP workers at exit."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def run(*args, **kwargs):
-            if torch.compiler.is_compiling():
-                return torch.compiler.disable(fn, reason=reason)(*args, **kwargs)
-            return fn(*args, **kwargs)
-        return run
-    return wrap
 
 
 ACCUMULATORS = ("accum_cluster_size", "accum_embed_sum")
@@ -113,6 +94,11 @@ class Codebook(Fp32BuffersModule):
         self.dead_codes_replaced = torch.zeros((), dtype=torch.long)
         self._state_broadcast = False  # per process: has a synced step made the ranks' state one?
         self._know_initted(not kmeans_init)  # `initted` known True on the host (see needs_init)
+        register_runtime_owner(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        register_runtime_owner(self)  # a deepcopy or an unpickled copy
 
     def extra_repr(self) -> str:
         return (f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, dim={self.dim}"
@@ -190,24 +176,27 @@ class Codebook(Fp32BuffersModule):
                 "rank, then fully_shard)")
 
     def needs_init(self) -> bool:
-        """Whether k-means init is still to run. Asks the `initted` buffer (a host sync, a graph
-        break under torch.compile) until it is known True; from then on a Python flag answers, so
-        a compiled step after init has neither. init_, set_codes_ and load_state_dict keep the
-        flag; an eager call notices any other write to the buffer by its version (broadcast_state_,
-        DDP's buffer broadcast, a user's `initted.fill_(False)`) and asks again."""
-        if (self._known_initted and not torch.compiler.is_compiling()
-                and self.initted._version != self._initted_version):
+        """Whether k-means init may still have to run. Eagerly, asks the `initted` buffer (a host
+        sync) until it is known True; from then on a Python flag answers, so a step after init
+        has no sync. init_, set_codes_ and load_state_dict keep the flag; an eager call notices
+        any other write to the buffer by its version (broadcast_state_, DDP's buffer broadcast,
+        a user's `initted.fill_(False)`) and asks again. Under torch.compile the flag alone
+        answers: the traced step then holds the init as a run-time op, which checks the buffer
+        itself and sets the flag, and the flag's guard retraces the step without it."""
+        if torch.compiler.is_compiling():
+            return not self._known_initted
+        if self._known_initted and self.initted._version != self._initted_version:
             self._known_initted = False
         if not self._known_initted:
-            self._know_initted(self._read_initted())
+            self._know_initted(bool(self.initted))
         return not self._known_initted
 
     def _know_initted(self, value: bool) -> None:
         self._known_initted, self._initted_version = value, self.initted._version
 
-    @runs_eagerly(KMEANS_INIT_EAGER)
-    def _read_initted(self) -> bool:
-        return bool(self.initted)
+    def init_state(self) -> list[Tensor]:
+        """The tensors k-means init writes: embed, embed_avg, cluster_size, initted."""
+        return [self.embed, self.embed_avg, self.cluster_size, self.initted]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         untrained_peer = all(prefix + name not in state_dict for name in ("batch_mean", "batch_variance")) and bool(
@@ -227,23 +216,26 @@ class Codebook(Fp32BuffersModule):
         # loading a checkpoint need not; a meta buffer (not materialized yet) is asked later
         self._know_initted(not self.initted.is_meta and bool(self.initted))
 
-    @torch.no_grad()
-    def broadcast_state_(self, group=None, once: bool = False) -> None:
-        """Every rank takes the group's first rank's state (one collective); with `once`, only
-        the first time in this process (the first synced step). A codebook parameter under FSDP
-        is skipped: its shards are the truth."""
-        if once and self._state_broadcast:
-            return
+    def synced_state(self) -> list[Tensor]:
+        """What the first synced step broadcasts: the statistics, the affine moments and the codes
+        (a codebook parameter under FSDP excepted: its shards are the truth)."""
         self.keep_fp32_buffers_()
         tensors = [self.embed_avg, self.cluster_size, self.initted]
         if self.affine_param:
             tensors += [*self._affine_moments(), self.codebook_mean_needs_init, self.codebook_variance_needs_init]
         if not (self.learnable and self._under_fsdp()):
             tensors.append(self.embed)
-        flat = broadcast_(torch.cat([t.detach().reshape(-1).float() for t in tensors]), first_rank(group), group)
-        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-            t.data.copy_(part.reshape(t.shape).to(t.dtype))
-        self._state_broadcast = True  # (`initted` changed version: needs_init reads it again)
+        return tensors
+
+    @torch.no_grad()
+    def broadcast_state_(self, group=None, once: bool = False) -> None:
+        """Every rank takes the group's first rank's state (one collective); with `once`, only
+        the first time in this process (the first synced step)."""
+        if once:
+            broadcast_once_([self], group)
+        else:
+            broadcast_tensors_(self.synced_state(), first_rank(group), group)
+        # (`initted` changed version: needs_init reads it again)
 
     @torch.no_grad()
     def set_codes_(self, codes: Tensor) -> None:
@@ -258,21 +250,23 @@ class Codebook(Fp32BuffersModule):
 
     @fp32_island
     @torch.no_grad()
-    def init_(self, samples: list[Tensor], sync: bool, group=None) -> None:
-        """k-means on the first batch: samples per codebook (n_h, d), unmasked only."""
+    def init_(self, x: Tensor, keep: Tensor | None, sync: bool, group=None, state: list[Tensor] | None = None) -> None:
+        """k-means on the first batch: x (h, n, d) as searched, keep (h, n) or None. Nothing
+        changes unless every codebook has a kept row (on some rank): the codebook stays
+        uninitialized until a batch has some. `state`: the tensors to write (init_state()'s,
+        or the copies a compiled graph hands its run-time op)."""
         self.keep_fp32_buffers_()
         self._check_in_place_write("kmeans_init")
-        generator = shared_generator(samples[0].device, group, sync)
-        found = kmeans(samples, self.codebook_size, self.kmeans_iters, self.metric, generator, sync, group)
-        if found is None:  # no vectors anywhere: stay uninitialized until a batch has some
-            return
-        means, counts = found
-        self.cluster_size.copy_(counts)
-        self.embed_avg.copy_(means * counts.unsqueeze(-1))
-        self.embed.data.copy_(means)
-        self._set_from_statistics()
-        self.initted.fill_(True)
-        self._know_initted(True)
+        embed, embed_avg, cluster_size, initted = self.init_state() if state is None else state
+        means, counts, found = kmeans(x, keep, self.codebook_size, self.kmeans_iters, self.metric, sync, group)
+        ok = found.all()
+        sums = means * counts.unsqueeze(-1)
+        codes = normalized_codebook(counts, sums, self.eps, self.use_cosine_sim)
+        cluster_size.copy_(torch.where(ok, counts, cluster_size))
+        embed_avg.copy_(torch.where(ok, sums, embed_avg))
+        embed.data.copy_(torch.where(ok, codes, embed.float()).to(embed.dtype))
+        initted.copy_(initted | ok)
+        self._know_initted(bool(initted))
 
     def _set_from_statistics(self) -> None:
         self.embed.data.copy_(normalized_codebook(self.cluster_size, self.embed_avg, self.eps, self.use_cosine_sim))
@@ -349,32 +343,21 @@ class Codebook(Fp32BuffersModule):
         self._check_in_place_write("expire_codes_")
         self._replace_dead_codes(self.to_codebook_frame(x), keep, sync, group)
 
-    @runs_eagerly("threshold_ema_dead_code > 0: dead-code replacement runs eagerly (its sizes depend on the "
-                  "data), a graph break; compile with fullgraph=False")
     def _replace_dead_codes(self, x: Tensor, keep: Tensor | None, sync: bool, group) -> None:
         """Codes whose EMA count fell below the threshold take vectors drawn from this batch (the
         union of the ranks'), and their statistics restart from that vector, so the next EMA
-        step does not pull them back to where they died."""
+        step does not pull them back to where they died. Branch-free (no host sync, static
+        shapes): a row is drawn for every code and taken where the code is dead; with fewer
+        rows than dead codes, the lowest-index dead codes take them."""
         dead = self.cluster_size < self.threshold_ema_dead_code  # identical on every rank when synced
-        if not bool(dead.any()):
-            return
-        generator = shared_generator(x.device, group, sync)
-        replaced = 0
-        for h in range(self.num_codebooks):
-            dead_h = dead[h].nonzero().squeeze(-1)
-            if dead_h.numel() == 0:
-                continue
-            rows = x[h] if keep is None else x[h][keep[h]]
-            pool = offered_rows(rows, dead_h.numel(), sync, group)
-            if pool.shape[0] == 0:
-                continue
-            if pool.shape[0] < dead_h.numel():  # fewer vectors than dead codes: revive a random subset
-                dead_h = dead_h[torch.randperm(dead_h.numel(), generator=generator, device=x.device)[:pool.shape[0]]]
-            new = draw_rows(pool, dead_h.numel(), generator)
-            if self.use_cosine_sim:
-                new = F.normalize(new, dim=-1)
-            self.embed.data[h, dead_h] = new.to(self.embed.dtype)
-            self.embed_avg[h, dead_h] = new * self.reset_cluster_size
-            self.cluster_size[h, dead_h] = float(self.reset_cluster_size)
-            replaced += dead_h.numel()
-        self.dead_codes_replaced = torch.tensor(replaced, device=x.device)
+        rows, valid = sample_rows(x, keep, self.codebook_size, sync, group)  # (h, k, d), (h, k)
+        slot = (dead.long().cumsum(-1) - 1).clamp(min=0)  # a dead code's rank among the dead ones
+        new = rows.gather(1, slot.unsqueeze(-1).expand_as(rows))
+        revive = dead & valid.gather(1, slot)
+        if self.use_cosine_sim:
+            new = F.normalize(new, dim=-1)
+        reset = float(self.reset_cluster_size)
+        self.embed.data.copy_(torch.where(revive.unsqueeze(-1), new, self.embed.float()).to(self.embed.dtype))
+        self.embed_avg.copy_(torch.where(revive.unsqueeze(-1), new * reset, self.embed_avg))
+        self.cluster_size.copy_(torch.where(revive, reset, self.cluster_size))
+        self.dead_codes_replaced = revive.sum()

@@ -35,6 +35,11 @@ def _in_place(tensor: Tensor, collective) -> None:
         tensor.copy_(buf)
 
 
+def rank_in(group=None) -> int:
+    """This process's rank within `group` (0 when not distributed)."""
+    return dist.get_rank(group) if is_distributed(group) else 0
+
+
 def first_rank(group=None) -> int:
     """Global rank of the group's rank 0 (the default group's is 0)."""
     return dist.get_global_rank(group, 0) if group is not None and is_distributed(group) else 0
@@ -82,6 +87,31 @@ def check_finite(x: Tensor, message: str, group=None, sync: bool = True) -> None
         torch._assert_async(torch.isfinite(x).all(), message)
     elif any_rank(~torch.isfinite(x).all(), group, sync):
         raise ValueError(message)
+
+
+def broadcast_tensors_(tensors: list[Tensor], src: int = 0, group=None, device=None) -> None:
+    """Every tensor takes rank `src`'s values, in one collective on `device` (default: the
+    first tensor's), flattened as float32: floats, bools and integers below 2^24 travel exactly."""
+    if not is_distributed(group) or not tensors:
+        return
+    device = tensors[0].device if device is None else device
+    flat = torch.cat([t.detach().reshape(-1).float().to(device) for t in tensors])
+    broadcast_(flat, src, group)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.data.copy_(part.reshape(t.shape).to(t.dtype))
+
+
+def broadcast_once_(owners: list, group=None, device=None) -> None:
+    """At a layer's first synced step: the owners (objects with `synced_state()`, a list of
+    tensors, and a `_state_broadcast` flag) not broadcast yet in this process take the group's
+    first rank's state, in one collective, and are marked. Every rank holds the same flags, so
+    every rank issues the same collective."""
+    pending = [o for o in dict.fromkeys(owners) if not o._state_broadcast]  # (in order, once each)
+    if not pending:
+        return
+    broadcast_tensors_([t for o in pending for t in o.synced_state()], first_rank(group), group, device)
+    for owner in pending:
+        owner._state_broadcast = True
 
 
 def all_reduce_sum_(tensor: Tensor, group=None) -> Tensor:
@@ -145,6 +175,16 @@ def all_reduce_mean(tensor: Tensor, group=None) -> Tensor:
     if not is_distributed(group):
         return tensor
     return _sum_node(tensor, group) / dist.get_world_size(group)
+
+
+def all_gather_stacked(tensor: Tensor, group=None) -> Tensor:
+    """Every rank's `tensor` (the same shape on every rank) stacked in rank order: (world, ...).
+    No host sync, no autograd; (1, ...) when not distributed."""
+    if not is_distributed(group):
+        return tensor.unsqueeze(0)
+    parts = [torch.empty_like(tensor, memory_format=torch.contiguous_format) for _ in range(world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.stack(parts)
 
 
 def all_gather(tensor: Tensor, group=None) -> Tensor:

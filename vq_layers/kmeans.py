@@ -1,9 +1,16 @@
-"""k-means codebook init and data sampling that end the same on every rank.
+"""k-means codebook init and row sampling that end the same on every rank, with static shapes.
 
-Samples are drawn from the union of the ranks' (unmasked) vectors: each rank offers a random
-subset of its own, the offers are gathered in rank order, and the draw among them uses a
-generator seeded alike on every rank. Lloyd iterations then reduce per-code counts and sums
-over the ranks (code_statistics), so the means are those of the global batch.
+`sample_rows` draws rows uniformly without replacement from the kept rows of the union of the
+ranks' batches: every kept row gets a pseudo-random key (counter_random.py: hashed from the
+first rank's seed and the row's position in the concatenated batch), each rank keeps its `num`
+best keys, the ranks' candidates are gathered (a fixed size), and the `num` best keys of the
+union win. The best keys of the union are among each rank's best, so every rank computes the
+draw one process would make on the concatenated batch. No host sync, no data-dependent shape:
+it traces under torch.compile(fullgraph=True), and dead-code replacement (codebook.py) runs it
+every step.
+
+Lloyd iterations reduce per-code counts and sums over the ranks (code_statistics), so the means
+are those of the global batch.
 """
 
 from __future__ import annotations
@@ -12,55 +19,72 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .distributed import all_gather
+from .counter_random import GOLDEN, MASK32, counter_hash, draw_seed, mix32
+from .distributed import all_gather_stacked, rank_in
 from .ema import code_statistics
 from .kernels.nearest_code import nearest_code
 from .precision import fp32_island
 
 
 @torch.no_grad()
-def offered_rows(x: Tensor, num: int, sync: bool, group=None) -> Tensor:
-    """x (n, d) -> the rows every rank can draw from: a random subset of at most `num` of this
-    rank's rows, concatenated over the ranks when `sync` (identical on every rank)."""
-    if x.shape[0] > num:
-        x = x[torch.randperm(x.shape[0], device=x.device)[:num]]
-    return all_gather(x.contiguous(), group) if sync else x
+def sample_rows(x: Tensor, keep: Tensor | None, num: int, sync: bool = False, group=None) -> tuple[Tensor, Tensor]:
+    """x (h, n, d), keep (h, n) bool or None -> rows (h, num, d), valid (h, num) bool.
 
-
-@torch.no_grad()
-def draw_rows(pool: Tensor, num: int, generator: torch.Generator) -> Tensor:
-    """`num` rows of pool (p, d), p >= 1: without replacement when p >= num."""
-    p = pool.shape[0]
-    if p >= num:
-        picks = torch.randperm(p, generator=generator, device=pool.device)[:num]
-    else:
-        picks = torch.randint(0, p, (num,), generator=generator, device=pool.device)
-    return pool[picks]
+    Per codebook, `num` rows drawn uniformly without replacement from the kept rows (the
+    union of the ranks' under `sync`), in random order; when there are fewer, the first ones
+    are all of them and `valid` is False for the rest (whose rows are zeros). A kept row's key
+    is hashed from one seed and its position among the kept rows of the global batch (the
+    ranks' batches concatenated in rank order; under sync the seed is the first rank's): the
+    draw is exactly that of one process on the concatenated batch, and masked rows change
+    nothing.
+    """
+    h, n, d = x.shape
+    kept = torch.ones(h, n, dtype=torch.bool, device=x.device) if keep is None else keep
+    position = kept.long().cumsum(1) - 1  # (h, n): rank among this codebook's kept rows here
+    seed = draw_seed(x.device)
+    if sync:  # the first rank's seed, and this rank's offset in the concatenated batch
+        counts = all_gather_stacked(torch.cat([kept.sum(1), seed.reshape(1)]), group)  # (world, h + 1)
+        seed = counts[0, h]
+        position = position + counts[: rank_in(group), :h].sum(0).unsqueeze(1)
+    stream = mix32((seed + torch.arange(h, device=x.device) * GOLDEN) & MASK32)  # one stream per codebook
+    keys = torch.where(kept, counter_hash(stream.unsqueeze(1), position), -1)  # kept: [0, 2^32), others -1
+    take = min(num, n)
+    keys, picks = keys.topk(take, dim=1)
+    rows = x.gather(1, picks.unsqueeze(-1).expand(-1, -1, d))
+    if take < num:  # static padding to `num` candidates, all invalid
+        keys = torch.cat([keys, keys.new_full((h, num - take), -1)], dim=1)
+        rows = torch.cat([rows, rows.new_zeros((h, num - take, d))], dim=1)
+    rows = torch.where((keys >= 0).unsqueeze(-1), rows, 0.0)  # (padding may hold NaN)
+    if sync:  # each rank's best `num`, gathered in rank order: (h, world * num)
+        keys = all_gather_stacked(keys, group).transpose(0, 1).reshape(h, -1)
+        rows = all_gather_stacked(rows, group).transpose(0, 1).reshape(h, -1, d)
+        keys, picks = keys.topk(num, dim=1)
+        rows = rows.gather(1, picks.unsqueeze(-1).expand(-1, -1, d))
+    return rows, keys >= 0
 
 
 @fp32_island
 @torch.no_grad()
-def kmeans(samples: list[Tensor], num_clusters: int, iters: int, metric: str, generator: torch.Generator,
-           sync: bool = False, group=None) -> tuple[Tensor, Tensor] | None:
-    """samples: per codebook, (n_h, d) vectors -> means (h, k, d), counts (h, k) of the last assignment.
+def kmeans(x: Tensor, keep: Tensor | None, num_clusters: int, iters: int, metric: str, sync: bool = False,
+           group=None) -> tuple[Tensor, Tensor, Tensor]:
+    """x (h, n, d) per codebook, keep (h, n) bool or None -> means (h, k, d), counts (h, k) of
+    the last assignment, found (h,) bool: whether codebook h had any kept row (on any rank).
 
-    None when no rank has a single vector for some codebook (nothing to initialize from).
-    metric "dot" is spherical k-means (cosine codebooks): means are renormalized.
+    The means start from k rows drawn without replacement (repeated in their random order when
+    there are fewer rows than clusters); an empty cluster stays put. metric "dot" is spherical
+    k-means (cosine codebooks): means are renormalized.
     """
-    pools = [offered_rows(s, num_clusters, sync, group) for s in samples]
-    if any(pool.shape[0] == 0 for pool in pools):
-        return None
-    means = torch.stack([draw_rows(pool, num_clusters, generator) for pool in pools])
-    counts = means.new_zeros(means.shape[:2])
+    h, _, d = x.shape
+    rows, valid = sample_rows(x, keep, num_clusters, sync, group)
+    available = valid.sum(-1, keepdim=True)  # (h, 1)
+    slots = torch.arange(num_clusters, device=x.device) % available.clamp(min=1)
+    means = rows.gather(1, slots.unsqueeze(-1).expand(-1, -1, d))
+    counts = means.new_zeros((h, num_clusters))
     for _ in range(iters):
-        new_means, counts = [], []
-        for h, s in enumerate(samples):
-            indices, _ = nearest_code(s, means[h], metric)
-            count, total = code_statistics(s[None], indices[None], num_clusters, sync=sync, group=group)
-            new_means.append(total[0] / count[0].clamp(min=1).unsqueeze(-1))
-            counts.append(count[0])
-        new_means, counts = torch.stack(new_means), torch.stack(counts)
+        indices, _ = nearest_code(x, means, metric, valid=keep)
+        counts, sums = code_statistics(x, indices, num_clusters, keep, sync, group)
+        new_means = sums / counts.clamp(min=1).unsqueeze(-1)
         if metric == "dot":
             new_means = F.normalize(new_means, dim=-1)
         means = torch.where((counts > 0).unsqueeze(-1), new_means, means)  # an empty cluster stays put
-    return means, counts
+    return means, counts, available[:, 0] > 0

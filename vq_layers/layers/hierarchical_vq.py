@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import random
 from collections.abc import Sequence
 
 import torch
@@ -25,9 +24,11 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_indices, check_non_negative, check_positive_int
-from ..distributed import shared_seed
+from ..counter_random import mix32
+from ..distributed import NON_FINITE_INPUT, broadcast_once_, check_finite, is_distributed
 from ..layout import check_mask, from_tokens, indices_from_tokens, lens_to_mask
 from ..precision import fp32_island, project, stack
+from .residual import DropoutDraws
 from .vq import VectorQuantize
 
 _POOLS = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
@@ -184,6 +185,7 @@ class HierarchicalVQ(nn.Module):
         else:
             self.vqs = nn.ModuleList(make_vq(size) for size in self.codebook_sizes)
 
+        self.dropout_draws = DropoutDraws()
         self.phi_shared, self.phi_levels = None, None
         if self.share_quant_resi == 1:
             self.phi_shared = Phi(self.dim, self.spatial_dims, quant_resi)
@@ -210,16 +212,32 @@ class HierarchicalVQ(nn.Module):
         """A level's codes (b, d, ...scale) fp32 -> its contribution at full resolution, fp32."""
         return self.choose_phi(level_index)(upsample(q, full_shape))
 
-    def sample_nested_cutoff(self, device) -> int | None:
-        """The last level kept by nested dropout, drawn alike on every rank; None: all levels."""
+    def sample_nested_cutoff(self, device=None):
+        """The last level kept by nested dropout, drawn alike on every rank (residual.DropoutDraws):
+        None (all levels) or an int when eager; under torch.compile a CPU int64 tensor
+        (num_levels - 1 when no level is dropped)."""
         if not (self.training and torch.is_grad_enabled() and self.nested_dropout > 0):
             return None
         if self.nested_dropout_min_levels >= self.num_levels:
             return None
-        draw = random.Random(shared_seed(device, self.process_group))
-        if draw.random() >= self.nested_dropout:
-            return None
-        return draw.randrange(self.nested_dropout_min_levels - 1, self.num_levels - 1)
+        draw = self.dropout_draws.next()  # 32 bits: whether to drop, then (rehashed) where
+        drops = draw < round(self.nested_dropout * 2**32)
+        cutoff = self.nested_dropout_min_levels - 1 + mix32(draw ^ 0x5BD1E995) % (self.num_levels - self.nested_dropout_min_levels)
+        if isinstance(draw, int):
+            return cutoff if drops else None
+        return torch.where(drops, cutoff, self.num_levels - 1)
+
+    def _broadcast_initial_state(self, fmap: Tensor, keep: Tensor | None) -> None:
+        """At the first synced training step: every level's codebook and the nested-dropout seed
+        take the group's first rank's values, in one collective, after the non-finite check."""
+        owners = [vq._codebook for vq in (self.vqs or [self.vq]) if vq._sync()]
+        if self.nested_dropout > 0 and is_distributed(self.process_group):
+            owners.append(self.dropout_draws)
+        if all(owner._state_broadcast for owner in owners):
+            return
+        data = fmap if keep is None else torch.where(keep.unsqueeze(1), fmap, 0.0)
+        check_finite(data, NON_FINITE_INPUT, self.process_group, True)
+        broadcast_once_(owners, self.process_group, fmap.device)
 
     # the layer
 
@@ -256,8 +274,12 @@ class HierarchicalVQ(nn.Module):
             check_non_negative("sample_codebook_temp", sample_codebook_temp)
         full_shape = tuple(fmap.shape[2:])
         updating = self.training and torch.is_grad_enabled()
-        cutoff = self.sample_nested_cutoff(x.device)
+        if updating:
+            self._broadcast_initial_state(fmap, keep)
+        cutoff = self.sample_nested_cutoff()
         last_kept = self.num_levels - 1 if cutoff is None else cutoff
+        masked = isinstance(last_kept, Tensor)  # a compiled draw: the kept prefix by masks
+        kept_levels = torch.arange(self.num_levels) <= last_kept if masked else None
 
         residual = fmap.float()
         reconstruction, kept_reconstruction = torch.zeros_like(residual), None
@@ -274,14 +296,21 @@ class HierarchicalVQ(nn.Module):
             q = self._refine(k, from_tokens(result.quantized, level_shape, True), full_shape)
             reconstruction = reconstruction + q
             residual = residual - q
-            if k == last_kept:
+            if masked:  # (+ 0 adds nothing: the same bits as the eager prefix sum)
+                kept_reconstruction = reconstruction if k == 0 else kept_reconstruction + torch.where(
+                    kept_levels[k].to(q.device), q, 0.0)
+            elif k == last_kept:
                 kept_reconstruction = reconstruction
             all_indices.append(indices_from_tokens(result.indices, level_shape)[..., 0])
             losses.append(result.loss)
         if updating and self.shared_codebook:
             self.vq._update_shared(results)
 
-        loss = stack(losses[: last_kept + 1]).mean()
+        if masked:
+            weights = kept_levels.to(device=losses[0].device, dtype=torch.float32)
+            loss = (stack(losses) * weights).sum() / weights.sum()
+        else:
+            loss = stack(losses[: last_kept + 1]).mean()
         out = kept_reconstruction
         if keep is not None:
             out = torch.where(keep.unsqueeze(1), out, 0.0)

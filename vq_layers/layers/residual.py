@@ -13,7 +13,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_positive_int
-from ..distributed import shared_seed
+from ..counter_random import counter_hash, draw_seed
+from ..distributed import broadcast_once_, is_distributed
 from ..precision import Fp32BuffersModule, cat, project, stack
 from ..usage import CodeUsage, stack_usage
 
@@ -29,27 +30,83 @@ def check_quantize_dropout(num_quantizers: int, cutoff_index: int, multiple_of: 
 
 
 def quantize_dropout_depth(num_quantizers: int, cutoff_index: int, multiple_of: int, seed: int) -> int:
-    """Index of the last quantizer kept (those after it are dropped), as in SoundStream/EnCodec.
+    """Index of the last quantizer kept (those after it are dropped), as in SoundStream/EnCodec,
+    for a seed the user fixed (`rand_quantize_dropout_fixed_seed`: Python's random, as the peer).
 
     Uniform over [cutoff_index, num_quantizers), then rounded so that the number of kept
     quantizers is a multiple of `multiple_of` (structured dropout).
     """
     last = random.Random(seed).randrange(cutoff_index, num_quantizers)
-    if multiple_of != 1:
-        last = math.ceil((last + 1) / multiple_of) * multiple_of - 1
-    return last
+    return _round_to_multiple(last, multiple_of)
 
 
-def last_kept_stage(module, x: Tensor, seed: int | None) -> int:
-    """The last stage to run: all of them, unless quantize dropout applies (training with grad)."""
+def _round_to_multiple(last, multiple_of: int):
+    """The kept count last + 1 rounded up to a multiple (int or int64 tensor; may pass the last
+    stage: callers cap it)."""
+    if multiple_of == 1:
+        return last
+    return ((last + multiple_of) // multiple_of) * multiple_of - 1
+
+
+class DropoutDraws:
+    """Each training step's quantize-dropout draw, alike on every rank without a collective per
+    step: a counter-based hash (counter_random.py) of a seed, drawn from torch's generator at
+    construction (torch.manual_seed reproduces it; the first synced step broadcasts it), and of
+    the step number. CPU tensors, held outside the module's state: the host reads a draw
+    without waiting for a device, and a compiled step advances the counter in its graph."""
+
+    def __init__(self):
+        self.seed = draw_seed("cpu", bits=24)  # (24 bits: exact through broadcast_tensors_' float32)
+        self.step = torch.zeros((), dtype=torch.long)
+        self._state_broadcast = False
+
+    def synced_state(self) -> list[Tensor]:
+        return [self.seed]
+
+    def next(self):
+        """The step's 32-bit draw: a Python int when eager, a CPU tensor under torch.compile."""
+        value = counter_hash(self.seed, self.step)
+        self.step.add_(1)
+        return value if torch.compiler.is_compiling() else int(value)
+
+
+def dropout_depth(draw, num_quantizers: int, cutoff_index: int, multiple_of: int):
+    """The last stage kept for a 32-bit draw (int or int64 tensor): uniform over
+    [cutoff_index, num_quantizers), rounded up to a multiple of kept stages, capped."""
+    last = cutoff_index + draw % (num_quantizers - cutoff_index)
+    last = _round_to_multiple(last, multiple_of)
+    return min(last, num_quantizers - 1) if isinstance(last, int) else last.clamp(max=num_quantizers - 1)
+
+
+def last_kept_stage(module, x: Tensor, seed=None):
+    """The last stage to run: all of them (an int), unless quantize dropout applies (training
+    with grad): then an int when eager, a CPU int64 tensor under torch.compile (the stages after
+    it run masked: run_stages). `seed`: the user's fixed seed (an int), or a parent's draw
+    (a DropoutDraw, so that all groups of a grouped layer drop alike)."""
     last = module.num_quantizers - 1
-    if module.training and module.quantize_dropout and torch.is_grad_enabled():
-        if seed is None:
-            seed = shared_seed(x.device, module.process_group)
-        last = quantize_dropout_depth(
-            module.num_quantizers, module.quantize_dropout_cutoff_index, module.quantize_dropout_multiple_of, seed
-        )
-    return last
+    if not (module.training and module.quantize_dropout and torch.is_grad_enabled()):
+        return last
+    q, cutoff, multiple_of = module.num_quantizers, module.quantize_dropout_cutoff_index, module.quantize_dropout_multiple_of
+    if isinstance(seed, DropoutDraw):
+        return dropout_depth(seed.value, q, cutoff, multiple_of)
+    if seed is not None:
+        return min(quantize_dropout_depth(q, cutoff, multiple_of, seed), q - 1)
+    return dropout_depth(module.dropout_draws.next(), q, cutoff, multiple_of)
+
+
+class DropoutDraw:
+    """A parent's draw handed to its children (GroupedResidual): every group drops alike. Drawn
+    on first use, from the first group's draws, once that group's first synced step has made
+    its seed the same on every rank."""
+
+    def __init__(self, draws: DropoutDraws):
+        self._draws, self._value = draws, None
+
+    @property
+    def value(self):
+        if self._value is None:
+            self._value = self._draws.next()
+        return self._value
 
 
 def frac_gradient(t: Tensor, frac: float) -> Tensor:
@@ -58,23 +115,36 @@ def frac_gradient(t: Tensor, frac: float) -> Tensor:
     return t.detach() if frac <= 0 else t.detach() + frac * (t - t.detach())
 
 
-def run_stages(x: Tensor, stages: list[Callable], last_kept: int, quant_grad_frac: float = 0.0):
-    """Stage k quantizes the residual of stages < k: stage(residual) -> (quantized, indices, *extra).
+def run_stages(x: Tensor, stages: list[Callable], last_kept, quant_grad_frac: float = 0.0):
+    """Stage k quantizes the residual of stages < k: stage(residual, active) -> (quantized,
+    indices, *extra), `active` None or, when quantize dropout drew a tensor depth (compiled),
+    a bool 0-dim tensor: whether stage k is kept (a stage with statistics must then count
+    nothing when it is not; its outputs are masked here).
 
     Returns the sum of the stages' outputs (summed in stage order, as `sum_stages` does), their
     indices stacked on a last axis (-1 for dropped stages), the stages' outputs detached (q, ...)
     (zeros for dropped stages; the codes `get_codes_from_indices` would look up), and each
-    stage's extras (None when dropped). The next residual takes a fraction `quant_grad_frac` of
-    the gradient through the stage's output (default 0: detached, each stage learns its own target).
+    stage's extras (None when dropped eagerly; a dropped stage's loss, extra[0], is zeroed when
+    masked). The next residual takes a fraction `quant_grad_frac` of the gradient through the
+    stage's output (default 0: detached, each stage learns its own target).
     """
     quantized, residual, all_indices, outputs, extras = torch.zeros_like(x), x, [], [], []
+    masked = isinstance(last_kept, Tensor)
+    if masked:
+        last_kept = last_kept.to(x.device)
     for k, stage in enumerate(stages):
-        if k > last_kept:
+        if not masked and k > last_kept:
             all_indices.append(torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device))
             outputs.append(torch.zeros_like(x))
             extras.append(None)
             continue
-        stage_out, indices, *extra = stage(residual)
+        active = last_kept >= k if masked else None
+        stage_out, indices, *extra = stage(residual, active)
+        if masked:  # a dropped stage (statically run): zero output, index -1, zero loss
+            stage_out = torch.where(active, stage_out, 0.0)
+            indices = torch.where(active, indices, -1)
+            if extra:
+                extra[0] = torch.where(active, extra[0], 0.0)
         residual = residual - frac_gradient(stage_out, quant_grad_frac)
         quantized = quantized + stage_out
         all_indices.append(indices)
@@ -127,10 +197,34 @@ class ResidualQuantizer(Fp32BuffersModule):
         self.has_projections = self.dim != codebook_dim
         self.project_in = nn.Linear(self.dim, codebook_dim) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(codebook_dim, self.dim) if self.has_projections else nn.Identity()
+        self.dropout_draws = DropoutDraws()
 
     def _lookup_stage(self, k: int, indices: Tensor) -> Tensor:
         """Valid indices (b, ...) of stage k -> its contribution (b, ..., d), fp32."""
         raise NotImplementedError
+
+    # every rank alike from the first synced step
+
+    def _synced_owners(self, stages: bool = True) -> list:
+        """What a synced training step makes identical on every rank (owners for
+        distributed.broadcast_once_): the quantize-dropout seed; subclasses add every stage's
+        state (unless `stages` is False: a frozen step), whether or not dropout runs the stage
+        this step."""
+        return [self.dropout_draws] if self.quantize_dropout and is_distributed(self.process_group) else []
+
+    def _check_before_broadcast(self, z: Tensor) -> None:
+        """Before the broadcast changes any state (a subclass whose stages raise on non-finite
+        input checks it here)."""
+
+    def _broadcast_initial_state(self, z: Tensor, stages: bool = True) -> None:
+        """At the first synced training step (before quantize dropout draws): one broadcast of
+        everything _synced_owners() lists from the group's first rank."""
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        owners = self._synced_owners(stages)
+        if any(not owner._state_broadcast for owner in owners):
+            self._check_before_broadcast(z)
+            broadcast_once_(owners, self.process_group, z.device)
 
     def _q_last(self, indices: Tensor) -> Tensor:
         """Indices as forward returns them -> (b, ..., q)."""
@@ -195,7 +289,7 @@ class GroupedResidual(nn.Module):
                              f"got input shape {tuple(x.shape)}")
         seed = None
         if self.training and any(rvq.quantize_dropout for rvq in self.rvqs) and torch.is_grad_enabled():
-            seed = shared_seed(x.device, self.rvqs[0].process_group)  # all groups drop alike
+            seed = DropoutDraw(self.rvqs[0].dropout_draws)  # all groups drop alike
         chunks = x.chunk(self.groups, dim=self.split_dim)
         outs = [rvq(chunk, rand_quantize_dropout_fixed_seed=seed, **kwargs) for rvq, chunk in zip(self.rvqs, chunks)]
         quantized, *rest = zip(*outs)

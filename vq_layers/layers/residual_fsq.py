@@ -96,7 +96,7 @@ class ResidualFSQ(ResidualQuantizer):
         quantized, indices, codes, _ = run_stages(x, stages, last_kept)
         return quantized, indices, codes
 
-    def _quantize_stage(self, k: int, residual: Tensor) -> tuple[Tensor, Tensor]:
+    def _quantize_stage(self, k: int, residual: Tensor, active=None) -> tuple[Tensor, Tensor]:
         codes, indices = self.layers[k](residual / self.scales[k])
         return codes * self.scales[k], indices
 
@@ -106,6 +106,7 @@ class ResidualFSQ(ResidualQuantizer):
     def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None):
         dtype = x.dtype
         tokens, packed_shape = to_tokens(x, self.is_channel_first, self.dim, "ResidualFSQ")
+        self._broadcast_initial_state(tokens)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         quantized, indices, codes = self._residual_quantize(project(self.project_in, tokens), last_kept)
         out = from_tokens(project(self.project_out, quantized).to(dtype), packed_shape, self.is_channel_first)

@@ -64,7 +64,10 @@ class ResidualLFQ(ResidualQuantizer):
 
     @fp32_island
     def _residual_quantize(self, x: Tensor, mask, last_kept: int, inv_temperature: float):
-        stages = [partial(self.layers[k], mask=mask, inv_temperature=inv_temperature) for k in range(self.num_quantizers)]
+        def stage(layer, residual, active):  # a dropped stage's outputs and loss are masked by run_stages
+            return layer(residual, mask=mask, inv_temperature=inv_temperature)
+
+        stages = [partial(stage, layer) for layer in self.layers]
         quantized, indices, codes, extras = run_stages(x, stages, last_kept)
         losses = [extra[0] if extra is not None else x.new_zeros(()) for extra in extras]
         return quantized, indices, codes, torch.stack(losses)
@@ -75,6 +78,7 @@ class ResidualLFQ(ResidualQuantizer):
         channel_first = self._channel_first(x.ndim)
         tokens, spatial = to_tokens(x, channel_first, self.dim, "ResidualLFQ")
         mask = check_mask(mask, tokens, spatial)
+        self._broadcast_initial_state(tokens)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         quantized, indices, codes, losses = self._residual_quantize(project(self.project_in, without_padding(tokens, mask)), mask,
                                                                     last_kept, inv_temperature)

@@ -74,7 +74,10 @@ class ResidualSimVQ(ResidualQuantizer):
     def _residual_quantize(self, z: Tensor, codebooks: list, last_kept: int):
         """z (b, n, dim), the kept stages' implicit codebooks -> quantized (b, n, dim),
         indices (b, n, q), losses (q,), stage codes (q, b, n, dim), all fp32."""
-        stages = [partial(layer._quantize, codebook=codebook) for layer, codebook in zip(self.layers, codebooks)]
+        def stage(layer, codebook, residual, active):  # a dropped stage's outputs and loss are masked by run_stages
+            return layer._quantize(residual, codebook=codebook)
+
+        stages = [partial(stage, layer, codebook) for layer, codebook in zip(self.layers, codebooks)]
         quantized, indices, codes, extras = run_stages(z, stages, last_kept)
         losses = torch.stack([extra[0] if extra is not None else z.new_zeros(()) for extra in extras])
         return quantized, indices, losses, codes
@@ -83,9 +86,11 @@ class ResidualSimVQ(ResidualQuantizer):
         if not isinstance(x, Tensor):
             raise TypeError(f"input: expected a tensor, got {type(x).__name__}")
         tokens, spatial = to_tokens(x, self.channel_first, self.dim, "ResidualSimVQ")
+        self._broadcast_initial_state(tokens)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         # the maps are projections: they run here, under the caller's autocast
-        codebooks = [layer.codebook if k <= last_kept else None for k, layer in enumerate(self.layers)]
+        codebooks = [layer.codebook if isinstance(last_kept, Tensor) or k <= last_kept else None
+                     for k, layer in enumerate(self.layers)]
         quantized, indices, losses, codes = self._residual_quantize(tokens, codebooks, last_kept)
         out = from_tokens(quantized.to(x.dtype), spatial, self.channel_first)
         all_indices = indices_from_tokens(indices, spatial)

@@ -206,16 +206,17 @@ class ResidualVQ(ResidualQuantizer):
             first = self.layers[0]
             check_beam_training(beam_size, first.in_place_codebook_optimizer is not None, first._codebook.affine_param)
         if beam_size is not None and not (updating and any(layer._codebook.needs_init() for layer in self.layers)):
-            if updating:
-                self._share_codebooks(z)
             path = self._beam_search(z, beam_size, last_kept)  # (k-means init runs on a greedy step first)
         so_far = [torch.zeros_like(z)]  # the reconstruction: implicit codebooks are conditioned on it
 
-        def stage(k, layer, residual):
+        def stage(k, layer, residual, active):
             temp = layer.sample_codebook_temp if temperature is None else temperature
             transform = None if k == 0 or self.mlps is None else partial(self.mlps[k - 1], condition=so_far[0])
             chosen = None if path is None else path[None, :, k]
-            result = layer._quantize(residual, keep, temp, may_init=updating,
+            stage_keep = keep
+            if active is not None:  # dropped (compiled: a tensor depth): the stage counts no token
+                stage_keep = active.expand(residual.shape[:2]) if keep is None else keep & active
+            result = layer._quantize(residual, stage_keep, temp, may_init=updating,
                                      update=updating and not self.shared_codebook, ema_update=layer.ema_update,
                                      freeze=freeze, codebook_transform_fn=transform, chosen=chosen)
             results.append(result)
@@ -231,15 +232,12 @@ class ResidualVQ(ResidualQuantizer):
             quantized = directional_reparam(z, quantized)
         return quantized, indices, losses, codes
 
-    def _share_codebooks(self, z: Tensor) -> None:
-        """Before a synced training step's beam search: every rank searches the first rank's
-        codebooks (what the stages would take at their first synced step), after the NaN check
-        every rank takes before a buffer changes."""
-        synced = [layer for layer in self.layers if layer._sync()]
-        if synced:
-            check_finite(z, NON_FINITE_INPUT, self.process_group, True)
-            for layer in synced:
-                layer._codebook.broadcast_state_(self.process_group, once=True)
+    def _synced_owners(self, stages: bool = True) -> list:
+        codebooks = [layer._codebook for layer in self.layers if layer._sync()] if stages else []
+        return super()._synced_owners() + codebooks
+
+    def _check_before_broadcast(self, z: Tensor) -> None:
+        check_finite(z, NON_FINITE_INPUT, self.process_group, True)
 
     def _beam_search(self, z: Tensor, beam_size: int, last_kept: int) -> Tensor:
         """The best path (b*n, last_kept + 1) of the fp32 search (beam_search.py)."""
@@ -295,6 +293,7 @@ class ResidualVQ(ResidualQuantizer):
             targets = self._check_targets(indices, tokens)
             quantized, ce = self._teacher_forced(z, keep, targets)
             return self._output(quantized, tokens, keep, dtype, spatial), ce
+        self._broadcast_initial_state(z, stages=not freeze_codebook)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         quantized, all_indices, losses, codes = self._residual_quantize(
             z, keep, sample_codebook_temp, freeze_codebook, last_kept, self._beam_width(beam_size))

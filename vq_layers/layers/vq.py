@@ -19,10 +19,11 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_indices, check_non_negative, check_positive_int
-from ..codebook import KMEANS_INIT_EAGER, Codebook, runs_eagerly
+from ..codebook import Codebook
+from ..compiling import at_run_time, register_runtime_owner, snapshot
 from ..codebook_losses import diversity_loss, orthogonal_loss
 from ..directional_reparam import check_directional_reparam, directional_reparam
-from ..distributed import NON_FINITE_INPUT, check_finite, is_distributed
+from ..distributed import NON_FINITE_INPUT, broadcast_tensors_, check_finite, first_rank, is_distributed
 from ..kernels.code_softmax import code_cross_entropy, soft_codes
 from ..in_place_step import check_in_place_optimizer
 from ..layout import (
@@ -211,6 +212,11 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
             affine_param_batch_decay=affine_param_batch_decay, affine_param_codebook_decay=affine_param_codebook_decay,
         )
         self._init_updates(sync_affine_param, sync_update_v, in_place_codebook_optimizer, manual_in_place_optimizer_update)
+        register_runtime_owner(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        register_runtime_owner(self)  # a deepcopy or an unpickled copy
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "
@@ -240,12 +246,12 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
 
     # the fp32 core, on tokens
 
-    def _searched_codebook(self, snapshot: bool = False) -> Tensor:
+    def _searched_codebook(self, updating: bool = False) -> Tensor:
         """The codes as searched (g, k, d) fp32, normalized for a learnable cosine codebook;
-        `snapshot`: a copy, for a step whose update rewrites the live codes in place before its
-        backward (recomputed softmax tiles) runs."""
+        `updating`: a snapshot (compiling.py), for a step whose update rewrites the live codes in
+        place before its backward runs (recomputed softmax tiles, a compiled backward)."""
         codebook = self._codebook.codes()
-        codebook = codebook.clone() if snapshot else codebook
+        codebook = snapshot(codebook) if updating else codebook
         return F.normalize(codebook, dim=-1) if self.use_cosine_sim and self.learnable_codebook else codebook
 
     def _per_codebook(self, t: Tensor) -> Tensor:
@@ -276,19 +282,20 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
         b, n, _ = z.shape
         search, kept = self._searched(z, keep)
         sync = self._sync()
+        init_token = search.new_zeros(())
         if may_init or update:  # refusals first: nothing has changed yet
             check_in_place_optimizer(self.in_place_codebook_optimizer)
             check_finite(search, NON_FINITE_INPUT, self.process_group, sync)
             if sync:
                 self._codebook.broadcast_state_(self.process_group, once=True)
             if may_init and self._codebook.needs_init():
-                self._kmeans_init(search, kept, sync)
+                init_token = self._kmeans_init(search, kept, sync)
             if update:
                 self._codebook.update_affine_(search, kept, self._sync_affine(), self.process_group)
         zero = search.new_zeros(())
         inplace = self._in_place_step([(search, kept)], sync, zero) if update else zero
         # a snapshot: this step's update (here, or a shared codebook's after all stages) rewrites the codes
-        codebook = self._searched_codebook(snapshot=may_init or update)
+        codebook = self._searched_codebook(updating=may_init or update)
         sample = self.training and self.stochastic_sample_codes and temperature > 0
         # sampling uses the peer's distribution: softmax(-||x - c|| / t) (or x . c / t when cosine)
         metric = "euclidean" if sample and self.metric == "l2" else self.metric
@@ -299,6 +306,7 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
         if topk is not None:
             quantized, shown, loss, losses = self._topk_quantized(search, codebook, codes, indices, kept, freeze, sync,
                                                                   temperature, b, n, per_token)
+            loss = loss + init_token
             return Quantized(quantized, shown, loss, LossBreakdown(*losses, z.new_zeros(())), search.detach(), indices, kept)
 
         commitment = diversity = orthogonal = zero
@@ -324,17 +332,24 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
                 + orthogonal * self.orthogonal_reg_weight)
         if targets is not None:
             loss = commitment
-        loss = trainable_loss(loss, self.training)
+        loss = trainable_loss(loss + init_token, self.training)
         breakdown = LossBreakdown(commitment, diversity, orthogonal, inplace)
         return Quantized(quantized, out_indices, loss, breakdown, search.detach(), indices, kept)
 
-    @runs_eagerly(KMEANS_INIT_EAGER)
-    def _kmeans_init(self, search: Tensor, kept: Tensor | None, sync: bool) -> None:
-        rows = search.detach()
-        samples = list(rows) if kept is None else [r[k] for r, k in zip(rows, kept)]
-        self._codebook.init_(samples, sync and self.sync_kmeans, self.process_group)
-        if sync and not self.sync_kmeans:  # k-means on each rank's own data: rank 0's wins,
-            self._codebook.broadcast_state_(self.process_group)  # or later steps would diverge
+    def _kmeans_init(self, search: Tensor, kept: Tensor | None, sync: bool) -> Tensor:
+        """k-means init from this batch, if the codebook still needs it (a run-time op under
+        torch.compile: compiling.py) -> a zero to add to the loss."""
+        return at_run_time(self, "_kmeans_init_now", [search.detach(), kept, torch.tensor(sync)],
+                           self._codebook.init_state())
+
+    def _kmeans_init_now(self, inputs: list, state: list[Tensor]) -> None:
+        search, kept, sync = inputs
+        sync = bool(sync)
+        if not bool(state[3]):  # (compiled: the graph holds this op until the codebook is known initted)
+            self._codebook.init_(search, kept, sync and self.sync_kmeans, self.process_group, state)
+            if sync and not self.sync_kmeans:  # k-means on each rank's own data: rank 0's wins,
+                broadcast_tensors_(state, first_rank(self.process_group), self.process_group)  # or later steps would diverge
+        self._codebook._know_initted(bool(state[3]))
 
     def _route_gradients(self, search: Tensor, codes: Tensor, codebook: Tensor, temperature: float,
                          freeze: bool = False, per_token: Tensor | None = None) -> Tensor:

@@ -24,7 +24,7 @@ import copy
 import torch
 from torch import Tensor
 
-from ..codebook import runs_eagerly
+from ..compiling import runs_eagerly
 from ..distributed import NON_FINITE, all_reduce_sum_, check_finite, is_distributed
 from ..ema import ema_weight
 from ..in_place_step import step_on
