@@ -283,9 +283,7 @@ def _beam_worker(rank, world_size):
     whole = ResidualVQ(sync_codebook=False, **kw).train()
     for step in range(2):
         x = randn(2, 8, 3, seed=step)
-        torch.manual_seed(100 + step)  # dead-code rows: drawn as one process with rank 0's generator would
-        _, mine, _ = synced(x[rank : rank + 1])
-        torch.manual_seed(100 + step)
+        _, mine, _ = synced(x[rank : rank + 1])  # dead-code rows: drawn as `whole` draws them (rank 0's seed)
         _, reference, _ = whole(x)
         assert torch.equal(mine, reference[rank : rank + 1]), f"step {step}: another path than one process"
     for (name, a), (_, b) in zip(synced.named_buffers(), whole.named_buffers()):
@@ -323,7 +321,7 @@ def test_diveq_on_the_sum_of_stages():
     err = q - x.detach().to(F64)
     length = err.norm(dim=-1, keepdim=True)
     v = (out.detach().to(F64) - x.detach().to(F64)) / length
-    torch.testing.assert_close(v.norm(dim=-1), torch.ones(2, 5, dtype=F64))
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(2, 5, dtype=F64), rtol=1e-6, atol=0)  # (from fp32 values)
     cos = (v * err / length).sum(-1)  # the error direction up to its noise
     assert (cos > 0).all() and cos.mean() > 0.8 and (cos < 1 - 1e-6).all()
     g = randn(2, 5, 3, seed=13)

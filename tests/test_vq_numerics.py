@@ -24,7 +24,7 @@ import vq_layers.kernels.nearest_code as nc
 from reference import randn, rotation_vjp64
 from vq_layers.ema import code_statistics, ema_update_, normalized_codebook
 from vq_layers.kernels.code_softmax import code_cross_entropy, code_probs_sum, soft_codes
-from vq_layers.kmeans import kmeans
+from vq_layers.kmeans import kmeans, sample_rows
 from vq_layers.rotation_trick import rotation_trick
 
 F64 = torch.float64
@@ -162,11 +162,11 @@ def quant_error64(x, means):
 def run_kmeans(samples, k, iters, seed, metric="l2"):
     """samples: per codebook (n_h, d) -> (means, counts), or None when a codebook has no rows
     (k-means takes them padded to one length, with a keep mask)."""
-    torch.manual_seed(seed)  # sample_rows draws with torch's generator
     longest = max(s.shape[0] for s in samples)
     x = torch.stack([torch.cat([s, s.new_full((longest - s.shape[0], s.shape[1]), float("nan"))]) for s in samples])
     keep = torch.stack([torch.arange(longest) < s.shape[0] for s in samples])
-    means, counts, found = kmeans(x, keep, k, iters, metric)
+    rows, valid = sample_rows(x, keep, k, torch.tensor(seed))
+    means, counts, found = kmeans(x, keep, rows, valid, iters, metric)
     return (means, counts) if bool(found.all()) else None
 
 

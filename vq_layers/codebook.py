@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .affine import batch_moments, codebook_moments, to_batch_frame, to_codebook_frame
 from .compiling import register_runtime_owner, runs_eagerly
+from .counter_random import CounterDraws, counter_hash
 from .distributed import broadcast_once_, broadcast_tensors_, first_rank
 from .ema import (
     code_statistics,
@@ -90,6 +91,9 @@ class Codebook(Fp32BuffersModule):
             self.register_buffer("codebook_variance_needs_init", torch.tensor(True))
         for name in ACCUMULATORS:  # allocated by the first accumulating step, freed when applied
             self.register_buffer(name, None)
+        # the seeds of k-means' and dead-code replacement's row draws: a counter (counter_random),
+        # not torch's generator, so a compiled step draws what an eager one does; not state
+        self.sample_draws = CounterDraws()
         # dead codes replaced by the last update (health statistic; not state)
         self.dead_codes_replaced = torch.zeros((), dtype=torch.long)
         self._state_broadcast = False  # per process: has a synced step made the ranks' state one?
@@ -195,8 +199,23 @@ class Codebook(Fp32BuffersModule):
         self._known_initted, self._initted_version = value, self.initted._version
 
     def init_state(self) -> list[Tensor]:
-        """The tensors k-means init writes: embed, embed_avg, cluster_size, initted."""
-        return [self.embed, self.embed_avg, self.cluster_size, self.initted]
+        """The tensors k-means init writes: embed, embed_avg, cluster_size, initted, and the
+        row-draw counter."""
+        return [self.embed, self.embed_avg, self.cluster_size, self.initted, self.sample_draws.step]
+
+    def _sample(self, x: Tensor, keep: Tensor | None, num: int, step: Tensor, sync: bool, group):
+        """kmeans.sample_rows with this codebook's next seed; the counter `step` (sample_draws'
+        on this module's device, or the copy a compiled graph hands its run-time op) advances
+        only when rows were drawn: an empty or all-masked batch, or a stage that quantize dropout
+        runs masked, changes nothing (as an eager step that skips the stage)."""
+        rows, valid = sample_rows(x, keep, num, counter_hash(self.sample_draws.seed, step), sync, group)
+        step.add_(valid.any().long())
+        return rows, valid
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.sample_draws.to_(self.cluster_size.device)  # (not buffers: moved here, never cast)
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         untrained_peer = all(prefix + name not in state_dict for name in ("batch_mean", "batch_variance")) and bool(
@@ -220,7 +239,7 @@ class Codebook(Fp32BuffersModule):
         """What the first synced step broadcasts: the statistics, the affine moments and the codes
         (a codebook parameter under FSDP excepted: its shards are the truth)."""
         self.keep_fp32_buffers_()
-        tensors = [self.embed_avg, self.cluster_size, self.initted]
+        tensors = [self.embed_avg, self.cluster_size, self.initted, self.sample_draws.seed]
         if self.affine_param:
             tensors += [*self._affine_moments(), self.codebook_mean_needs_init, self.codebook_variance_needs_init]
         if not (self.learnable and self._under_fsdp()):
@@ -257,8 +276,9 @@ class Codebook(Fp32BuffersModule):
         or the copies a compiled graph hands its run-time op)."""
         self.keep_fp32_buffers_()
         self._check_in_place_write("kmeans_init")
-        embed, embed_avg, cluster_size, initted = self.init_state() if state is None else state
-        means, counts, found = kmeans(x, keep, self.codebook_size, self.kmeans_iters, self.metric, sync, group)
+        embed, embed_avg, cluster_size, initted, step = self.init_state() if state is None else state
+        rows, valid = self._sample(x, keep, self.codebook_size, step, sync, group)
+        means, counts, found = kmeans(x, keep, rows, valid, self.kmeans_iters, self.metric, sync, group)
         ok = found.all()
         sums = means * counts.unsqueeze(-1)
         codes = normalized_codebook(counts, sums, self.eps, self.use_cosine_sim)
@@ -350,7 +370,7 @@ class Codebook(Fp32BuffersModule):
         shapes): a row is drawn for every code and taken where the code is dead; with fewer
         rows than dead codes, the lowest-index dead codes take them."""
         dead = self.cluster_size < self.threshold_ema_dead_code  # identical on every rank when synced
-        rows, valid = sample_rows(x, keep, self.codebook_size, sync, group)  # (h, k, d), (h, k)
+        rows, valid = self._sample(x, keep, self.codebook_size, self.sample_draws.step, sync, group)  # (h, k, d), (h, k)
         slot = (dead.long().cumsum(-1) - 1).clamp(min=0)  # a dead code's rank among the dead ones
         new = rows.gather(1, slot.unsqueeze(-1).expand_as(rows))
         revive = dead & valid.gather(1, slot)

@@ -33,20 +33,23 @@ def orthogonal_loss(codebooks: Tensor, indices: Tensor, kept: Tensor | None, act
 
     `codebooks` (g, k, d): the step's snapshot (the EMA update rewrites the live codes before the
     backward runs); `indices` (g, m) the codes chosen, for `active_codes_only`; at most
-    `max_codes` codes, drawn at random, per codebook.
+    `max_codes` codes, drawn at random, per codebook. The codes taken are a 0/1 weight on every
+    code (no data-dependent shape): K is their count, and a codebook without any has no loss.
     """
-    losses = []
-    for g, codebook in enumerate(codebooks):
-        if active_codes_only:
-            used = indices[g] if kept is None else indices[g][kept[g]]
-            codebook = codebook[torch.unique(used)]
-        if max_codes is not None and codebook.shape[0] > max_codes:
-            codebook = codebook[torch.randperm(codebook.shape[0], device=codebook.device)[:max_codes]]
-        k = codebook.shape[0]
-        if k == 0:
-            losses.append(codebook.sum() * 0)
-            continue
-        normed = F.normalize(codebook, dim=-1)
-        gram = normed.t() @ normed
-        losses.append(gram.square().sum() / k**2 - 1 / k)
-    return torch.stack(losses).mean()
+    g, k, _ = codebooks.shape
+    taken = torch.ones(g, k, dtype=torch.bool, device=codebooks.device)
+    if active_codes_only:
+        weight = torch.ones_like(indices, dtype=torch.float32) if kept is None else kept.float()
+        counts = torch.zeros(g, k, device=codebooks.device).scatter_add_(1, indices, weight)
+        taken = counts > 0
+    if max_codes is not None and k > max_codes:  # the first max_codes taken codes in a random order
+        # code c's rank in a random permutation (the inverse permutation: perm[:max_codes] are the first)
+        priority = torch.stack([torch.randperm(k, device=codebooks.device).argsort() for _ in range(g)])
+        order = torch.where(taken, priority, priority + k).argsort(dim=1)
+        position = torch.empty_like(order).scatter_(1, order, torch.arange(k, device=order.device).expand(g, k))
+        taken = taken & (position < max_codes)
+    normed = F.normalize(codebooks, dim=-1) * taken.unsqueeze(-1)
+    gram = normed.transpose(1, 2) @ normed  # (g, d, d)
+    count = taken.sum(-1).float()
+    loss = gram.square().sum((1, 2)) / count.clamp(min=1).square() - 1 / count.clamp(min=1)
+    return torch.where(count > 0, loss, 0.0).mean()

@@ -34,3 +34,31 @@ def draw_seed(device, bits: int = 31) -> Tensor:
     """A 0-dim int64 seed in [0, 2^bits) from torch's generator (torch.manual_seed reproduces
     it): one draw, however many values are then hashed from it."""
     return torch.randint(0, 2**bits, (), dtype=torch.long, device=device)
+
+
+class CounterDraws:
+    """A stream of 32-bit draws: counter_hash(seed, step) for step = 0, 1, ...; the seed drawn
+    from torch's generator at construction (torch.manual_seed reproduces it; 24 bits, exact
+    through distributed.broadcast_tensors_' float32). Tensors held outside any module's state
+    (not buffers: no checkpoint, buffer averaging or DDP broadcast sees them); CPU ones let the
+    host read a draw without waiting for a device, device ones (to_) a step advance the counter
+    without a sync; a compiled step advances it in its graph. `synced_state`/`_state_broadcast`: an owner for
+    distributed.broadcast_once_ (the ranks' streams become the first rank's)."""
+
+    def __init__(self):
+        self.seed = draw_seed("cpu", bits=24)
+        self.step = torch.zeros((), dtype=torch.long)
+        self._state_broadcast = False
+
+    def synced_state(self) -> list[Tensor]:
+        return [self.seed]
+
+    def to_(self, device) -> None:
+        """Moves the stream (a module whose device draws use it calls this from its _apply)."""
+        self.seed, self.step = self.seed.to(device), self.step.to(device)
+
+    def next(self):
+        """The next draw: a Python int when eager, a CPU int64 tensor under torch.compile."""
+        value = counter_hash(self.seed, self.step)
+        self.step.add_(1)
+        return value if torch.compiler.is_compiling() else int(value)

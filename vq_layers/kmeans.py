@@ -2,7 +2,9 @@
 
 `sample_rows` draws rows uniformly without replacement from the kept rows of the union of the
 ranks' batches: every kept row gets a pseudo-random key (counter_random.py: hashed from the
-first rank's seed and the row's position in the concatenated batch), each rank keeps its `num`
+caller's seed, the first rank's, and the row's position in the concatenated batch; the
+codebook draws its seeds from a counter, so no step touches torch's generator and a compiled
+step draws what an eager one does), each rank keeps its `num`
 best keys, the ranks' candidates are gathered (a fixed size), and the `num` best keys of the
 union win. The best keys of the union are among each rank's best, so every rank computes the
 draw one process would make on the concatenated batch. No host sync, no data-dependent shape:
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .counter_random import GOLDEN, MASK32, counter_hash, draw_seed, mix32
+from .counter_random import GOLDEN, MASK32, counter_hash, mix32
 from .distributed import all_gather_stacked, rank_in
 from .ema import code_statistics
 from .kernels.nearest_code import nearest_code
@@ -27,13 +29,15 @@ from .precision import fp32_island
 
 
 @torch.no_grad()
-def sample_rows(x: Tensor, keep: Tensor | None, num: int, sync: bool = False, group=None) -> tuple[Tensor, Tensor]:
-    """x (h, n, d), keep (h, n) bool or None -> rows (h, num, d), valid (h, num) bool.
+def sample_rows(x: Tensor, keep: Tensor | None, num: int, seed: Tensor, sync: bool = False,
+                group=None) -> tuple[Tensor, Tensor]:
+    """x (h, n, d), keep (h, n) bool or None, seed a 0-dim int64 in [0, 2^32) -> rows (h, num, d),
+    valid (h, num) bool.
 
     Per codebook, `num` rows drawn uniformly without replacement from the kept rows (the
     union of the ranks' under `sync`), in random order; when there are fewer, the first ones
     are all of them and `valid` is False for the rest (whose rows are zeros). A kept row's key
-    is hashed from one seed and its position among the kept rows of the global batch (the
+    is hashed from the seed and its position among the kept rows of the global batch (the
     ranks' batches concatenated in rank order; under sync the seed is the first rank's): the
     draw is exactly that of one process on the concatenated batch, and masked rows change
     nothing.
@@ -41,7 +45,7 @@ def sample_rows(x: Tensor, keep: Tensor | None, num: int, sync: bool = False, gr
     h, n, d = x.shape
     kept = torch.ones(h, n, dtype=torch.bool, device=x.device) if keep is None else keep
     position = kept.long().cumsum(1) - 1  # (h, n): rank among this codebook's kept rows here
-    seed = draw_seed(x.device)
+    seed = seed.to(x.device)
     if sync:  # the first rank's seed, and this rank's offset in the concatenated batch
         counts = all_gather_stacked(torch.cat([kept.sum(1), seed.reshape(1)]), group)  # (world, h + 1)
         seed = counts[0, h]
@@ -65,17 +69,18 @@ def sample_rows(x: Tensor, keep: Tensor | None, num: int, sync: bool = False, gr
 
 @fp32_island
 @torch.no_grad()
-def kmeans(x: Tensor, keep: Tensor | None, num_clusters: int, iters: int, metric: str, sync: bool = False,
-           group=None) -> tuple[Tensor, Tensor, Tensor]:
-    """x (h, n, d) per codebook, keep (h, n) bool or None -> means (h, k, d), counts (h, k) of
-    the last assignment, found (h,) bool: whether codebook h had any kept row (on any rank).
+def kmeans(x: Tensor, keep: Tensor | None, rows: Tensor, valid: Tensor, iters: int, metric: str,
+           sync: bool = False, group=None) -> tuple[Tensor, Tensor, Tensor]:
+    """x (h, n, d) per codebook, keep (h, n) bool or None, and k rows drawn from them (rows
+    (h, k, d), valid (h, k): sample_rows') -> means (h, k, d), counts (h, k) of the last
+    assignment, found (h,) bool: whether codebook h had any kept row (on any rank).
 
-    The means start from k rows drawn without replacement (repeated in their random order when
-    there are fewer rows than clusters); an empty cluster stays put. metric "dot" is spherical
-    k-means (cosine codebooks): means are renormalized.
+    The means start from the drawn rows (repeated in their random order when there are fewer
+    rows than clusters); an empty cluster stays put. metric "dot" is spherical k-means (cosine
+    codebooks): means are renormalized.
     """
     h, _, d = x.shape
-    rows, valid = sample_rows(x, keep, num_clusters, sync, group)
+    num_clusters = rows.shape[1]
     available = valid.sum(-1, keepdim=True)  # (h, 1)
     slots = torch.arange(num_clusters, device=x.device) % available.clamp(min=1)
     means = rows.gather(1, slots.unsqueeze(-1).expand(-1, -1, d))

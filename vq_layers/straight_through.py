@@ -8,12 +8,17 @@ z is infinite. Here the value is `q` itself and the gradient is that of `z`.
 import torch
 from torch import Tensor
 
+from .compiling import snapshot
+
 
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, surrogate):
         ctx.surrogate_dtype = surrogate.dtype
-        return value.clone()
+        # a fresh copy; compiled, an opaque one: inductor elided the clone, returned the codes it
+        # also saved for the backward, and the backward reused that buffer in place, overwriting
+        # the output the user holds (torch 2.13, with a graph break in the step)
+        return snapshot(value)
 
     @staticmethod
     def backward(ctx, grad):

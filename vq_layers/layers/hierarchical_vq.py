@@ -24,11 +24,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_indices, check_non_negative, check_positive_int
-from ..counter_random import mix32
+from ..counter_random import CounterDraws, mix32
 from ..distributed import NON_FINITE_INPUT, broadcast_once_, check_finite, is_distributed
 from ..layout import check_mask, from_tokens, indices_from_tokens, lens_to_mask
 from ..precision import fp32_island, project, stack
-from .residual import DropoutDraws
 from .vq import VectorQuantize
 
 _POOLS = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
@@ -60,11 +59,48 @@ def pool_level(fmap: Tensor, shape: tuple[int, ...], keep: Tensor | None) -> tup
     return total / torch.where(kept, weight, 1.0), kept[:, 0]
 
 
+# compiled, interpolation and its backward are opaque ops that run F.interpolate itself: the
+# values are eager's, and inductor's CPU code for the backward (a vectorized scatter)
+# miscomputes and crashes (torch 2.13)
+@torch.library.custom_op("vq_layers::interpolate", mutates_args=())
+def _interpolate_op(q: Tensor, size: list[int]) -> Tensor:
+    return F.interpolate(q, size=size, mode=_MODES[len(size)], align_corners=False).contiguous()
+
+
+@_interpolate_op.register_fake
+def _(q, size):
+    return q.new_empty((*q.shape[:2], *size))
+
+
+_BACKWARDS = {1: torch.ops.aten.upsample_linear1d_backward, 2: torch.ops.aten.upsample_bilinear2d_backward,
+              3: torch.ops.aten.upsample_trilinear3d_backward}
+
+
+@torch.library.custom_op("vq_layers::interpolate_backward", mutates_args=())
+def _interpolate_backward_op(grad: Tensor, shape: list[int]) -> Tensor:
+    return _BACKWARDS[grad.ndim - 2](grad.contiguous(), list(grad.shape[2:]), shape, False)
+
+
+@_interpolate_backward_op.register_fake
+def _(grad, shape):
+    return grad.new_empty(shape)
+
+
+def _interpolate_setup(ctx, inputs, output):
+    ctx.shape = list(inputs[0].shape)
+
+
+_interpolate_op.register_autograd(lambda ctx, grad: (_interpolate_backward_op(grad, ctx.shape), None),
+                                  setup_context=_interpolate_setup)
+
+
 @fp32_island
 def upsample(q: Tensor, shape: tuple[int, ...]) -> Tensor:
     """(b, d, ...) -> (b, d, *shape) by (bi/tri)linear interpolation (align_corners=False), fp32."""
     if tuple(q.shape[2:]) == shape:
         return q
+    if torch.compiler.is_compiling():
+        return _interpolate_op(q, list(shape))
     return F.interpolate(q, size=shape, mode=_MODES[len(shape)], align_corners=False)
 
 
@@ -185,7 +221,7 @@ class HierarchicalVQ(nn.Module):
         else:
             self.vqs = nn.ModuleList(make_vq(size) for size in self.codebook_sizes)
 
-        self.dropout_draws = DropoutDraws()
+        self.dropout_draws = CounterDraws()  # nested dropout's cutoffs, alike on every rank
         self.phi_shared, self.phi_levels = None, None
         if self.share_quant_resi == 1:
             self.phi_shared = Phi(self.dim, self.spatial_dims, quant_resi)
@@ -213,7 +249,7 @@ class HierarchicalVQ(nn.Module):
         return self.choose_phi(level_index)(upsample(q, full_shape))
 
     def sample_nested_cutoff(self, device=None):
-        """The last level kept by nested dropout, drawn alike on every rank (residual.DropoutDraws):
+        """The last level kept by nested dropout, drawn alike on every rank (counter_random.CounterDraws):
         None (all levels) or an int when eager; under torch.compile a CPU int64 tensor
         (num_levels - 1 when no level is dropped)."""
         if not (self.training and torch.is_grad_enabled() and self.nested_dropout > 0):

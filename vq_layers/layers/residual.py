@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_positive_int
-from ..counter_random import counter_hash, draw_seed
+from ..counter_random import CounterDraws
 from ..distributed import broadcast_once_, is_distributed
 from ..precision import Fp32BuffersModule, cat, project, stack
 from ..usage import CodeUsage, stack_usage
@@ -48,28 +48,6 @@ def _round_to_multiple(last, multiple_of: int):
     return ((last + multiple_of) // multiple_of) * multiple_of - 1
 
 
-class DropoutDraws:
-    """Each training step's quantize-dropout draw, alike on every rank without a collective per
-    step: a counter-based hash (counter_random.py) of a seed, drawn from torch's generator at
-    construction (torch.manual_seed reproduces it; the first synced step broadcasts it), and of
-    the step number. CPU tensors, held outside the module's state: the host reads a draw
-    without waiting for a device, and a compiled step advances the counter in its graph."""
-
-    def __init__(self):
-        self.seed = draw_seed("cpu", bits=24)  # (24 bits: exact through broadcast_tensors_' float32)
-        self.step = torch.zeros((), dtype=torch.long)
-        self._state_broadcast = False
-
-    def synced_state(self) -> list[Tensor]:
-        return [self.seed]
-
-    def next(self):
-        """The step's 32-bit draw: a Python int when eager, a CPU tensor under torch.compile."""
-        value = counter_hash(self.seed, self.step)
-        self.step.add_(1)
-        return value if torch.compiler.is_compiling() else int(value)
-
-
 def dropout_depth(draw, num_quantizers: int, cutoff_index: int, multiple_of: int):
     """The last stage kept for a 32-bit draw (int or int64 tensor): uniform over
     [cutoff_index, num_quantizers), rounded up to a multiple of kept stages, capped."""
@@ -99,7 +77,7 @@ class DropoutDraw:
     on first use, from the first group's draws, once that group's first synced step has made
     its seed the same on every rank."""
 
-    def __init__(self, draws: DropoutDraws):
+    def __init__(self, draws: CounterDraws):
         self._draws, self._value = draws, None
 
     @property
@@ -115,7 +93,17 @@ def frac_gradient(t: Tensor, frac: float) -> Tensor:
     return t.detach() if frac <= 0 else t.detach() + frac * (t - t.detach())
 
 
-def run_stages(x: Tensor, stages: list[Callable], last_kept, quant_grad_frac: float = 0.0):
+def zero_touch(params) -> Tensor | None:
+    """0 in value, depending on `params`: their gradient is zeros (not None). None without any."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return None
+    total = sum(p.float().sum() for p in params)
+    return torch.where(torch.zeros((), dtype=torch.bool, device=total.device), total, 0.0)
+
+
+def run_stages(x: Tensor, stages: list[Callable], last_kept, quant_grad_frac: float = 0.0,
+               stage_parameters: list | None = None):
     """Stage k quantizes the residual of stages < k: stage(residual, active) -> (quantized,
     indices, *extra), `active` None or, when quantize dropout drew a tensor depth (compiled),
     a bool 0-dim tensor: whether stage k is kept (a stage with statistics must then count
@@ -124,9 +112,13 @@ def run_stages(x: Tensor, stages: list[Callable], last_kept, quant_grad_frac: fl
     Returns the sum of the stages' outputs (summed in stage order, as `sum_stages` does), their
     indices stacked on a last axis (-1 for dropped stages), the stages' outputs detached (q, ...)
     (zeros for dropped stages; the codes `get_codes_from_indices` would look up), and each
-    stage's extras (None when dropped eagerly; a dropped stage's loss, extra[0], is zeroed when
-    masked). The next residual takes a fraction `quant_grad_frac` of the gradient through the
-    stage's output (default 0: detached, each stage learns its own target).
+    stage's extras (a dropped stage's loss, extra[0], is zero). The next residual takes a fraction
+    `quant_grad_frac` of the gradient through the stage's output (default 0: detached, each
+    stage learns its own target).
+
+    A dropped stage's learnable parameters (`stage_parameters[k]`) get a zero gradient through
+    its zero loss, eagerly as in a compiled step (where every stage runs, masked), so the two
+    agree, and DDP needs no find_unused_parameters for them.
     """
     quantized, residual, all_indices, outputs, extras = torch.zeros_like(x), x, [], [], []
     masked = isinstance(last_kept, Tensor)
@@ -136,7 +128,8 @@ def run_stages(x: Tensor, stages: list[Callable], last_kept, quant_grad_frac: fl
         if not masked and k > last_kept:
             all_indices.append(torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device))
             outputs.append(torch.zeros_like(x))
-            extras.append(None)
+            touch = zero_touch(stage_parameters[k]) if stage_parameters is not None else None
+            extras.append(None if touch is None else [touch])
             continue
         active = last_kept >= k if masked else None
         stage_out, indices, *extra = stage(residual, active)
@@ -197,7 +190,7 @@ class ResidualQuantizer(Fp32BuffersModule):
         self.has_projections = self.dim != codebook_dim
         self.project_in = nn.Linear(self.dim, codebook_dim) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(codebook_dim, self.dim) if self.has_projections else nn.Identity()
-        self.dropout_draws = DropoutDraws()
+        self.dropout_draws = CounterDraws()  # quantize dropout's depths, alike on every rank
 
     def _lookup_stage(self, k: int, indices: Tensor) -> Tensor:
         """Valid indices (b, ...) of stage k -> its contribution (b, ..., d), fp32."""

@@ -56,10 +56,14 @@ class ResidualSimVQ(ResidualQuantizer):
         self.channel_first = channel_first
         # the stages see (b, n, dim) tokens: the layout is the outer layer's
         self.layers = nn.ModuleList(
-            SimVQ(dim=dim, codebook_size=codebook_size, rotation_trick=rotation_trick, **sim_vq_kwargs)
+            SimVQ(dim=dim, codebook_size=codebook_size, rotation_trick=rotation_trick, process_group=process_group,
+                  **sim_vq_kwargs)
             for _ in range(num_quantizers)
         )
         self.codebook_size = self.layers[0].codebook_size
+
+    def _synced_owners(self, stages: bool = True) -> list:
+        return super()._synced_owners() + [layer for layer in self.layers if stages and layer._sync()]
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_quantizers={self.num_quantizers}, codebook_size={self.codebook_size}, "
@@ -78,7 +82,8 @@ class ResidualSimVQ(ResidualQuantizer):
             return layer._quantize(residual, codebook=codebook)
 
         stages = [partial(stage, layer, codebook) for layer, codebook in zip(self.layers, codebooks)]
-        quantized, indices, codes, extras = run_stages(z, stages, last_kept)
+        quantized, indices, codes, extras = run_stages(z, stages, last_kept,
+                                                       stage_parameters=[list(layer.parameters()) for layer in self.layers])
         losses = torch.stack([extra[0] if extra is not None else z.new_zeros(()) for extra in extras])
         return quantized, indices, losses, codes
 

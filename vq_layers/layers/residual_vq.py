@@ -224,13 +224,19 @@ class ResidualVQ(ResidualQuantizer):
             return result.quantized, result.indices[..., 0], result.loss
 
         stages = [partial(stage, k, layer) for k, layer in enumerate(self.layers)]
-        quantized, indices, codes, extras = run_stages(z, stages, last_kept, self.quant_grad_frac)
+        quantized, indices, codes, extras = run_stages(z, stages, last_kept, self.quant_grad_frac,
+                                                       [self._stage_parameters(k) for k in range(self.num_quantizers)])
         if updating and self.shared_codebook and results:  # all stages searched the same codebook
             self.layers[0]._update_shared(results)
         losses = torch.stack([extra[0] if extra is not None else z.new_zeros(()) for extra in extras])
         if self.diveq and self.training and torch.is_grad_enabled():  # eval outputs stay the codes exactly
             quantized = directional_reparam(z, quantized)
         return quantized, indices, losses, codes
+
+    def _stage_parameters(self, k: int) -> list:
+        """Stage k's learnable parameters: its codebook (and map, with implicit codebooks)."""
+        params = list(self.layers[k].parameters())
+        return params + list(self.mlps[k - 1].parameters()) if self.mlps is not None and k > 0 else params
 
     def _synced_owners(self, stages: bool = True) -> list:
         codebooks = [layer._codebook for layer in self.layers if layer._sync()] if stages else []

@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_indices, check_non_negative, check_positive_int
+from ..distributed import broadcast_once_, is_distributed
 from ..kernels.nearest_code import nearest_code
 from ..layout import from_tokens, to_tokens
 from ..precision import Fp32BuffersModule, fp32_island, project, without_autocast
@@ -47,6 +48,11 @@ class SimVQ(Fp32BuffersModule):
     mse(x, sg[q])), q the chosen code: the first term trains the map, the second the encoder.
     The output is q in value; its gradient reaches x by the rotation trick (arXiv 2410.06424) or
     straight through, never the map (as in the paper).
+
+    sync_codebook, process_group (extras): under torch.distributed the first training step
+    broadcasts the frozen codebook from the group's first rank (unless sync_codebook=False), so
+    ranks built from different seeds search the same codes even where no wrapper broadcasts
+    buffers (FSDP2 does not; DDP does).
     """
 
     def __init__(
@@ -60,6 +66,8 @@ class SimVQ(Fp32BuffersModule):
         input_to_quantize_commit_loss_weight: float = 0.25,
         commitment_weight: float = 1.0,
         frozen_codebook_dim: int | None = None,
+        sync_codebook: bool | None = None,
+        process_group=None,
     ):
         super().__init__()
         self.dim = check_positive_int("dim", dim)
@@ -87,6 +95,19 @@ class SimVQ(Fp32BuffersModule):
         if codebook_transform is None:
             codebook_transform = nn.Linear(self.frozen_codebook_dim, self.dim, bias=False)
         self.code_transform = codebook_transform
+        self.sync_codebook, self.process_group = sync_codebook, process_group
+        self._state_broadcast = False  # per process: has a synced step made the frozen codebooks one?
+
+    # every rank alike from the first synced step (DDP broadcasts buffers at wrap; FSDP2 does not)
+
+    def _sync(self) -> bool:
+        """Whether this forward makes the ranks' frozen codebooks one: training forwards with
+        gradients under torch.distributed, unless sync_codebook=False."""
+        return (self.sync_codebook is not False and self.training and torch.is_grad_enabled()
+                and is_distributed(self.process_group))
+
+    def synced_state(self) -> list[Tensor]:
+        return [self.frozen_codebook]
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, frozen_codebook_dim={self.frozen_codebook_dim}, "
@@ -130,6 +151,8 @@ class SimVQ(Fp32BuffersModule):
         if not isinstance(x, Tensor):
             raise TypeError(f"input: expected a tensor, got {type(x).__name__}")
         tokens, spatial = to_tokens(x, self.channel_first, self.dim, "SimVQ")
+        if self._sync():
+            broadcast_once_([self], self.process_group, x.device)
         quantized, indices, loss = self._quantize(tokens, self.codebook)
         out = from_tokens(quantized.to(x.dtype), spatial, self.channel_first)
         return out, indices.reshape(x.shape[0], *spatial), loss

@@ -80,7 +80,7 @@ class CodebookUpdates:
         return ema_weight(weight, None, self._codebook.cluster_size)
 
     def _undone_on_error(self, step):
-        """`step` wrapped so that, should it raise, the codebook's state (statistics, affine
+        """`step` wrapped so that, should it raise, the codebook's state (statistics, row-draw counter, affine
         moments, k-means init, codes), the in-place optimizer's and the gradients it
         added (manual_in_place_optimizer_update) are as before it. For a
         callable ema_update_weight: its result can be checked only once the step's statistics
@@ -88,6 +88,7 @@ class CodebookUpdates:
         def run(*args, **kwargs):
             codebook, optimizer = self._codebook, self.in_place_codebook_optimizer
             saved = {k: v.detach().clone() for k, v in codebook.state_dict().items()}
+            draws = codebook.sample_draws.step.clone()
             saved_optimizer = None if optimizer is None else copy.deepcopy(optimizer.state_dict())
             params = [] if optimizer is None or not self.manual_in_place_optimizer_update else [
                 p for group in optimizer.param_groups for p in group["params"]]  # manual mode adds to .grad
@@ -98,6 +99,7 @@ class CodebookUpdates:
             except Exception:
                 with torch.no_grad():
                     codebook.load_state_dict(saved)
+                    codebook.sample_draws.step.copy_(draws)
                 if optimizer is not None:
                     optimizer.load_state_dict(saved_optimizer)
                 for p, grad in zip(params, grads):
