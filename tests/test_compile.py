@@ -100,6 +100,18 @@ def assert_inductor_matches_eager(make, x, steps=3, kwargs=None, fullgraph=True)
     return layer, eager
 
 
+class Autocast(nn.Module):
+    """`layer` run under CPU bf16 autocast (the quantization inside stays fp32)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.layer(x, **kwargs)
+
+
 def vq(**kw):
     return lambda: VectorQuantize(dim=8, codebook_size=16, **kw)
 
@@ -176,6 +188,9 @@ CONFIGS = {
     "hierarchical_image": (lambda: HierarchicalVQ(dim=8, codebook_size=16, scales=[1, 2, (2, 3)], accept_image_fmap=True),
                            randn(2, 8, 4, 6, seed=8), {}),
     "lfq_token_mask": (lambda: LFQ(dim=8, codebook_size=2**4), SEQ, {"mask": MASK}),
+    "vq_projection_bf16_autocast": (lambda: Autocast(VectorQuantize(dim=8, codebook_dim=4, codebook_size=16,
+                                                                    kmeans_init=True, kmeans_iters=2)), SEQ, {}),
+    "rvq_bf16_autocast": (lambda: Autocast(ResidualVQ(dim=8, num_quantizers=3, codebook_size=16)), SEQ, {}),
 }
 # inherently eager work, a graph break (fullgraph=False): the accumulators are allocated on first
 # use; an optimizer step runs inside the forward

@@ -771,6 +771,59 @@ def test_first_step_broadcasts_state_and_sync_codebook_false_stays_per_rank():
 
 
 # ------------------------------------------------------------------------------------------
+# composite layers: every stage identical from the first synced step, whether or not dropout
+# runs it (each used to take the first rank's state only at its own first synced step)
+
+
+def _draw_seeds(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The counter streams' seeds (row draws, dropout depths): not buffers, but state every rank
+    must hold alike."""
+    return {f"{name}.{attr}.seed": getattr(sub, attr).seed for name, sub in module.named_modules()
+            for attr in ("sample_draws", "dropout_draws") if hasattr(sub, attr)}
+
+
+def _composites():
+    from vq_layers import HierarchicalVQ, ResidualSimVQ
+    # (name, layer, training kwargs): a fixed dropout seed that keeps only the first stage, so
+    # the stages after it never run in training
+    shallow = next(seed for seed in range(100) if __import__("random").Random(seed).randrange(0, 4) == 0)
+    return [
+        ("rvq", lambda: ResidualVQ(dim=4, num_quantizers=4, codebook_size=8, quantize_dropout=True),
+         {"rand_quantize_dropout_fixed_seed": shallow}),
+        ("rvq_kmeans", lambda: ResidualVQ(dim=4, num_quantizers=4, codebook_size=8, quantize_dropout=True,
+                                          kmeans_init=True, kmeans_iters=2, threshold_ema_dead_code=1.0), {}),
+        ("grouped_rvq", lambda: GroupedResidualVQ(dim=4, groups=2, num_quantizers=4, codebook_size=8,
+                                                  quantize_dropout=True), {}),
+        ("hierarchical", lambda: HierarchicalVQ(dim=4, codebook_size=8, scales=[1, 2, 6], shared_codebook=False,
+                                                nested_dropout=0.9, kmeans_init=False, channel_first=False), {}),
+        ("residual_sim_vq", lambda: ResidualSimVQ(dim=4, num_quantizers=4, codebook_size=8, quantize_dropout=True),
+         {"rand_quantize_dropout_fixed_seed": shallow}),
+        ("residual_lfq", lambda: ResidualLFQ(dim=4, codebook_size=16, num_quantizers=4, quantize_dropout=True), {}),
+    ]
+
+
+def _first_synced_step_worker(rank: int, world: int) -> None:
+    for name, make, kwargs in _composites():
+        torch.manual_seed(rank)  # each rank builds its own random stages and buffers
+        layer = make().train()
+        for param in layer.parameters():  # the parameters alike, as DDP would make them (not the buffers)
+            dist.broadcast(param.data, 0)
+        for step in range(3):
+            layer(_batch(step, rank, n=6, dim=4).requires_grad_(True), **kwargs)
+        state = {**dict(layer.named_buffers()), **_draw_seeds(layer)}
+        _assert_identical_across_ranks(state, f"{name}: after 3 training steps")
+        with torch.no_grad():
+            _, indices, *_ = layer.eval()(_batch(9, 0, n=6, dim=4))  # the same input on every rank
+        indices = torch.cat([i.flatten() for i in indices]) if isinstance(indices, tuple) else indices
+        _assert_identical_across_ranks({"indices": indices}, f"{name}: eval indices")
+
+
+@pytest.mark.timeout(120)
+def test_every_stage_identical_from_the_first_synced_step():
+    run_in_processes(_first_synced_step_worker, WORLD, timeout=100)
+
+
+# ------------------------------------------------------------------------------------------
 # FSDP1 (CUDA only: "FSDP does not support CPU only execution"), one rank on nccl. Runs on a
 # GPU machine; skipped in CI.
 
