@@ -32,8 +32,9 @@ status 0 when every check passed, 1 when one failed (the report says which), 2 w
    would cost ~5 s each.
 
 The run keeps to a time budget (--budget seconds, default 420, 170 with --quick): a benchmark
-measurement that would start past it is skipped and marked so in the report. Every part runs on a CPU too where it can (tests/test_gpu_check.py:
-the fp64 comparisons, the report, the kernels in Triton's interpreter at tiny sizes).
+measurement that would start past it is skipped and marked so in the report. Every part runs on
+a CPU too where it can (tests/test_gpu_check.py: the fp64 comparisons, the report, the kernels in
+Triton's interpreter at tiny sizes, the test runner, the benchmark loop).
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ NEAR_TIE = 1e-6  # DESIGN.md's exactness contract: rows whose two best codes are
 SCORE_TOL = 1e-5
 LFQ_TOL = 1e-5
 CHI2_LIMIT = 35.0  # 7 degrees of freedom: p < 1e-5 for a correct sampler
-F64 = "float64"
 
 # (rows, codes, dim, heads, metric, precision, offset): offset moves the data away from the origin
 SEARCH_CONFIGS = [
@@ -133,8 +133,6 @@ def brute_search64(x, codebook, metric: str, chunk_elements: int = 2**27):
 def search_agreement(x, codebook, metric: str, indices, score) -> dict:
     """The kernel's indices (h, n) and scores against the fp64 brute force: rows that differ outside
     near-ties (must be 0), near-ties and how many of them differ, the largest score error."""
-    import torch
-
     want, gap = brute_search64(x, codebook, metric)
     clear = gap >= NEAR_TIE
     wrong = (indices != want) & clear
@@ -600,7 +598,7 @@ def markdown(payload: dict) -> str:
 
     bench = payload.get("benchmarks")
     if bench:
-        lines += ["", "## Benchmarks on cuda (times are medians after a warm-up; a cell past the budget is skipped)", "",
+        lines += ["", "## Benchmarks on cuda (medians after a warm-up; cells past the budget are skipped)", "",
                   "### Kernels: Triton against the torch reference, cdist + argmin and the fp32 matmul bound", "",
                   "Each × column is that implementation's time / added peak memory over the Triton kernel's.", "",
                   markdown_table(bench["kernels"], kernels.COLUMNS, kernels.IMPLS, reference="triton")]
