@@ -337,6 +337,25 @@ def test_the_check_runs_inside_torch_compile(kind, auto_on_cpu, monkeypatch):
     torch._dynamo.reset()
 
 
+def test_a_first_call_during_cuda_graph_capture_leaves_the_check_for_later(monkeypatch):
+    """The check needs a host sync, which CUDA graph capture forbids: during capture an unchecked
+    key runs the reference (auto) or the unchecked kernel (triton), and is checked on the first
+    call outside capture. (A CUDA device with no GPU: nothing here touches one.)"""
+    cuda, capturing, checks = torch.device("cuda"), [True], []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(backend, "use_triton", lambda device, name=None: backend.check_backend(name) != "torch")
+    key = ("nearest_code", cuda, torch.float32, (("metric", "l2"),))
+    check = (key, lambda: checks.append(1))
+    assert backend.run(cuda, "auto", lambda: "triton", lambda: "torch", check) == "torch"
+    assert backend.run(cuda, "triton", lambda: "triton", lambda: "torch", check) == "triton"
+    assert not checks and not self_check.verdicts()
+    capturing[0] = False
+    assert backend.run(cuda, "auto", lambda: "triton", lambda: "torch", check) == "triton"
+    capturing[0] = True  # checked: capture changes nothing now
+    assert backend.run(cuda, "auto", lambda: "triton", lambda: "torch", check) == "triton"
+    assert checks == [1] and self_check.verdicts()[key].ok
+
+
 # --------------------------------------------------------------------------------------------
 # the check's problems
 

@@ -33,7 +33,8 @@ forgets the verdicts, `verdicts()` lists them.
 The check runs inside the op's eager implementation, so under torch.compile it runs when the
 compiled graph first calls the op, never while tracing. It costs one host sync and a few small
 launches per key, once per process; later calls only look the key up in a dict. It creates no
-float64 tensor.
+float64 tensor. A first call during CUDA graph capture cannot sync: it runs the torch reference
+(the kernel, unchecked, when insisting) and leaves the check to the first call outside capture.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def trusted(key: tuple, check: Callable[[], str | None], insisting: bool) -> boo
         return True
     verdict = _verdicts.get(key)
     if verdict is None:
+        if _capturing(key[1]):  # the check needs a host sync: not now; the next call outside capture checks
+            return insisting
         start = time.perf_counter()
         with torch.no_grad():
             error = without_autocast(check)()
@@ -124,6 +127,10 @@ def trusted(key: tuple, check: Callable[[], str | None], insisting: bool) -> boo
         warnings.warn(f"{message} The torch reference runs for this key from now on ({ENV}=0 skips the check, "
                       f"VQ_LAYERS_BACKEND=triton raises instead).", RuntimeWarning, stacklevel=4)
     return False
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 # --------------------------------------------------------------------------------------------
