@@ -39,8 +39,10 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 @pytest.fixture(autouse=True)
 def launches(monkeypatch):
-    """Every test here runs with VQ_LAYERS_BACKEND=triton; counts the kernels' host calls."""
+    """Every test here runs with VQ_LAYERS_BACKEND=triton; counts the kernels' host calls. The
+    kernels' self-check is off here (its launches would count too): tests/test_self_check.py."""
     monkeypatch.setenv("VQ_LAYERS_BACKEND", "triton")
+    monkeypatch.setenv("VQ_LAYERS_SELF_CHECK", "0")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     counts = {"search": 0, "code_mass": 0, "bit_sums": 0}
     for module, name in ((triton_search, "search"), (triton_lfq, "code_mass"), (triton_lfq, "bit_sums")):

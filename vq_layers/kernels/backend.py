@@ -6,6 +6,8 @@ from an explicit `backend` argument or the VQ_LAYERS_BACKEND environment variabl
 - "torch": always the reference;
 - "triton": always the kernel; CPU tensors only under the interpreter (TRITON_INTERPRET=1, set
   before triton is first imported), where it serves to test the kernels, slowly.
+
+Before a kernel's first launch for a key it checks itself against the reference (self_check.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 import warnings
 
 import torch
+
+from . import self_check
 
 BACKENDS = ("auto", "torch", "triton")
 ENV = "VQ_LAYERS_BACKEND"
@@ -70,18 +74,23 @@ def split_blocks(programs: int, blocks: int, device: torch.device) -> tuple[int,
 _triton_failure: str | None = None  # why the kernels failed under "auto" (then the reference runs)
 
 
-def run(device: torch.device, backend: str | None, triton_fn, torch_fn):
+def run(device: torch.device, backend: str | None, triton_fn, torch_fn, check=None):
     """Runs `triton_fn()` where the Triton kernel is chosen, else `torch_fn()`.
 
     Under "auto", a kernel that fails to compile or launch (a GPU or Triton version it does not
     support) hands over to the reference for the rest of the process, with one warning; an
     explicit "triton" raises instead. Running out of memory is not a kernel failure.
+
+    `check`: (key, fn) of the kernel's self-check (self_check.py), run before the key's first
+    launch; a kernel that disagrees with the reference is not launched for that key again
+    (under "auto" the reference runs, with one warning; "triton" raises KernelMismatchError).
     """
     global _triton_failure
     if not use_triton(device, backend) or (_triton_failure and check_backend(backend) == "auto"):
         return torch_fn()
     try:
-        return triton_fn()
+        if check is None or self_check.trusted(*check, insisting=check_backend(backend) == "triton"):
+            return triton_fn()
     except (torch.cuda.OutOfMemoryError, ValueError, TypeError):  # not the kernel's fault
         raise
     except Exception as error:
@@ -93,3 +102,4 @@ def run(device: torch.device, backend: str | None, triton_fn, torch_fn):
                       f"runs instead from now on. {ENV}=torch silences this, {ENV}=triton raises the error.",
                       RuntimeWarning, stacklevel=2)
         return result
+    return torch_fn()  # the kernel failed its self-check for this key

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..distributed import all_reduce_sum, all_reduce_sum_
+from . import self_check
 from .backend import run
 
 # sigmoid(-30) = 9.4e-14: a bit with |l| >= 30 puts at most that fraction of the token's mass on
@@ -105,7 +106,8 @@ def _dense_mass(logits: Tensor, grad_mass: Tensor | None = None, torch_only: boo
     """
     if not torch_only:  # on the GPU: the whole (n, 2^d) matrix in registers, tile by tile
         return run(logits.device, None, lambda: _triton_dense_mass(logits, grad_mass),
-                   lambda: _dense_mass(logits, grad_mass, torch_only=True))
+                   lambda: _dense_mass(logits, grad_mass, torch_only=True),
+                   (self_check.lfq_key(logits), lambda: self_check.check_lfq_entropy(logits.device, logits.shape[-1])))
     n, d = logits.shape
     high = d // 2
     token_chunk = max(1, TILE_ELEMENTS // 2 ** (d - high))

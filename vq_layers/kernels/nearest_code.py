@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..precision import fp32_island
+from . import self_check
 from .backend import check_backend, run
 
 # at most this many (row, code) scores exist at once: 16 MiB of fp32
@@ -164,8 +165,12 @@ def _run_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temperat
         from .triton_nearest_code import search
         return search(x, codebook, l2, euclidean, temperature, seed, precision)
 
+    def check():  # the kernel's one-time self-check for this key (self_check.py)
+        return self_check.check_nearest_code(x.device, x.shape[-1], l2, euclidean, temperature > 0, precision)
+
     return run(x.device, backend or None, triton_search,
-               lambda: _torch_search(x, codebook, l2, euclidean, temperature, seed))
+               lambda: _torch_search(x, codebook, l2, euclidean, temperature, seed),
+               (self_check.search_key(x, l2, euclidean, temperature > 0, precision), check))
 
 
 # One opaque op for the search, whichever backend runs it: torch.compile(fullgraph=True) traces
