@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from reference import randn
-from vq_layers import GroupedResidualFSQ, ResidualFSQ
+from vq_layers import GroupedResidualFSQ, GroupedResidualVQ, ResidualFSQ, ResidualVQ
 
 peer = pytest.importorskip("vector_quantize_pytorch")
 
@@ -239,3 +239,103 @@ def test_bad_stage_scales():
     state["scales"] = state["scales"] * 3
     with pytest.raises(RuntimeError, match="scales: expected the stage scales"):
         ResidualFSQ(levels=[5, 5], num_quantizers=2).load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------
+# ResidualVQ / GroupedResidualVQ: our beam search never prunes the greedy path, the peer's may
+# (neither dominates: each finds the better path on some tokens)
+
+BEAM = dict(dim=16, codebook_size=16, num_quantizers=4, beam_size=2)
+
+
+def beam_warnings(caught):
+    return [w for w in caught if "beam-search procedure" in str(w.message)]
+
+
+def trained_peer_rvq(module=None, seed=15, **kwargs):
+    """EMA codebooks trained by the peer's training forwards (beam search in training too)."""
+    torch.manual_seed(0)
+    model = (module or peer).ResidualVQ(**{**BEAM, **kwargs})
+    return train(model, randn(16, 256, 16, seed=seed), steps=10)
+
+
+def test_residual_vq_beam_search_peer_checkpoint_keeps_codes():
+    theirs = trained_peer_rvq(codebook_dim=8)  # projections trained too
+    ours = ResidualVQ(**BEAM, codebook_dim=8)
+    caught = load_recording_warnings(ours, theirs.state_dict())
+    x = randn(16, 256, 16, seed=16)
+    assert_same_codes(ours.eval(), theirs, x)
+    (warning,) = beam_warnings(caught)
+    assert "beam_keep_greedy=True" in str(warning.message)
+    assert ours.beam_keep_greedy is False
+    # on these tokens the procedures differ: our default would choose other codes on some
+    with torch.no_grad():
+        fresh = ResidualVQ(**BEAM, codebook_dim=8, beam_keep_greedy=True).eval()
+        fresh.load_state_dict(theirs.state_dict())
+        assert not torch.equal(fresh(x)[1], theirs(x)[1].long())
+
+
+def test_grouped_residual_vq_eval_beam_peer_checkpoint_keeps_codes():
+    kwargs = dict(dim=32, groups=2, codebook_size=16, num_quantizers=4, beam_size=1, eval_beam_size=2)
+    torch.manual_seed(0)
+    theirs = train(peer.GroupedResidualVQ(**kwargs), randn(16, 256, 32, seed=17), steps=10)
+    ours = GroupedResidualVQ(**kwargs)
+    caught = load_recording_warnings(ours, theirs.state_dict())
+    x = randn(16, 256, 32, seed=18)
+    with torch.no_grad():
+        out, indices, _ = ours.eval()(x)
+        peer_out, peer_indices, _ = theirs(x)
+    assert torch.equal(indices, peer_indices.long())
+    torch.testing.assert_close(out, peer_out, rtol=1e-5, atol=1e-6)
+    (warning,) = beam_warnings(caught)
+    assert str(warning.message).startswith("GroupedResidualVQ:")
+
+
+def test_new_residual_vq_keeps_greedy_and_records_it():
+    ours = ResidualVQ(**BEAM)
+    assert ours.beam_keep_greedy is True
+    assert ours.state_dict()["beam_keep_greedy"].item() is True
+    # the record wins over the keyword; a round trip keeps it, silently
+    trained = train(ResidualVQ(**BEAM), randn(16, 256, 16, seed=19), steps=3)
+    for keep_greedy in (None, False):
+        loaded = ResidualVQ(**BEAM, beam_keep_greedy=keep_greedy)
+        assert load_recording_warnings(loaded, trained.state_dict()) == []
+        assert loaded.beam_keep_greedy is True
+        assert_same_codes(loaded.eval(), trained, randn(16, 256, 16, seed=20))
+    # the peer refuses it strictly (it would search otherwise)
+    with pytest.raises(RuntimeError, match="beam_keep_greedy"):
+        peer.ResidualVQ(**BEAM).load_state_dict(trained.state_dict())
+
+
+def test_residual_vq_beam_opt_in_and_peer_procedure_state_dict():
+    """An unrecorded checkpoint trained with ours keeps it with beam_keep_greedy=True; a model
+    with the peer's procedure writes the peer's state dict, which the peer loads strictly."""
+    trained = train(ResidualVQ(**BEAM), randn(16, 256, 16, seed=21), steps=3)
+    old_style = {k: v for k, v in trained.state_dict().items() if k != "beam_keep_greedy"}
+    told = ResidualVQ(**BEAM, beam_keep_greedy=True)
+    assert load_recording_warnings(told, old_style) == []
+    assert told.beam_keep_greedy is True
+
+    theirs = trained_peer_rvq()
+    ours = ResidualVQ(**BEAM, beam_keep_greedy=False)
+    assert load_recording_warnings(ours, theirs.state_dict()) == []
+    assert "beam_keep_greedy" not in ours.state_dict()
+    back = peer.ResidualVQ(**BEAM).eval()
+    back.load_state_dict(saved_and_loaded(ours.state_dict()))  # strict
+    assert_same_codes(ours.eval(), back, randn(16, 256, 16, seed=22))
+    with pytest.raises(ValueError, match="beam_keep_greedy"):
+        ResidualVQ(**BEAM, beam_keep_greedy="yes")
+
+
+def test_residual_vq_without_beam_search_records_nothing_and_never_warns():
+    """A model whose constructor enables no beam search keeps the peer's state dict, and loading
+    a peer checkpoint says nothing; forward(beam_size=...) then searches as the peer does."""
+    kwargs = {**BEAM, "beam_size": None}
+    ours = ResidualVQ(**kwargs)
+    assert ours.beam_keep_greedy is True and "beam_keep_greedy" not in ours.state_dict()
+    theirs = trained_peer_rvq(beam_size=None)
+    assert load_recording_warnings(ours, theirs.state_dict()) == []
+    assert ours.beam_keep_greedy is False
+    x = randn(16, 256, 16, seed=23)
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x, beam_size=2)[1], theirs(x, beam_size=2)[1].long())

@@ -13,7 +13,6 @@ which to take.
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 
 import torch
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 from ..layout import from_tokens, indices_from_tokens, to_tokens
 from ..precision import fp32_island, project
 from .fsq import FSQ, check_levels
+from .peer_checkpoint import GroupsWarnOnce, warn_unrecorded
 from .residual import GroupedResidual, ResidualQuantizer, last_kept_stage, run_stages
 
 # stage k's scale: (levels - 1) ** -k (ours) or levels ** -k (vector-quantize-pytorch's)
@@ -39,17 +39,6 @@ def check_stage_scales(stage_scales) -> str | None:
     if stage_scales is not None and stage_scales not in STAGE_SCALES:
         raise ValueError(f"stage_scales: expected None, 'vq_layers' or 'vector_quantize_pytorch', got {stage_scales!r}")
     return stage_scales
-
-
-def warn_peer_scales(layer: str, prefix: str) -> None:
-    where = f" ({prefix.rstrip('.')!r})" if prefix else ""
-    warnings.warn(
-        f"{layer}{where}: the checkpoint does not record its stage scales (vector-quantize-pytorch's "
-        "checkpoints do not, nor vq_layers' from before they were recorded), so the stages take "
-        "vector-quantize-pytorch's levels ** -k, with which a model trained there keeps its codes. "
-        "A checkpoint trained with vq_layers' (levels - 1) ** -k needs stage_scales='vq_layers' at "
-        "construction; stage_scales='vector_quantize_pytorch' takes levels ** -k without this warning",
-        UserWarning, stacklevel=2)
 
 
 class ResidualFSQ(ResidualQuantizer):
@@ -139,16 +128,20 @@ class ResidualFSQ(ResidualQuantizer):
         if self._records_scales():
             destination[prefix + "scales"] = self.scales if keep_vars else self.scales.detach()
 
-    def _falls_back_to_peer_scales(self, state_dict, prefix) -> bool:
+    def _falls_back(self, state_dict, prefix) -> bool:
         """Whether loading `state_dict` takes levels ** -k without having been told to."""
         return prefix + "scales" not in state_dict and self._stage_scales_given is None and self.num_quantizers > 1
+
+    def _warn_unrecorded(self, layer: str, prefix: str) -> None:
+        warn_unrecorded(layer, prefix, "stage scales", "stage scales levels ** -k", "(levels - 1) ** -k",
+                        "stage_scales", "vq_layers", "vector_quantize_pytorch")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         saved = state_dict.pop(prefix + "scales", None)  # (a copy of the caller's dict)
         if saved is None:
-            if self._falls_back_to_peer_scales(state_dict, prefix) and self._warn_on_load:
-                warn_peer_scales(type(self).__name__, prefix)
+            if self._falls_back(state_dict, prefix) and self._warn_on_load:
+                self._warn_unrecorded(type(self).__name__, prefix)
             self._set_stage_scales(self._stage_scales_given or "vector_quantize_pytorch")
         else:
             rule = self._rule_of(saved)
@@ -221,7 +214,7 @@ class ResidualFSQ(ResidualQuantizer):
         return self.is_channel_first
 
 
-class GroupedResidualFSQ(GroupedResidual):
+class GroupedResidualFSQ(GroupsWarnOnce, GroupedResidual):
     """`groups` independent ResidualFSQs over equal slices of the feature dim.
 
     Shapes: x (b, n, dim) (or (b, dim, ...) with accept_image_fmap) -> (quantized like x,
@@ -231,14 +224,7 @@ class GroupedResidualFSQ(GroupedResidual):
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
         kwargs.setdefault("is_channel_first", accept_image_fmap)
         super().__init__(ResidualFSQ, dim, groups, accept_image_fmap, **kwargs)
-        for rvq in self.rvqs:
-            rvq._warn_on_load = False  # one warning for all groups, below
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # runs before the groups load: warn once if any of them will take levels ** -k untold
-        if any(rvq._falls_back_to_peer_scales(state_dict, f"{prefix}rvqs.{g}.") for g, rvq in enumerate(self.rvqs)):
-            warn_peer_scales(type(self).__name__, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._silence_groups()
 
     def forward(self, x: Tensor, return_all_codes: bool = False):
         return super().forward(x, return_all_codes=return_all_codes)
