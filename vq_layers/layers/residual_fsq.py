@@ -155,19 +155,22 @@ class ResidualFSQ(ResidualQuantizer):
                                       error_msgs)
 
     def _rule_of(self, saved: Tensor) -> str | None:
-        """Which rule a saved table follows (to bf16 rounding: a cast checkpoint still loads exactly)."""
+        """The rule a saved table follows: the nearer one, within 1% (a checkpoint cast to bf16
+        still loads, with the exact scales)."""
         if not isinstance(saved, Tensor) or saved.shape != self.scales.shape or saved.is_meta:
             return None
         saved = saved.detach().to("cpu", torch.float32)
+        errors = {}
         for rule in STAGE_SCALES:
-            if torch.allclose(saved, stage_scales_table(self.levels, self.num_quantizers, rule), rtol=1e-2, atol=0.0):
-                return rule
-        return None
+            table = stage_scales_table(self.levels, self.num_quantizers, rule)
+            errors[rule] = float(((saved - table).abs() / table).max())
+        rule = min(errors, key=errors.get)
+        return rule if errors[rule] <= 1e-2 else None
 
+    @torch.no_grad()
     def _set_stage_scales(self, rule: str) -> None:
         self.stage_scales = rule
-        table = stage_scales_table(self.levels, self.num_quantizers, rule)
-        self.scales = table.to(self.scales.device)
+        self.scales.copy_(stage_scales_table(self.levels, self.num_quantizers, rule))  # the same buffer object
 
     @property
     def codebooks(self) -> Tensor:
