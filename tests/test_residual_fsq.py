@@ -742,11 +742,12 @@ def test_drop_in_for_vector_quantize_pytorch(kwargs, shape, return_all_codes, tr
 
 
 def test_loads_vector_quantize_pytorch_state_dict():
-    """Switching the import keeps checkpoints: the peer's state dict loads (strict) and is used."""
+    """The peer's state dict loads (strict) and its weights are used; with stage_scales='vq_layers'
+    the stages keep our scales (tests/test_peer_checkpoints.py: without it, the peer's)."""
     peer_module = pytest.importorskip("vector_quantize_pytorch")
     kwargs = dict(dim=12, levels=[5, 4, 3], num_quantizers=3)
     peer = peer_module.ResidualFSQ(**kwargs)
-    ours = ResidualFSQ(**kwargs).eval()
+    ours = ResidualFSQ(**kwargs, stage_scales="vq_layers").eval()
     ours.load_state_dict(peer.state_dict())
     x = randn(2, 9, 12, seed=23)
     out, indices = ours(x)

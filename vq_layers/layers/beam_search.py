@@ -6,10 +6,13 @@ residual only). Each stage extends every beam by its `beam_size` nearest codes a
 `beam_size` best partial paths; the last stage keeps the best one. Ties go to the lowest
 candidate (beam, then code), so beam_size=1 is greedy residual quantization.
 
-One addition to the peer's procedure: the greedy path is never pruned (when it falls out of the
-beams, it replaces the last one), so the result never scores worse than greedy. With
-beam_size >= K^(q-1) nothing is pruned before the last stage: the result is the exact optimum
-over all K^q paths.
+One addition to the peer's procedure (`keep_greedy`, on by default): the greedy path is never
+pruned (when it falls out of the beams, it replaces the last one), so the result never scores
+worse than greedy. It does not dominate the peer's procedure (which can return a better path by
+keeping the beam the greedy path displaces), and a model trained there may choose other codes
+with it on some tokens (measured: 0.02-0.4%), so `keep_greedy=False` is the peer's procedure
+exactly. With beam_size >= K^(q-1) nothing is pruned before the last stage: either way the
+result is the exact optimum over all K^q paths.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from .peer_checkpoint import warn_unrecorded
 
 # stage(residual (m, B, d), reconstruction so far (m, B, d), k) -> (indices (m, B, k), squared
 # distances ||residual - code||^2 (m, B, k) fp32, lookup(beam (m, B'), index (m, B')) -> codes (m, B', d))
@@ -31,7 +36,8 @@ def _select(t: Tensor, rows: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def beam_search(z: Tensor, stages: Sequence[StageSearch], beam_size: int, weights: Sequence[float]) -> Tensor:
+def beam_search(z: Tensor, stages: Sequence[StageSearch], beam_size: int, weights: Sequence[float],
+                keep_greedy: bool = True) -> Tensor:
     """z (m, d) fp32 -> the chosen path's indices (m, len(stages)) int64.
 
     Memory per stage: the candidates' scores (m, B, B) and the kept beams' residuals (m, B, d);
@@ -50,7 +56,7 @@ def beam_search(z: Tensor, stages: Sequence[StageSearch], beam_size: int, weight
         keep = 1 if k == len(stages) - 1 else min(beam_size, candidates.shape[1])
         chosen = candidates.sort(dim=-1, stable=True).indices[:, :keep]  # (m, keep)
         greedy_candidate = (greedy.int().argmax(-1) * c)[:, None]  # its nearest code is the extension's first
-        if keep > 1 or k < len(stages) - 1:
+        if keep_greedy and (keep > 1 or k < len(stages) - 1):
             kept = (chosen == greedy_candidate).any(-1, keepdim=True)
             chosen[:, -1:] = torch.where(kept, chosen[:, -1:], greedy_candidate)
         beam, index = chosen // c, _select(indices.reshape(m, -1), chosen)
@@ -61,3 +67,43 @@ def beam_search(z: Tensor, stages: Sequence[StageSearch], beam_size: int, weight
         paths = torch.cat([_select(paths, beam), index[..., None]], dim=-1)
         greedy = chosen == greedy_candidate
     return paths[:, 0]
+
+
+class BeamProcedureRecord:
+    """Mixin for ResidualVQ: `beam_keep_greedy` (None, True or False) and its state-dict record.
+
+    None: True for a new model; loading a state dict takes the record (entry `beam_keep_greedy`,
+    written when True and the constructor enables beam search), and False (the peer's procedure;
+    with one warning when the constructor enables beam search) when there is none. True or
+    False: for a new model and for a state dict without the record.
+    """
+
+    def _init_beam_record(self, keep_greedy: bool | None, beam_enabled: bool) -> None:
+        if keep_greedy is not None and not isinstance(keep_greedy, bool):
+            raise ValueError(f"beam_keep_greedy: expected None, True or False, got {keep_greedy!r}")
+        self._keep_greedy_given = keep_greedy
+        self.beam_keep_greedy = True if keep_greedy is None else keep_greedy
+        self._beam_enabled = beam_enabled
+        self._warn_on_load = True  # GroupedResidualVQ warns once for all its groups
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.beam_keep_greedy and self._beam_enabled:
+            destination[prefix + "beam_keep_greedy"] = torch.tensor(True)
+
+    def _falls_back(self, state_dict, prefix) -> bool:
+        return prefix + "beam_keep_greedy" not in state_dict and self._keep_greedy_given is None and self._beam_enabled
+
+    def _warn_unrecorded(self, layer: str, prefix: str) -> None:
+        warn_unrecorded(layer, prefix, "beam-search procedure", "beam search (which may prune the greedy path)",
+                        "beam search (never worse than greedy)", "beam_keep_greedy", True, False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.pop(prefix + "beam_keep_greedy", None)  # (a copy of the caller's dict)
+        if saved is not None:
+            self.beam_keep_greedy = bool(saved)
+        else:
+            if self._falls_back(state_dict, prefix) and self._warn_on_load:
+                self._warn_unrecorded(type(self).__name__, prefix)
+            self.beam_keep_greedy = bool(self._keep_greedy_given)  # None: the peer's
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -21,8 +21,9 @@ from ..layout import (
     without_padding,
 )
 from ..precision import cat, fp32_island, project
-from .beam_search import beam_search
+from .beam_search import BeamProcedureRecord, beam_search
 from .implicit_codebook import ImplicitCodebookMLP
+from .peer_checkpoint import GroupsWarnOnce
 from .residual import (
     GroupedResidual,
     ResidualQuantizer,
@@ -83,7 +84,7 @@ def check_beam_training(beam_size, in_place: bool, affine: bool) -> None:
 _LAYOUT_KEYWORDS = ("channel_last", "accept_3d_fmap", "heads", "separate_codebook_per_head")
 
 
-class ResidualVQ(ResidualQuantizer):
+class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
     """Residual vector quantization.
 
     Shapes:
@@ -105,7 +106,8 @@ class ResidualVQ(ResidualQuantizer):
     of the stages in training; beam search with `beam_size` (training; forward's
     `beam_size` overrides), `eval_beam_size` and `beam_score_quantizer_weights` (beam_search.py):
     the path is searched first, then quantized stage by stage along it, so gradients, losses and
-    codebook updates follow the chosen path.
+    codebook updates follow the chosen path. `beam_keep_greedy` (None: ours for a new model, the
+    peer's for a checkpoint that does not record it; BeamProcedureRecord in beam_search.py).
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class ResidualVQ(ResidualQuantizer):
         beam_size: int | None = None,
         eval_beam_size: int | None = None,
         beam_score_quantizer_weights: list[float] | None = None,
+        beam_keep_greedy: bool | None = None,
         quant_grad_frac: float = 0.0,
         diveq: bool = False,
         **vq_kwargs,
@@ -165,6 +168,7 @@ class ResidualVQ(ResidualQuantizer):
             vq_kwargs.update(learnable_codebook=True, ema_update=False)
         self.beam_size, self.eval_beam_size, self.beam_score_weights = check_beam_search(
             beam_size, eval_beam_size, beam_score_quantizer_weights, num_quantizers, vq_kwargs)
+        self._init_beam_record(beam_keep_greedy, max(self.beam_size or 1, self.eval_beam_size or 1) > 1)
         self.accept_image_fmap = accept_image_fmap
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.shared_codebook = shared_codebook
@@ -267,7 +271,8 @@ class ResidualVQ(ResidualQuantizer):
             return indices.reshape(m, beams, width), distances.reshape(m, beams, width), lookup
 
         stages = [partial(stage, k) for k in range(last_kept + 1)]
-        return beam_search(z.detach().reshape(-1, z.shape[-1]), stages, beam_size, self.beam_score_weights)
+        return beam_search(z.detach().reshape(-1, z.shape[-1]), stages, beam_size, self.beam_score_weights,
+                           self.beam_keep_greedy)
 
     @fp32_island
     def _teacher_forced(self, z: Tensor, keep: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -379,7 +384,7 @@ class ResidualVQ(ResidualQuantizer):
         return self.accept_image_fmap
 
 
-class GroupedResidualVQ(GroupedResidual):
+class GroupedResidualVQ(GroupsWarnOnce, GroupedResidual):
     """`groups` independent ResidualVQs over equal slices of the feature dim.
 
     Shapes: x (b, n, dim) (or (b, dim, h, w) with accept_image_fmap) -> (quantized like x,
@@ -389,6 +394,7 @@ class GroupedResidualVQ(GroupedResidual):
 
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
         super().__init__(partial(ResidualVQ, accept_image_fmap=accept_image_fmap), dim, groups, accept_image_fmap, **kwargs)
+        self._silence_groups()
 
     @property
     def codebooks(self) -> Tensor | tuple[Tensor | tuple[Tensor, ...], ...]:
