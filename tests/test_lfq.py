@@ -525,7 +525,7 @@ def test_bad_indices_raise():
     with pytest.raises(ValueError, match=r"indices.*\[0, 16\)"):
         layer.indices_to_codes(torch.tensor([[0, 16]]))
     with pytest.raises(ValueError, match="indices"):
-        layer.indices_to_codes(torch.tensor([[-1, 3]]))
+        layer.indices_to_codes(torch.tensor([[-2, 3]]))  # -1 is no code (zeros)
     with pytest.raises(TypeError, match="indices"):
         layer.indices_to_codes(torch.tensor([[0.0, 3.0]]))
     multi = LFQ(dim=8, codebook_size=2**4, num_codebooks=2)
