@@ -561,6 +561,48 @@ def test_uneven_empty_and_masked_batches():
     run_in_processes(_ragged_worker, WORLD, timeout=90)
 
 
+# per step, per rank: (b, n, which samples are kept) for a (b,) per-sample mask
+SAMPLE_MASK_STEPS = [
+    ((3, 4, [True, False, True]), (2, 5, [False, True])),
+    ((2, 4, [False, False]), (2, 3, [True, True])),  # rank 0 drops every sample
+    ((2, 4, [False, False]), (1, 3, [False])),  # nothing kept anywhere
+]
+
+
+def _sample_mask_batch(step: int, rank: int, dim: int = 4):
+    """(x, sample mask (b,), x's kept tokens (m, dim)) of `rank` at `step` of SAMPLE_MASK_STEPS."""
+    b, n, samples = SAMPLE_MASK_STEPS[step][rank]
+    x = torch.randn(b, n, dim, generator=torch.Generator().manual_seed(700 + 10 * step + rank)) * (1 + rank)
+    kept = [i for i, keep in enumerate(samples) if keep]
+    return x, torch.tensor(samples), x[kept].reshape(-1, dim)
+
+
+def _lfq_sample_mask_worker(rank: int, world: int) -> None:
+    alone = _alone_group(rank)
+    torch.manual_seed(0)
+    layer = LFQ(dim=4, codebook_size=16, entropy_loss_weight=0.1).train()
+    torch.manual_seed(0)
+    single = LFQ(dim=4, codebook_size=16, entropy_loss_weight=0.1, process_group=alone).train()
+    for step in range(len(SAMPLE_MASK_STEPS)):
+        what = f"step {step}"
+        x, samples, _ = _sample_mask_batch(step, rank)
+        x.requires_grad_()
+        kept = torch.cat([_sample_mask_batch(step, r)[2] for r in range(world)])[None]  # (1, N, dim)
+        (out, indices, loss), breakdown = layer(x, mask=samples, inv_temperature=1.0, return_loss_breakdown=True)
+        _, single_breakdown = single(kept, inv_temperature=1.0, return_loss_breakdown=True)
+        # the entropies of the global batch's kept tokens: dropped samples are not in the count
+        torch.testing.assert_close(torch.stack(breakdown[:2]), torch.stack(single_breakdown[:2]),
+                                   rtol=1e-5, atol=1e-6, msg=lambda m, what=what: f"{what}: {m}")
+        assert (indices[~samples] == -1).all() and (out[~samples] == 0).all(), what
+        (out.square().sum() + loss).backward()
+        assert torch.isfinite(x.grad).all() and (x.grad[~samples] == 0).all(), what
+
+
+@pytest.mark.timeout(120)
+def test_lfq_sample_mask_counts_the_global_kept_tokens():
+    run_in_processes(_lfq_sample_mask_worker, WORLD, timeout=90)
+
+
 # ------------------------------------------------------------------------------------------
 # 5. the same collectives on every rank, whatever the data
 

@@ -338,6 +338,60 @@ def test_image_mask_and_all_masked():
         layer(x, mask=torch.ones(2, 3, 4))
 
 
+def kept_alone(x, samples, axis=0):
+    """x's kept samples along `axis`, selected on the host."""
+    return x.index_select(axis, torch.tensor([i for i, keep in enumerate(samples.tolist()) if keep], dtype=torch.long))
+
+
+@pytest.mark.parametrize("samples", [[True, False, True], [False, False, False]], ids=["tfT", "all_false"])
+@pytest.mark.parametrize("shape", [(3, 6, 8), (3, 8, 2, 3), (3, 8)], ids=["sequence", "image", "single_token"])
+def test_sample_mask_equals_running_the_kept_samples_alone(shape, samples):
+    """A (b,) mask, as the peer's ResidualLFQ passes it to every stage: kept samples as if alone,
+    dropped samples -1 in every stage and zeros (the decoding of all -1), no gradient."""
+    torch.manual_seed(0)
+    layer = ResidualLFQ(dim=8, num_quantizers=3, codebook_size=2**2, entropy_loss_weight=0.3,
+                        commitment_loss_weight=0.5).train()  # projections 8 -> 2
+    x = randn(*shape, seed=15).requires_grad_()
+    samples = torch.tensor(samples)
+    out, indices, losses, all_codes = layer(x, mask=samples, inv_temperature=1.0, return_all_codes=True)
+    sub_out, sub_indices, sub_losses = layer(kept_alone(x.detach(), samples), inv_temperature=1.0)
+    close(losses, sub_losses, rtol=1e-5, atol=1e-6)
+    assert torch.equal(kept_alone(indices, samples), sub_indices)
+    torch.testing.assert_close(kept_alone(out, samples), sub_out, rtol=1e-6, atol=1e-6)
+    dropped = ~samples
+    assert (indices[dropped] == -1).all() and (out[dropped] == 0).all() and (all_codes[:, dropped] == 0).all()
+    (out.square().sum() + losses.sum()).backward()
+    assert (x.grad[dropped] == 0).all()
+    if not samples.any():
+        assert (losses == 0).all()
+    layer.eval()
+    out, indices, _ = layer(x.detach(), mask=samples)
+    assert torch.equal(layer.get_output_from_indices(indices), out)
+
+
+def test_grouped_sample_mask():
+    torch.manual_seed(0)
+    grouped = GroupedResidualLFQ(dim=16, groups=2, num_quantizers=2, codebook_size=2**4,
+                                 accept_image_fmap=True).train()
+    x = randn(3, 16, 2, 3, seed=16)
+    samples = torch.tensor([False, True, True])
+    out, indices, losses = grouped(x, mask=samples, inv_temperature=1.0)
+    sub_out, sub_indices, sub_losses = grouped(kept_alone(x, samples), inv_temperature=1.0)
+    close(losses, sub_losses, rtol=1e-5, atol=1e-6)
+    assert torch.equal(kept_alone(indices, samples, axis=1), sub_indices)
+    torch.testing.assert_close(kept_alone(out, samples), sub_out, rtol=1e-6, atol=1e-6)
+    assert (indices[:, 0] == -1).all() and (out[0] == 0).all()
+    grouped.eval()
+    out, indices, _ = grouped(x, mask=samples)
+    assert torch.equal(grouped.get_output_from_indices(indices), out)
+
+
+def test_bad_sample_mask_raises_naming_the_shapes():
+    layer = ResidualLFQ(dim=4, num_quantizers=2, codebook_size=2**4)
+    with pytest.raises(ValueError, match=r"mask: expected a bool tensor of shape \(2,\) or \(2, 5\).*got torch.bool \(5,\)"):
+        layer(randn(2, 5, 4, seed=17), mask=torch.ones(5, dtype=torch.bool))
+
+
 # ------------------------------------------------------------------------------------------
 # gradients
 

@@ -39,16 +39,28 @@ def indices_from_tokens(indices: Tensor, spatial: tuple[int, ...]) -> Tensor:
     return indices.reshape(indices.shape[0], *spatial, indices.shape[-1])
 
 
-def check_mask(mask, tokens: Tensor, spatial: tuple[int, ...]) -> Tensor | None:
-    """mask (b, n) or (b, *spatial) bool, True = keep -> (b, n), or a clear error."""
+def check_mask(mask, tokens: Tensor, spatial: tuple[int, ...], per_sample: bool = False) -> Tensor | None:
+    """mask (b, n) or (b, *spatial) bool, True = keep -> (b, n), or a clear error.
+
+    With `per_sample`, also (b,): keep or drop whole samples, expanded to every token of the
+    sample. For single-token inputs (b, d) that shape is (b, *spatial) as well, and both readings
+    give the same (b, 1).
+    """
     if mask is None:
         return None
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask: expected a bool tensor, got {type(mask).__name__}")
-    expected = (tokens.shape[0], *spatial)
-    if mask.dtype != torch.bool or tuple(mask.shape) not in (expected, tuple(tokens.shape[:2])):
-        raise ValueError(f"mask: expected a bool tensor of shape {expected}, got {mask.dtype} {tuple(mask.shape)}")
-    return mask.reshape(tokens.shape[:2])
+    b, n = tokens.shape[:2]
+    shapes = [(b,)] if per_sample else []
+    shapes += [s for s in ((b, *spatial), (b, n)) if s not in shapes]
+    if mask.dtype != torch.bool or tuple(mask.shape) not in shapes:
+        expected = " or ".join(str(s) for s in shapes)
+        kinds = " (per sample, or per token)" if per_sample else ""
+        raise ValueError(f"mask: expected a bool tensor of shape {expected}{kinds}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
+    if mask.ndim == 1:
+        return mask.reshape(b, 1).expand(b, n)
+    return mask.reshape(b, n)
 
 
 def lens_to_mask(lens, tokens: Tensor, spatial: tuple[int, ...]) -> Tensor:

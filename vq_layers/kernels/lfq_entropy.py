@@ -23,6 +23,8 @@ non-positive terms with 0/1 weights, free of the cancellation that l·b - sum so
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -167,18 +169,21 @@ def _sparse_mass(logits: Tensor, u: int, grad_mass: Tensor | None = None) -> Ten
     return out
 
 
-def _partition(logits: Tensor) -> list[tuple[Tensor, int | None]]:
-    """(token index, u or None for dense) groups of one codebook's tokens (n, d).
+def _partition(logits: Tensor, keep: Tensor | None = None) -> list[tuple[Tensor, int | None]]:
+    """(token index, u or None for dense) groups of one codebook's tokens (n, d); tokens with
+    `keep` (n,) False are in no group (they carry no mass and get a zero gradient).
 
     Data-dependent (host syncs): it lives inside the torch.library ops.
     """
     d = logits.shape[-1]
     uncertain = (logits.abs() < CONFIDENT_LOGIT).sum(-1)
     max_sparse = min(MAX_SPARSE_BITS, d - SPARSE_CODES_FRACTION_LOG2)
-    dense = uncertain > max_sparse
+    kept = torch.ones_like(uncertain, dtype=torch.bool) if keep is None else keep
+    dense = (uncertain > max_sparse) & kept
+    sparse = kept & ~dense
     groups = [(dense.nonzero().squeeze(-1), None)] if dense.any() else []
-    for u in torch.unique(uncertain[~dense]).tolist():
-        groups.append(((uncertain == u).nonzero().squeeze(-1), int(u)))
+    for u in torch.unique(uncertain[sparse]).tolist():
+        groups.append((((uncertain == u) & sparse).nonzero().squeeze(-1), int(u)))
     return groups
 
 
@@ -198,36 +203,37 @@ def _mass(logits: Tensor, groups, grad_mass: Tensor | None = None, torch_only: b
     return out
 
 
-def _mass_per_codebook(logits: Tensor) -> Tensor:
-    return torch.stack([_mass(logits[:, c], _partition(logits[:, c])) for c in range(logits.shape[1])])
+def _mass_per_codebook(logits: Tensor, keep: Tensor | None = None) -> Tensor:
+    return torch.stack([_mass(logits[:, c], _partition(logits[:, c], keep)) for c in range(logits.shape[1])])
 
 
-def _mass_gradient(logits: Tensor, mass: Tensor, grad_mass: Tensor, torch_only: bool = False) -> Tensor:
+def _mass_gradient(logits: Tensor, mass: Tensor, grad_mass: Tensor, keep: Tensor | None = None,
+                   torch_only: bool = False) -> Tensor:
     # every token's probabilities sum to 1, so a constant shift of grad_mass changes nothing;
     # centring it on its mass-weighted mean removes most cancellation from the sums below
     centre = (grad_mass * mass).sum(-1, keepdim=True) / mass.sum(-1, keepdim=True).clamp(min=1e-30)
     grad_mass = grad_mass - centre
     # the partition is recomputed (cheap: one pass over the logits) rather than carried from the forward
-    return torch.stack([_mass(logits[:, c], _partition(logits[:, c]), grad_mass[c].contiguous(), torch_only)
+    return torch.stack([_mass(logits[:, c], _partition(logits[:, c], keep), grad_mass[c].contiguous(), torch_only)
                         for c in range(logits.shape[1])], dim=1)
 
 
 def _backward(ctx, grad_mass):
-    logits, mass = ctx.saved_tensors
+    logits, mass, keep = ctx.saved_tensors
     if torch.is_grad_enabled():  # backward(create_graph=True): autograd records the torch formula
-        return _mass_gradient(logits, mass, grad_mass, torch_only=True)
+        return _mass_gradient(logits, mass, grad_mass, keep, torch_only=True), None
     if torch.compiler.is_compiling():
-        return _code_mass_backward_op(logits, mass, grad_mass)
-    return _mass_gradient(logits, mass, grad_mass)
+        return _code_mass_backward_op(logits, mass, grad_mass, keep), None
+    return _mass_gradient(logits, mass, grad_mass, keep), None
 
 
 class _CodeMass(torch.autograd.Function):
-    """Eager: logits (n, c, d) -> (c, 2^d); the backward recomputes the probabilities."""
+    """Eager: logits (n, c, d), keep (n,) or None -> (c, 2^d); the backward recomputes the probabilities."""
 
     @staticmethod
-    def forward(ctx, logits):
-        mass = _mass_per_codebook(logits)
-        ctx.save_for_backward(logits, mass)
+    def forward(ctx, logits, keep):
+        mass = _mass_per_codebook(logits, keep)
+        ctx.save_for_backward(logits, mass, keep)
         return mass
 
     backward = staticmethod(_backward)
@@ -239,31 +245,32 @@ class _CodeMass(torch.autograd.Function):
 # in every process (see nearest_code.py).
 _code_mass_op = torch.library.custom_op("vq_layers::code_mass", _mass_per_codebook, mutates_args=())
 @_code_mass_op.register_fake
-def _(logits):
+def _(logits, keep=None):
     return logits.new_empty(logits.shape[1], 2 ** logits.shape[2])
 
 
 @torch.library.custom_op("vq_layers::code_mass_backward", mutates_args=())
-def _code_mass_backward_op(logits: Tensor, mass: Tensor, grad_mass: Tensor) -> Tensor:
-    return _mass_gradient(logits, mass, grad_mass)
+def _code_mass_backward_op(logits: Tensor, mass: Tensor, grad_mass: Tensor, keep: Optional[Tensor]) -> Tensor:
+    return _mass_gradient(logits, mass, grad_mass, keep)
 
 
 @_code_mass_backward_op.register_fake
-def _(logits, mass, grad_mass):
+def _(logits, mass, grad_mass, keep):
     return torch.empty_like(logits)
 
 
 def _save_for_backward(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output)
+    ctx.save_for_backward(inputs[0], output, inputs[1])
 
 
 torch.library.register_autograd("vq_layers::code_mass", _backward, setup_context=_save_for_backward)
 
 
-def code_mass(logits: Tensor) -> Tensor:
-    """Sum over tokens of each code's probability: logits (n, c, d) fp32 -> (c, 2^d) fp32; the
-    backward recomputes the probabilities."""
-    return _code_mass_op(logits) if torch.compiler.is_compiling() else _CodeMass.apply(logits)
+def code_mass(logits: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Sum over the kept tokens of each code's probability: logits (n, c, d) fp32, keep (n,) bool
+    or None (all) -> (c, 2^d) fp32; the backward recomputes the probabilities and gives the
+    dropped tokens a zero gradient."""
+    return _code_mass_op(logits, keep) if torch.compiler.is_compiling() else _CodeMass.apply(logits, keep)
 
 
 class BinaryEntropy(torch.autograd.Function):
@@ -286,8 +293,12 @@ def binary_entropy(logits: Tensor) -> Tensor:
     return BinaryEntropy.apply(logits)
 
 
-def lfq_entropy(logits: Tensor, process_group=None, sync: bool = True) -> tuple[Tensor, Tensor]:
+def lfq_entropy(logits: Tensor, process_group=None, sync: bool = True,
+                keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(per-sample entropy, codebook entropy), exact, from bit logits (n, c, d) in fp32.
+
+    keep (n,) bool, or None for all: only the kept tokens count (as if the others were not
+    there; they get a zero gradient). Selected in place, not by boolean indexing: no host sync.
 
     per-sample: mean over tokens and codebooks of each token's entropy over the 2^d codes;
     codebook: mean over codebooks of the entropy of the batch's mean code distribution.
@@ -302,10 +313,15 @@ def lfq_entropy(logits: Tensor, process_group=None, sync: bool = True) -> tuple[
     # an overflowed logit (inf) would give 0 * inf = NaN entropies; past |l| = 1e4 every
     # probability and gradient involved is exp(-1e4) = 0 in fp32 anyway
     logits = logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
-    count = torch.tensor([float(n)], device=logits.device)
+    token_entropy = binary_entropy(logits)
+    if keep is None:
+        count = torch.tensor([float(n)], device=logits.device)
+    else:
+        count = keep.sum().to(torch.float32).reshape(1)
+        token_entropy = torch.where(keep[:, None, None], token_entropy, 0.0)
     total = (all_reduce_sum_(count, process_group) if sync else count).clamp(min=1)  # no gradient
-    per_sample = over_ranks(binary_entropy(logits).sum()) / (total * c)
-    mass = over_ranks(code_mass(logits))
+    per_sample = over_ranks(token_entropy.sum()) / (total * c)
+    mass = over_ranks(code_mass(logits, keep))
     probs = mass / total
     # 0 log 0 = 0 with a zero (not NaN) gradient for codes nobody uses
     codebook = -(probs * torch.where(probs > 0, probs, 1.0).log()).sum(-1).mean()

@@ -23,6 +23,7 @@ from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens, wi
 from ..precision import Fp32BuffersModule, fp32_island, project
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
+from .vq_updates import masked_mse
 
 Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
 LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
@@ -75,11 +76,17 @@ class LFQ(Fp32BuffersModule):
     """Lookup-free quantizer with an exact entropy loss.
 
     Shapes:
-        forward(x): x (b, n, dim) | (b, dim, h, w) | (b, dim, t, h, w) (channel-first when
-            channel_first, or by default for 4+ dims); mask (b, n) or (b, h, w) bool, True = keep
+        forward(x): x (b, n, dim) | (b, dim) | (b, dim, h, w) | (b, dim, t, h, w) (channel-first
+            when channel_first, or by default for 4+ dims); mask bool, True = keep: (b,) keeps or
+            drops whole samples (as the peer), (b, n) or (b, ...spatial) single tokens
             -> Return(quantized like x in x's dtype, indices (b, ...[, c]) int64, aux loss fp32),
                and LossBreakdown(per_sample_entropy, batch_entropy, commitment) with
                return_loss_breakdown.
+
+    Masked tokens (and every token of a dropped sample) count nowhere: the losses are those of
+    the kept tokens alone (the codebook entropy over the kept tokens of all ranks), an all-False
+    mask gives zero losses; they get index -1 and output zeros (what indices_to_codes gives for
+    -1), and no gradient. No host sync: a masked forward compiles with fullgraph=True.
 
     `LFQ(dim=256)` without codebook_size quantizes all 256 signs: as one index cannot hold 256
     bits, they form num_codebooks=16 codebooks of 2^16 codes (indices (b, n, 16)), each with its
@@ -199,7 +206,11 @@ class LFQ(Fp32BuffersModule):
 
     @fp32_island
     def _quantize(self, z: Tensor, mask: Tensor | None, inv_temperature: float):
-        """z (b, n, c*d) fp32 -> codes (b, n, c*d), indices (b, n, c), losses (fp32 scalars)."""
+        """z (b, n, c*d) fp32, mask (b, n) or None -> codes (b, n, c*d), indices (b, n, c) (-1
+        where masked), losses over the kept tokens (fp32 scalars).
+
+        The kept tokens are selected in place (weights, not boolean indexing): no host sync.
+        """
         if self.soft_clamp_input_value is not None:
             z = (z / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
         z = rearrange(z, "b n (c d) -> b n c d", c=self.num_codebooks)
@@ -209,20 +220,22 @@ class LFQ(Fp32BuffersModule):
             z = F.normalize(z, dim=-1) * self.codebook_scale
         bits = z > 0
         indices = (bits.long() * self.mask).sum(-1)
+        if mask is not None:
+            indices = indices.masked_fill(~mask.unsqueeze(-1), -1)
         codes = self._bits_to_codes(bits)
         zero = z.new_zeros(())
         per_sample = batch = commitment = zero
         if self.training:
             quantized = straight_through(codes, project(self.activation, z))  # its params may be bf16
-            kept = z[mask] if mask is not None else rearrange(z, "b n c d -> (b n) c d")
+            keep = rearrange(mask, "b n -> (b n)") if mask is not None else None
             # softmax over codes of 2 T <z, code> factorizes into bits: logit_i = 4 T |code| z_i
-            logits = kept * (4 * inv_temperature * self.code_value)
+            logits = rearrange(z, "b n c d -> (b n) c d") * (4 * inv_temperature * self.code_value)
             # the global batch's entropy when gradients flow; under no_grad this rank's alone, so
             # that no_grad forwards (a GAN's discriminator step) issue no collective
-            per_sample, batch = lfq_entropy(logits, self.process_group, sync=torch.is_grad_enabled())
-            if self.commitment_loss_weight > 0 and kept.numel():
-                kept_codes = codes[mask] if mask is not None else rearrange(codes, "b n c d -> (b n) c d")
-                commitment = F.mse_loss(kept, kept_codes)
+            per_sample, batch = lfq_entropy(logits, self.process_group, sync=torch.is_grad_enabled(), keep=keep)
+            if self.commitment_loss_weight > 0:
+                commitment, _ = masked_mse(rearrange(z, "b n c d -> b n (c d)"),
+                                           rearrange(codes, "b n c d -> b n (c d)"), mask)
         else:
             quantized = codes
         entropy_loss = per_sample - self.diversity_gamma * batch
@@ -238,12 +251,15 @@ class LFQ(Fp32BuffersModule):
         dtype = x.dtype
         channel_first = self.channel_first if self.channel_first is not None else x.ndim >= 4
         tokens, spatial = to_tokens(x, channel_first, self.dim, "LFQ")
-        mask = check_mask(mask, tokens, spatial)
+        mask = check_mask(mask, tokens, spatial, per_sample=True)
         if not inv_temperature > 0:
             raise ValueError(f"inv_temperature: expected > 0, got {inv_temperature}")
         quantized, indices, aux_loss, breakdown = self._quantize(project(self.project_in, without_padding(tokens, mask)), mask,
                                                                  inv_temperature)
-        out = from_tokens(project(self.project_out, quantized).to(dtype), spatial, channel_first)
+        out = project(self.project_out, quantized)
+        if mask is not None:  # masked tokens (index -1): zeros, as indices_to_codes decodes -1
+            out = torch.where(mask.unsqueeze(-1), out, 0.0)
+        out = from_tokens(out.to(dtype), spatial, channel_first)
         indices = indices_from_tokens(indices, spatial)
         if not self.keep_num_codebooks_dim:
             indices = rearrange(indices, "... 1 -> ...")
@@ -251,15 +267,17 @@ class LFQ(Fp32BuffersModule):
         return (ret, breakdown) if return_loss_breakdown else ret
 
     def _indices_to_raw_codes(self, indices: Tensor) -> Tensor:
-        """indices (...) -> codes (..., d), fp32, rotated back, before projection."""
-        check_indices(indices, self.codebook_size)
+        """indices (...) -> codes (..., d), fp32, rotated back, before projection; zeros for -1."""
+        check_indices(indices, self.codebook_size, allow_dropped=True)
         codes = self._bits_to_codes((indices.long().unsqueeze(-1) & self.mask) != 0)
+        codes = codes.masked_fill((indices < 0).unsqueeze(-1), 0.0)
         return codes @ self.orthogonal_rot.t() if self.orthogonal_rotation else codes
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """indices (b, ...[, c]) -> codes (b, ..., dim) (channel-first for images/video).
 
-        fp32, or the projection's dtype when projected.
+        fp32, or the projection's dtype when projected. Index -1 (masked) gives zeros: a token
+        whose every index is -1 decodes to zeros, as forward outputs there.
         """
         check_codebook_axis(indices, self.keep_num_codebooks_dim, self.num_codebooks)
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
@@ -268,7 +286,7 @@ class LFQ(Fp32BuffersModule):
             indices = indices.unsqueeze(-1)
         codes = rearrange(self._indices_to_raw_codes(indices), "... c d -> ... (c d)")
         if project_out:
-            codes = project(self.project_out, codes)
+            codes = project(self.project_out, codes).masked_fill((indices < 0).all(-1, keepdim=True), 0.0)
         return rearrange(codes, "b ... d -> b d ...") if channel_first else codes
 
     @property

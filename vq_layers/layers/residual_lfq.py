@@ -18,9 +18,10 @@ class ResidualLFQ(ResidualQuantizer):
     """Residual lookup-free quantization (SoundStream's Algorithm 1 with LFQ stages).
 
     Shapes:
-        forward(x, mask=None): x (b, n, dim) | (b, dim) | channel-first (b, dim, h, w)
-            -> (quantized like x in x's dtype, indices (b, n, q) | (b, h, w, q) int64 (-1 for
-            dropped stages), aux losses (q,) fp32
+        forward(x, mask=None): x (b, n, dim) | (b, dim) | channel-first (b, dim, h, w); mask
+            (b,) bool keeps or drops whole samples, (b, n) or (b, h, w) single tokens (as LFQ)
+            -> (quantized like x in x's dtype (zeros where masked), indices (b, n, q) |
+            (b, h, w, q) int64 (-1 for dropped stages and masked tokens), aux losses (q,) fp32
             [, all_codes (q, b, n, d) in x's dtype with return_all_codes]).
     Every LFQ keyword (entropy_loss_weight, spherical, ...) passes through to the stages.
     """
@@ -77,18 +78,28 @@ class ResidualLFQ(ResidualQuantizer):
         dtype = x.dtype
         channel_first = self._channel_first(x.ndim)
         tokens, spatial = to_tokens(x, channel_first, self.dim, "ResidualLFQ")
-        mask = check_mask(mask, tokens, spatial)
+        mask = check_mask(mask, tokens, spatial, per_sample=True)
         self._broadcast_initial_state(tokens)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         quantized, indices, codes, losses = self._residual_quantize(project(self.project_in, without_padding(tokens, mask)), mask,
                                                                     last_kept, inv_temperature)
-        out = from_tokens(project(self.project_out, quantized).to(dtype), spatial, channel_first)
+        out = project(self.project_out, quantized)
+        if mask is not None:  # masked tokens (every index -1): zeros, as get_output_from_indices decodes them
+            out = torch.where(mask.unsqueeze(-1), out, 0.0)
+        out = from_tokens(out.to(dtype), spatial, channel_first)
         indices = indices_from_tokens(indices, spatial)
         if not return_all_codes:
             return out, indices, losses
         # the stages' own codes: the same values a lookup by indices would give, without one
         all_codes = codes.reshape(codes.shape[0], *indices.shape[:-1], codes.shape[-1]).to(dtype)
         return out, indices, losses, all_codes
+
+    def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """indices as forward returns them -> the output forward gave (bitwise, in eval); masked
+        tokens, all of whose indices are -1, are zeros."""
+        out = super().get_output_from_indices(indices, dtype)
+        masked = (indices < 0).all(-1)
+        return out.masked_fill(masked.unsqueeze(1 if self._channel_first_output(indices) else -1), 0.0)
 
     def _channel_first(self, ndim: int) -> bool:
         return self.channel_first if self.channel_first is not None else ndim >= 4
