@@ -525,7 +525,7 @@ def test_bad_indices_raise():
     with pytest.raises(ValueError, match=r"indices.*\[0, 16\)"):
         layer.indices_to_codes(torch.tensor([[0, 16]]))
     with pytest.raises(ValueError, match="indices"):
-        layer.indices_to_codes(torch.tensor([[-1, 3]]))
+        layer.indices_to_codes(torch.tensor([[-2, 3]]))  # -1 is no code (zeros)
     with pytest.raises(TypeError, match="indices"):
         layer.indices_to_codes(torch.tensor([[0.0, 3.0]]))
     multi = LFQ(dim=8, codebook_size=2**4, num_codebooks=2)
@@ -854,12 +854,14 @@ def test_huge_finite_input_gives_finite_losses():
     assert torch.isfinite(x.grad).all()
 
 
-def test_infinite_input_gives_the_code_in_training():
+def test_infinite_input_has_no_code_in_training():
+    """A non-finite token gets no code (docs/precision.md, "Non-finite input"); a huge finite
+    one still takes its signs."""
     layer = LFQ(dim=4).train()
-    x = torch.tensor([[[float("inf"), -float("inf"), 1.0, -2.0]]], requires_grad=True)
-    out, indices, _ = layer(x)
-    assert indices.item() == 0b1010
-    assert torch.equal(out.detach(), torch.tensor([[[1.0, -1.0, 1.0, -1.0]]]))
+    x = torch.tensor([[[float("inf"), -float("inf"), 1.0, -2.0], [3e38, -3e38, 1.0, -2.0]]], requires_grad=True)
+    out, indices, loss = layer(x)
+    assert indices.tolist() == [[-1, 0b1010]] and loss.isnan()
+    assert out[0, 0].isnan().all() and torch.equal(out[0, 1].detach(), torch.tensor([1.0, -1.0, 1.0, -1.0]))
 
 
 def test_review_regressions():
