@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..checks import check_indices, check_non_negative, check_positive_int
 from ..distributed import shared_seed
 from ..layout import check_mask, from_tokens, indices_from_tokens, lens_to_mask
+from ..non_finite import non_finite_tokens
 from ..precision import fp32_island, project, stack
 from .vq import VectorQuantize
 
@@ -271,6 +272,9 @@ class HierarchicalVQ(nn.Module):
             result = vq._quantize(tokens, cells, temperature, may_init=updating,
                                   update=updating and not self.shared_codebook, ema_update=vq.ema_update, freeze=False)
             results.append(result)
+            # a cell whose pooled residual is not finite has no code; its NaN reaches, through
+            # the refinement, every position and finer cell that depends on it
+            result = vq._without_codes(result, non_finite_tokens(tokens, cells))
             q = self._refine(k, from_tokens(result.quantized, level_shape, True), full_shape)
             reconstruction = reconstruction + q
             residual = residual - q
