@@ -14,6 +14,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..layout import from_tokens, indices_from_tokens, to_tokens
+from ..non_finite import mark_non_finite, non_finite_tokens
 from ..precision import fp32_island, project
 from .fsq import FSQ, check_levels
 from .residual import GroupedResidual, ResidualQuantizer, last_kept_stage, run_stages
@@ -106,12 +107,15 @@ class ResidualFSQ(ResidualQuantizer):
     def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None):
         dtype = x.dtype
         tokens, packed_shape = to_tokens(x, self.is_channel_first, self.dim, "ResidualFSQ")
+        bad = non_finite_tokens(tokens)  # judged before the soft clamp, which makes +-inf finite
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         quantized, indices, codes = self._residual_quantize(project(self.project_in, tokens), last_kept)
-        out = from_tokens(project(self.project_out, quantized).to(dtype), packed_shape, self.is_channel_first)
-        indices = indices_from_tokens(indices, packed_shape)
+        out = mark_non_finite(project(self.project_out, quantized).to(dtype), bad)
+        out = from_tokens(out, packed_shape, self.is_channel_first)
+        indices = indices_from_tokens(mark_non_finite(indices, bad), packed_shape)
         if not return_all_codes:
             return self._indices_layout_out(out, indices)
+        codes = mark_non_finite(codes, bad.unsqueeze(0))
         all_codes = codes.reshape(codes.shape[0], *indices.shape[:-1], codes.shape[-1]).to(dtype)
         return (*self._indices_layout_out(out, indices), all_codes)
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens, without_padding
+from ..non_finite import mark_losses, mark_non_finite, non_finite_tokens
 from ..precision import fp32_island, project
 from .lfq import LFQ, check_codebook_size
 from .residual import GroupedResidual, ResidualQuantizer, last_kept_stage, run_stages
@@ -75,13 +76,17 @@ class ResidualLFQ(ResidualQuantizer):
         channel_first = self._channel_first(x.ndim)
         tokens, spatial = to_tokens(x, channel_first, self.dim, "ResidualLFQ")
         mask = check_mask(mask, tokens, spatial)
+        bad = non_finite_tokens(tokens, mask)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         quantized, indices, codes, losses = self._residual_quantize(project(self.project_in, without_padding(tokens, mask)), mask,
                                                                     last_kept, inv_temperature)
-        out = from_tokens(project(self.project_out, quantized).to(dtype), spatial, channel_first)
-        indices = indices_from_tokens(indices, spatial)
+        out = mark_non_finite(project(self.project_out, quantized).to(dtype), bad)
+        out = from_tokens(out, spatial, channel_first)
+        indices = indices_from_tokens(mark_non_finite(indices, bad), spatial)
+        losses = mark_losses(losses, bad)
         if not return_all_codes:
             return out, indices, losses
+        codes = mark_non_finite(codes, bad.unsqueeze(0))
         # the stages' own codes: the same values a lookup by indices would give, without one
         all_codes = codes.reshape(codes.shape[0], *indices.shape[:-1], codes.shape[-1]).to(dtype)
         return out, indices, losses, all_codes

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..checks import check_indices
 from ..layout import from_tokens, indices_from_tokens, to_tokens
+from ..non_finite import mark_losses, mark_non_finite, non_finite_tokens
 from ..precision import fp32_island
 from .residual import ResidualQuantizer, last_kept_stage, run_stages, sum_stages
 from .sim_vq import SimVQ
@@ -83,14 +84,17 @@ class ResidualSimVQ(ResidualQuantizer):
         if not isinstance(x, Tensor):
             raise TypeError(f"input: expected a tensor, got {type(x).__name__}")
         tokens, spatial = to_tokens(x, self.channel_first, self.dim, "ResidualSimVQ")
+        bad = non_finite_tokens(tokens)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         # the maps are projections: they run here, under the caller's autocast
         codebooks = [layer.codebook if k <= last_kept else None for k, layer in enumerate(self.layers)]
         quantized, indices, losses, codes = self._residual_quantize(tokens, codebooks, last_kept)
-        out = from_tokens(quantized.to(x.dtype), spatial, self.channel_first)
-        all_indices = indices_from_tokens(indices, spatial)
+        out = from_tokens(mark_non_finite(quantized.to(x.dtype), bad), spatial, self.channel_first)
+        all_indices = indices_from_tokens(mark_non_finite(indices, bad), spatial)
+        losses = mark_losses(losses, bad)
         if not return_all_codes:
             return out, all_indices, losses
+        codes = mark_non_finite(codes, bad.unsqueeze(0))
         all_codes = codes.reshape(self.num_quantizers, *all_indices.shape[:-1], self.dim).to(x.dtype)
         return out, all_indices, losses, self._codes_layout(all_codes)
 

@@ -20,6 +20,7 @@ from ..layout import (
     to_tokens,
     without_padding,
 )
+from ..non_finite import mark_losses, mark_non_finite, non_finite_tokens
 from ..precision import cat, fp32_island, project
 from .beam_search import beam_search
 from .implicit_codebook import ImplicitCodebookMLP
@@ -287,6 +288,7 @@ class ResidualVQ(ResidualQuantizer):
         dtype = x.dtype
         tokens, spatial = to_tokens(x, self.accept_image_fmap, self.dim, "ResidualVQ")
         keep = check_mask(mask, tokens, spatial)
+        bad = non_finite_tokens(tokens, keep)  # (a training step raises for them, before any update)
         z = project(self.project_in, without_padding(tokens, keep))
         if indices is not None:
             if self.mlps is not None:
@@ -294,14 +296,16 @@ class ResidualVQ(ResidualQuantizer):
                                  "implicit_neural_codebook=True")
             targets = self._check_targets(indices, tokens)
             quantized, ce = self._teacher_forced(z, keep, targets)
-            return self._output(quantized, tokens, keep, dtype, spatial), ce
+            return self._output(mark_non_finite(quantized, bad), tokens, keep, dtype, spatial), mark_losses(ce, bad)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         quantized, all_indices, losses, codes = self._residual_quantize(
             z, keep, sample_codebook_temp, freeze_codebook, last_kept, self._beam_width(beam_size))
-        out = self._output(quantized, tokens, keep, dtype, spatial)
-        all_indices = indices_from_tokens(all_indices, spatial)
+        out = self._output(mark_non_finite(quantized, bad), tokens, keep, dtype, spatial)
+        all_indices = indices_from_tokens(mark_non_finite(all_indices, bad), spatial)
+        losses = mark_losses(losses, bad)
         if not return_all_codes:
             return out, all_indices, losses
+        codes = mark_non_finite(codes, bad.unsqueeze(0))
         all_codes = codes.reshape(codes.shape[0], *all_indices.shape[:-1], codes.shape[-1]).to(dtype)
         return out, all_indices, losses, all_codes
 
@@ -342,13 +346,6 @@ class ResidualVQ(ResidualQuantizer):
         if indices.ndim < 2:
             raise ValueError(f"indices: expected (b, ..., q), got shape {tuple(indices.shape)}")
         return super().get_codes_from_indices(indices)
-
-    def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        """indices as forward returns them -> the output forward gave (bitwise in eval; masked
-        tokens, all of whose indices are -1, are zeros)."""
-        out = super().get_output_from_indices(indices, dtype)
-        masked = (indices < 0).all(-1)
-        return out.masked_fill(masked.unsqueeze(1 if self.accept_image_fmap else -1), 0.0)
 
     def _lookup_stage(self, k: int, indices: Tensor) -> Tensor:
         check_indices(indices, self.codebook_sizes[k], f"indices[..., {k}]")
@@ -399,6 +396,6 @@ class GroupedResidualVQ(GroupedResidual):
             return super().forward(x, return_all_codes=return_all_codes, sample_codebook_temp=sample_codebook_temp,
                                    freeze_codebook=freeze_codebook, mask=mask, beam_size=beam_size)
         self._check_groups(indices)
-        chunks = x.chunk(self.groups, dim=self.split_dim)
+        chunks = self._spread_non_finite(x, mask).chunk(self.groups, dim=self.split_dim)
         outs = [rvq(chunk, mask=mask, indices=i) for rvq, chunk, i in zip(self.rvqs, chunks, indices)]
         return cat([q for q, _ in outs], dim=self.split_dim), sum(ce for _, ce in outs)
