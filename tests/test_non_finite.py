@@ -510,3 +510,31 @@ def test_dtype_matrix(name, cell_index):
 
     run_non_finite_cell(cell, case.make, matrix_input(case.shape, case.channel_first, cell_index), bad,
                         forward=run(case.call), unpack=unpack)
+
+
+def test_the_other_conversions_keep_the_marker():
+    """codes -> indices gives -1 for the NaN codes forward outputs; indices -> level indices gives
+    -1 in every dimension (FSP's forward level_indices) and back; log_prob of -1 is NaN."""
+    x = with_value(randn(2, 5, 3, seed=9), -1, BAD_TOKEN, BAD_FEATURE, math.nan)
+    at = torch.zeros(2, 5, dtype=torch.bool)
+    at[BAD_TOKEN] = True
+    for layer in (FSQ([8, 5, 5]), LatentQuantize([5, 5, 5], dim=3).eval()):
+        latent = x.movedim(-1, 1) if isinstance(layer, LatentQuantize) else x
+        out, indices = layer(latent)[:2]
+        codes = out.movedim(1, -1) if isinstance(layer, LatentQuantize) else out
+        assert torch.equal(layer.codes_to_indices(codes), indices) and (indices[at] == -1).all()
+        levels = layer.indices_to_level_indices(indices)
+        assert (levels[at] == -1).all() and (levels[~at] >= 0).all()
+    fsp = FSP([5, 5, 5]).eval()
+    out, indices, _, info = fsp(x)
+    assert torch.equal(fsp.indices_to_level_indices(indices), info["level_indices"])
+    assert torch.equal(fsp.level_indices_to_indices(info["level_indices"]), indices) and (indices[at] == -1).all()
+    assert fsp.indices_to_act_value(indices)[at].isnan().all()
+    mapper = BinaryMapper(3)
+    logits = randn(2, 5, 3, seed=10)
+    given = torch.randint(0, 8, (2, 5), generator=torch.Generator().manual_seed(11)).masked_fill(at, -1)
+    log_prob = mapper.log_prob(logits, indices=given)
+    assert log_prob[at].isnan().all() and torch.isfinite(log_prob[~at]).all()
+    assert torch.equal(mapper.log_prob(x, indices=given.clamp(min=0))[at].isnan(), torch.tensor([True]))
+    with pytest.raises(ValueError, match="indices"):
+        mapper.log_prob(logits, indices=given.masked_fill(at, -2))
