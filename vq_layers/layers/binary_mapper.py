@@ -63,6 +63,8 @@ class BinaryMapper(nn.Module):
                 (scalar, or (...) with reduce_aux_kl_loss=False)).
         log_prob(logits, indices=(...) | one_hot=(..., 2^bits)) -> (...) fp32, or (..., bits)
             with sum_bits=False.
+        A token with a non-finite logit gets index -1, a NaN one-hot row and a NaN aux loss
+        (docs/precision.md).
 
     log_prob and calc_aux_loss need no one-hot and work at any size (up to 62 bits).
     """

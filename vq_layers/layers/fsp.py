@@ -146,6 +146,8 @@ class FSP(nn.Module):
             -> (q_z like z in z's dtype, indices (...) int64, norm_loss fp32,
                 info {"level_indices": (..., d) int64, "norm_info": moments (d,) fp32,
                       "p_accept_prob": fp32 (training with quantize_rate < 1)}).
+        A token whose input is not finite gets index -1, level indices -1 and a NaN output;
+        the norm loss and the batch statistics in info are then NaN (docs/precision.md).
         With need_inv_act, `eps` clamps a perturbed (or saturated) activation value to
         [eps, 1 - eps] before the inverse (default: float32's machine epsilon, as everything
         here runs in fp32). Bin midpoints (l + 1/2) / L are never clamped, so the output is the

@@ -74,6 +74,8 @@ class FSQ(Fp32BuffersModule):
         forward(z): z (b, n, dim) | (b, dim) | (b, dim, n) with channel_first |
             (b, dim, h, w) | (b, dim, t, h, w)
             -> (quantized like z in z's dtype, indices (b, ...) int64 [, num_codebooks axis]).
+        A token whose input is not finite gets index -1 (every codebook) and a NaN output
+        (docs/precision.md); indices_to_codes decodes -1 to zeros.
     """
 
     max_implicit_codebook_elements = MAX_MATERIALIZED_ELEMENTS

@@ -96,7 +96,9 @@ class HierarchicalVQ(nn.Module):
             lens (b,) for sequences
             -> (reconstruction like x in x's dtype (zeros where masked),
                 indices: a tuple with one (b, ...scale_k) int64 per level (-1 for cells with no
-                kept position), commit loss fp32 scalar (mean over the kept levels)
+                kept position, and for cells whose pooled residual is not finite: their NaN
+                codes reach every position that depends on them, docs/precision.md), commit
+                loss fp32 scalar (mean over the kept levels; NaN with such a cell)
                 [, cutoff: the last kept level (int) or None, with return_cutoff]).
         get_output_from_indices(indices, full_shape) -> (b, dim, ...full_shape) fp32 (or `dtype`).
 

@@ -74,6 +74,8 @@ class LatentQuantize(Fp32BuffersModule):
     Shapes:
         forward(z): z channel-first (b, dim) | (b, dim, n) | (b, dim, h, w) | ...
             -> (quantized like z in z's dtype, indices (b, ...[, c]) int64, loss fp32 scalar).
+        A token whose input is not finite gets index -1 and a NaN output, and the loss is NaN
+        (docs/precision.md); the in-place optimizer's training step raises for it instead.
     """
 
     def __init__(

@@ -80,7 +80,8 @@ class LFQ(Fp32BuffersModule):
             channel_first, or by default for 4+ dims); mask (b, n) or (b, h, w) bool, True = keep
             -> Return(quantized like x in x's dtype, indices (b, ...[, c]) int64, aux loss fp32),
                and LossBreakdown(per_sample_entropy, batch_entropy, commitment) with
-               return_loss_breakdown.
+               return_loss_breakdown. A kept token whose input is not finite gets index -1 and
+               a NaN output, and the losses are NaN (docs/precision.md).
 
     `LFQ(dim=256)` without codebook_size quantizes all 256 signs: as one index cannot hold 256
     bits, they form num_codebooks=16 codebooks of 2^16 codes (indices (b, n, 16)), each with its

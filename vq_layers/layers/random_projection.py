@@ -35,6 +35,7 @@ class RandomProjectionQuantizer(Fp32BuffersModule):
         forward(x, indices): indices as forward returns them -> cross-entropy (fp32 scalar) of
             softmax over codes of the cosine similarities to the given codes (mean over tokens
             and codebooks), differentiable in x.
+        A token whose input is not finite gets target -1, and the cross-entropy is NaN with one.
 
     rand_projs (num_codebooks, dim, codebook_dim) and the codebooks are fp32 buffers (also under
     `.half()`). Ranks built from different seeds agree: under torch.distributed (unless

@@ -27,7 +27,8 @@ class ResidualFSQ(ResidualQuantizer):
         forward(x): x (b, n, dim) | (b, dim), or (b, dim, ...) with is_channel_first
             -> (quantized like x in x's dtype, indices (b, n, q) int64 | (b, q, ...) channel-first
                [, all_codes (q, b, n, d) scaled codes in x's dtype with return_all_codes]).
-        Dropped quantizers (quantize_dropout in training) get index -1.
+        Dropped quantizers (quantize_dropout in training) get index -1; so does every stage of
+        a token whose input is not finite, with a NaN output (docs/precision.md).
     """
 
     def __init__(

@@ -21,7 +21,8 @@ class ResidualLFQ(ResidualQuantizer):
     Shapes:
         forward(x, mask=None): x (b, n, dim) | (b, dim) | channel-first (b, dim, h, w)
             -> (quantized like x in x's dtype, indices (b, n, q) | (b, h, w, q) int64 (-1 for
-            dropped stages), aux losses (q,) fp32
+            dropped stages, and every stage of a token whose input is not finite, whose output
+            is NaN and which makes the losses NaN), aux losses (q,) fp32
             [, all_codes (q, b, n, d) in x's dtype with return_all_codes]).
     Every LFQ keyword (entropy_loss_weight, spherical, ...) passes through to the stages.
     """

@@ -27,7 +27,8 @@ class ResidualSimVQ(ResidualQuantizer):
                 [, all_codes (q, b, ..., dim) (or (q, b, dim, ...)) in x's dtype with
                 return_all_codes]).
         Quantize dropout (training with gradients) keeps stages 0..k for a k drawn alike on
-        every rank; dropped stages get index -1, zero codes and zero loss.
+        every rank; dropped stages get index -1, zero codes and zero loss. Every stage of a
+        token whose input is not finite gets -1, its output is NaN, the losses NaN.
         get_codes_from_indices(indices (b, ..., q'), q' <= q, -1 = dropped) -> (q, b, ..., dim)
         fp32; get_output_from_indices -> their sum (b, ..., dim), in eval exactly forward's output.
 

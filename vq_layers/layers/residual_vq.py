@@ -93,7 +93,9 @@ class ResidualVQ(ResidualQuantizer):
                 losses (q,) fp32 [, all_codes (q, b, n, d) with return_all_codes]).
             With `indices` (b, n, q) given -> (the output of those codes, summed cross-entropy of
             each stage's residual to its given code), the residuals taken from the given codes.
-        Dropped quantizers (quantize_dropout in training) and masked tokens get index -1.
+        Dropped quantizers (quantize_dropout in training) and masked tokens get index -1; so does
+        every stage of a token whose input is not finite, with a NaN output and NaN losses (a
+        training step that updates the codebooks raises instead; docs/precision.md).
 
     With shared_codebook, every stage searches the codebook as it was before the step, and the
     codebook is updated once from all stages' statistics at the end of the step (an

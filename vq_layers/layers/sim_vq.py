@@ -38,7 +38,8 @@ class SimVQ(Fp32BuffersModule):
 
     Shapes:
         forward(x): x (b, ..., dim), or (b, dim, ...) with channel_first
-            -> (quantized like x in x's dtype, indices (b, ...) int64, commit_loss fp32 scalar).
+            -> (quantized like x in x's dtype, indices (b, ...) int64, commit_loss fp32 scalar);
+            a token whose input is not finite gets index -1, a NaN output and a NaN loss.
         indices_to_codes(indices (b, ...)) -> codes (b, ..., dim) (or (b, dim, ...) with
             channel_first) in the implicit codebook's dtype unless `dtype` is given: in eval
             exactly what forward returned.

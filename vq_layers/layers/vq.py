@@ -76,7 +76,8 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
         forward(x): x (b, n, dim) | (b, dim) one token | (b, dim, n) with channel_last=False |
             (b, dim, h, w) with accept_image_fmap | (b, dim, t, h, w) with accept_3d_fmap;
             mask (b, n) (or (b, h, w)) bool, True = keep, or lens (b,) for sequences
-            -> (quantized like x in x's dtype, indices (b, n[, heads]) int64 (-1 where masked),
+            -> (quantized like x in x's dtype, indices (b, n[, heads]) int64 (-1 where masked or the
+                input is not finite, with a NaN output there: docs/precision.md),
                 loss fp32 scalar) [, LossBreakdown with return_loss_breakdown];
             with `indices` given -> (quantized, cross-entropy of x's code distribution to them).
 
