@@ -185,7 +185,8 @@ CASES = {
         lambda r, b, n: Seen(tokens(r[0], False), per_token(r[1].movedim(0, -1), b, n)), decode=decode_output()),
     "LFQ-projected-breakdown": Case(
         lambda: LFQ(dim=6, codebook_size=16, commitment_loss_weight=0.1), (2, 5, 6), False, with_breakdown,
-        call=lambda layer, x: layer(x, return_loss_breakdown=True), decode=lambda layer, r: layer.indices_to_codes(r[0][1])),
+        call=lambda layer, x: layer(x, return_loss_breakdown=True),
+        decode=lambda layer, r: layer.indices_to_codes(r[0][1])),
     "LFQ-image-2-codebooks-spherical": Case(
         lambda: LFQ(dim=8, codebook_size=16, num_codebooks=2, spherical=True), (2, 8, 2, 3), True, plain(True),
         decode=decode_codes(True)),
@@ -469,8 +470,8 @@ def matrix_input(shape, channel_first, cell_index):
 MATRIX = {name: CASES[name] for name in [
     "FSQ-image-projected-2-codebooks-noise", "ResidualFSQ-all-codes", "GroupedResidualFSQ",
     "LFQ-projected-breakdown", "ResidualLFQ-all-codes", "GroupedResidualLFQ", "VectorQuantize-breakdown",
-    "ResidualVQ-all-codes", "GroupedResidualVQ", "RandomProjectionQuantizer-targets-and-loss", "SimVQ", "ResidualSimVQ-all-codes",
-    "LatentQuantize", "FSP", "BinaryMapper"]}
+    "ResidualVQ-all-codes", "GroupedResidualVQ", "RandomProjectionQuantizer-targets-and-loss", "SimVQ",
+    "ResidualSimVQ-all-codes", "LatentQuantize", "FSP", "BinaryMapper"]}
 MATRIX_CELLS = dtype_matrix(autocasts=CPU_AUTOCASTS)
 
 
