@@ -8,6 +8,11 @@ make_input)`, which checks the contract of DESIGN.md: no exception, finite outpu
 dtype, fp32 losses, int64 indices, statistics buffers still fp32, no float64 tensor anywhere,
 and in training a backward pass whose input gradient is finite and in the input's dtype.
 It returns what it saw, so the test can add layer-specific checks (e.g. indices == reference).
+
+`run_non_finite_cell(cell, make_layer, make_input, bad)` checks the rule for non-finite input
+(docs/precision.md) instead: the input holds NaN/+-inf tokens exactly where `bad` says, and
+every cell gives NaN output and index -1 at exactly those tokens, finite output and valid
+indices elsewhere, NaN losses, with the dtypes, float64 and buffer checks of `run_cell`.
 """
 
 from __future__ import annotations
@@ -53,12 +58,15 @@ class Cell:
         return f"module_{self.module_dtype}-input_{self.input_dtype}-autocast_{self.autocast}-{mode}"
 
 
-def dtype_matrix(train=(True, False)) -> list:
+CPU_AUTOCASTS = ("off", "cpu-bf16", "cpu-fp16")
+
+
+def dtype_matrix(train=(True, False), autocasts=tuple(AUTOCASTS)) -> list:
     """pytest params for every cell; CUDA cells are skipped without a GPU."""
     cells = []
     for module_dtype in DTYPES:
         for input_dtype in DTYPES:
-            for autocast in AUTOCASTS:
+            for autocast in autocasts:
                 for is_train in train:
                     cell = Cell(module_dtype, input_dtype, autocast, is_train)
                     marks = ()
@@ -167,6 +175,57 @@ def run_cell(
             assert torch.isfinite(grad).all(), "input gradient has NaN/Inf"
             if parts.losses:
                 sum(loss.sum() for loss in parts.losses).backward()
+
+    assert not recorder.float64_ops, f"float64 tensors produced by {sorted(set(recorder.float64_ops))}"
+    _check_buffers(layer, "after forward")
+    return CellResult(layer, x, parts)
+
+
+def _at_tokens(bad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """bad (b, n) (or (b, 1): the whole sample) -> a mask of t (b, n_t, ...)'s elements."""
+    at = bad.expand(t.shape[0], t.shape[1])
+    return at.reshape(*at.shape, *(1,) * (t.ndim - 2)).expand_as(t)
+
+
+def run_non_finite_cell(
+    cell: Cell,
+    make_layer: Callable[[], torch.nn.Module],
+    make_input: Callable[[torch.dtype], torch.Tensor],
+    bad: torch.Tensor,
+    forward: Callable | None = None,
+    unpack: Callable = default_unpack,
+) -> CellResult:
+    """One forward of a batch with non-finite tokens where `bad` (b, n) is True (or (b, 1): every
+    token of those samples). `unpack` gives the output, the indices and further outputs in token
+    layout (b, n, ...) and the batch losses; an output may be None (a layer that returns indices)."""
+    torch.manual_seed(0)
+    input_dtype = DTYPES[cell.input_dtype]
+    layer = make_layer().to(device=cell.device, dtype=DTYPES[cell.module_dtype])
+    layer.train(cell.train)
+    x = make_input(input_dtype).to(cell.device)
+    assert x.dtype == input_dtype, "make_input must honour the dtype it is given"
+    bad = bad.to(cell.device)
+
+    recorder = RecordDtypes()
+    with recorder, cell.autocast_context():
+        result = forward(layer, x) if forward else layer(x)
+    parts = unpack(result)
+
+    for t in (parts.output, *parts.others):
+        if t is None:
+            continue
+        assert t.dtype == input_dtype, f"output dtype {t.dtype} != input dtype {input_dtype}"
+        at = _at_tokens(bad, t)
+        assert t[at].isnan().all(), "output is not NaN at a non-finite token"
+        assert torch.isfinite(t[~at]).all(), "output has NaN/Inf at a finite token"
+    for t in parts.indices:
+        assert t.dtype == torch.long, f"indices dtype {t.dtype} != int64"
+        at = _at_tokens(bad, t)
+        assert (t[at] == -1).all(), "index is not -1 at a non-finite token"
+        assert (t[~at] >= 0).all(), "index -1 (or out of range) at a finite token"
+    for t in parts.losses:
+        assert t.dtype == torch.float32, f"loss dtype {t.dtype} != float32"
+        assert t.isnan().all(), "loss is not NaN with a non-finite token"
 
     assert not recorder.float64_ops, f"float64 tensors produced by {sorted(set(recorder.float64_ops))}"
     _check_buffers(layer, "after forward")

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from dtype_matrix import Cell, dtype_matrix, run_cell
+from dtype_matrix import CPU_AUTOCASTS, Cell, dtype_matrix, run_cell, run_non_finite_cell
 from torch import nn
 
+from vq_layers.non_finite import mark_losses, mark_non_finite, non_finite_tokens
 from vq_layers.precision import Fp32BuffersModule, fp32_island, project
 
 
@@ -93,3 +94,54 @@ def test_autocast_leak_is_caught():
 
     with pytest.raises(AssertionError, match="output dtype"):
         run_cell(Cell("fp32", "fp16", "cpu-bf16", False), Leaky, make_input)
+
+
+# --- the non-finite rule (docs/precision.md) ---------------------------------------------------------
+
+BAD = torch.tensor([[False, True, False], [False, False, False]])  # token (0, 1) of make_input's (2, 3, 4)
+
+
+class MarkingLayer(GoodLayer):
+    """GoodLayer following the non-finite rule with the library's helpers, or breaking one part."""
+
+    def forward(self, x):
+        bad = non_finite_tokens(x)
+        out, indices, loss = super().forward(x)
+        indices = indices.reshape(x.shape[:2])
+        out = mark_non_finite(out, bad)
+        if self.flaw == "finite_output":  # a code for it, as an argmin over NaN distances gives
+            out = out.nan_to_num(0.0)
+        if self.flaw == "nan_elsewhere":
+            out = mark_non_finite(out, torch.ones_like(bad))
+        if self.flaw != "index_kept":
+            indices = mark_non_finite(indices, bad)
+        if self.flaw == "index_elsewhere":
+            indices = mark_non_finite(indices, ~bad)
+        loss = mark_losses(loss, bad)
+        if self.flaw == "finite_loss":
+            loss = loss.nan_to_num(0.0)
+        return out, indices, loss
+
+
+def non_finite_input(dtype):
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(3))
+    x[0, 1, 2] = float("nan")
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("cell", dtype_matrix(autocasts=CPU_AUTOCASTS))
+def test_marking_layer_passes_every_non_finite_cell(cell):
+    result = run_non_finite_cell(cell, MarkingLayer, non_finite_input, BAD)
+    assert result.parts.output.shape == (2, 3, 4) and result.parts.indices[0].shape == (2, 3)
+
+
+@pytest.mark.parametrize("flaw", ["finite_output", "nan_elsewhere", "index_kept", "index_elsewhere", "finite_loss",
+                                  "output_dtype", "int32", "fp64", "buffer"])
+def test_each_non_finite_flaw_is_caught(flaw):
+    with pytest.raises(AssertionError):
+        run_non_finite_cell(Cell("fp32", "bf16", "off", False), lambda: MarkingLayer(flaw), non_finite_input, BAD)
+
+
+def test_non_finite_cells_are_cpu_only_and_cover_every_dtype_mix():
+    cells = [param.values[0] for param in dtype_matrix(autocasts=CPU_AUTOCASTS)]
+    assert len(cells) == 3 * 3 * 3 * 2 and {cell.device for cell in cells} == {"cpu"}

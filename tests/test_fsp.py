@@ -294,8 +294,13 @@ def test_fp16_inverse_activation_stays_finite():
         out, _, _, _ = FSP(LEVELS, act_name="cauchy", need_inv_act=True).train(train)(z)
         assert out.dtype == torch.float16 and torch.isfinite(out).all()
     torch.manual_seed(0)
-    saturated = torch.full((200, 3), float("inf"), dtype=torch.float16)  # act = 1 even in fp32
-    out, _, _, _ = FSP(LEVELS, act_name="cauchy", need_inv_act=True, quantize_rate=0.0).train()(saturated)
+    # a finite input whose activation saturates (act = 1 even in fp32) behind a steep projection
+    # (an infinite input has no code: NaN, tests/test_non_finite.py)
+    layer = FSP(LEVELS, dim=1, act_name="cauchy", need_inv_act=True, quantize_rate=0.0).train()
+    with torch.no_grad():
+        layer.project_in.weight.fill_(1e9), layer.project_in.bias.zero_()
+        layer.project_out.weight.copy_(torch.tensor([[1.0, 0.0, 0.0]])), layer.project_out.bias.zero_()
+    out, _, _, _ = layer(torch.ones(200, 1, dtype=torch.float16))
     assert torch.isfinite(out).all() and (out == 65504).any()  # rejected proposals keep act = 1
     big = FSP(LEVELS, act_name="cauchy", need_inv_act=True, quantize_rate=0.0).train()(z.float())[0]
     assert torch.isfinite(big).all()

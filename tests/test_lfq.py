@@ -1060,12 +1060,14 @@ def test_huge_finite_input_gives_finite_losses():
     assert torch.isfinite(x.grad).all()
 
 
-def test_infinite_input_gives_the_code_in_training():
+def test_infinite_input_has_no_code_in_training():
+    """A non-finite token gets no code (docs/precision.md, "Non-finite input"); a huge finite
+    one still takes its signs."""
     layer = LFQ(dim=4).train()
-    x = torch.tensor([[[float("inf"), -float("inf"), 1.0, -2.0]]], requires_grad=True)
-    out, indices, _ = layer(x)
-    assert indices.item() == 0b1010
-    assert torch.equal(out.detach(), torch.tensor([[[1.0, -1.0, 1.0, -1.0]]]))
+    x = torch.tensor([[[float("inf"), -float("inf"), 1.0, -2.0], [3e38, -3e38, 1.0, -2.0]]], requires_grad=True)
+    out, indices, loss = layer(x)
+    assert indices.tolist() == [[-1, 0b1010]] and loss.isnan()
+    assert out[0, 0].isnan().all() and torch.equal(out[0, 1].detach(), torch.tensor([1.0, -1.0, 1.0, -1.0]))
 
 
 def test_review_regressions():

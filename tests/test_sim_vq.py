@@ -265,7 +265,7 @@ def test_bad_inputs_raise_naming_the_argument():
     with pytest.raises(ValueError, match="indices"):
         layer.indices_to_codes(torch.tensor([[0, 32]]))
     with pytest.raises(ValueError, match="indices"):
-        layer.indices_to_codes(torch.tensor([[-1, 0]]))
+        layer.indices_to_codes(torch.tensor([[-2, 0]]))  # -1 is no code (zeros)
     with pytest.raises(TypeError, match="indices"):
         layer.indices_to_codes(torch.tensor([[0.0]]))
     wrong = SimVQ(dim=8, codebook_size=16, codebook_transform=nn.Linear(8, 5))

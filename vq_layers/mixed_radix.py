@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_indices
+from .non_finite import NO_CODE, fill_tokens
 
 
 def register_mixed_radix(module: nn.Module, levels: Sequence[int]) -> int:
@@ -36,7 +37,9 @@ def digits_to_indices(digits: Tensor, basis: Tensor) -> Tensor:
 
 
 def indices_to_digits(indices: Tensor, basis: Tensor, levels: Tensor, codebook_size: int) -> Tensor:
-    """Indices (...) in [0, codebook_size) -> digit per dimension (..., d), int64; TypeError or
-    ValueError (naming `indices`) for a non-integer tensor or a value out of range."""
-    check_indices(indices, codebook_size)
-    return (indices.long().unsqueeze(-1) // basis) % levels
+    """Indices (...) in [0, codebook_size), or -1 (no code: masked, dropped or non-finite input)
+    -> digit per dimension (..., d), int64, every digit -1 for index -1; TypeError or ValueError
+    (naming `indices`) for a non-integer tensor or a value out of range."""
+    check_indices(indices, codebook_size, allow_dropped=True)
+    indices = indices.long().unsqueeze(-1)
+    return fill_tokens(indices.clamp(min=0) // basis % levels, indices[..., 0] == NO_CODE, NO_CODE)

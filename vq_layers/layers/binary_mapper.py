@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..checks import MAX_MATERIALIZED_ELEMENTS, check_indices, check_positive_int
 from ..kernels.lfq_entropy import binary_entropy, logsigmoid
+from ..non_finite import NO_CODE, mark_losses, mark_non_finite, non_finite_tokens
 from ..precision import fp32_island
 from ..straight_through import straight_through as exact_straight_through
 
@@ -62,6 +63,8 @@ class BinaryMapper(nn.Module):
                 (scalar, or (...) with reduce_aux_kl_loss=False)).
         log_prob(logits, indices=(...) | one_hot=(..., 2^bits)) -> (...) fp32, or (..., bits)
             with sum_bits=False.
+        A token with a non-finite logit gets index -1, a NaN one-hot row and a NaN aux loss
+        (docs/precision.md).
 
     log_prob and calc_aux_loss need no one-hot and work at any size (up to 62 bits).
     """
@@ -117,16 +120,19 @@ class BinaryMapper(nn.Module):
 
     def calc_aux_loss(self, logits: Tensor, reduce_aux_kl_loss: bool = True) -> Tensor:
         """relu(bits·ln2 - H(p) - kl_loss_threshold): mean over tokens (fp32 scalar, 0 for no
-        tokens), or per token (...) fp32."""
+        tokens), or per token (...) fp32; NaN for a token with a non-finite logit (so the mean
+        is NaN with one)."""
         kl = self.bits * NAT - self.binary_entropy(logits)
-        loss = F.relu(kl - self.kl_loss_threshold)
+        bad = non_finite_tokens(logits)
+        loss = mark_non_finite(F.relu(kl - self.kl_loss_threshold), bad)
         if not reduce_aux_kl_loss:
             return loss
-        return loss.sum() / max(loss.numel(), 1)
+        return mark_losses(loss.sum() / max(loss.numel(), 1), bad)
 
     def log_prob(self, logits: Tensor, *, indices: Tensor | None = None, one_hot: Tensor | None = None,
                  sum_bits: bool = True) -> Tensor:
-        """log p(code | logits) of given codes (indices, or one-hot rows: their argmax), fp32."""
+        """log p(code | logits) of given codes (indices, or one-hot rows: their argmax), fp32;
+        NaN for index -1 (no code) and for a token with a non-finite logit."""
         self._check_logits(logits)
         if (indices is None) == (one_hot is None):
             raise ValueError("log_prob: expected exactly one of indices or one_hot, got "
@@ -142,8 +148,10 @@ class BinaryMapper(nn.Module):
         if tuple(indices.shape) != tuple(logits.shape[:-1]):
             raise ValueError(f"indices: expected shape {tuple(logits.shape[:-1])} (the logits' leading dims), "
                              f"got {tuple(indices.shape)}")
-        bits = self.indices_to_bits(indices)
+        check_indices(indices, self.num_codes, allow_dropped=True)
+        bits = (indices.long().clamp(min=0).unsqueeze(-1) & self.power_two) != 0
         per_bit = fp32_island(lambda t: torch.where(bits, logsigmoid(t), logsigmoid(-t)))(logits)
+        per_bit = mark_non_finite(per_bit, (indices == NO_CODE) | non_finite_tokens(logits))
         return per_bit.sum(-1) if sum_bits else per_bit
 
     @fp32_island
@@ -164,6 +172,7 @@ class BinaryMapper(nn.Module):
 
         lead = logits.shape[:-1]
         flat = rearrange(logits, "... bits -> (...) bits")
+        bad = non_finite_tokens(flat)
         limit = self.max_one_hot_elements
         if limit is not None and flat.shape[0] * self.num_codes > limit:
             raise ValueError(
@@ -179,12 +188,12 @@ class BinaryMapper(nn.Module):
             # (the (N, 2^bits) probability table is built only when a gradient can flow)
             one_hot = exact_straight_through(one_hot, code_log_probs(flat).exp())
 
-        if calc_aux_loss:
+        if calc_aux_loss:  # NaN at a non-finite token (reduced: NaN with one)
             aux_loss = self.calc_aux_loss(logits, reduce_aux_kl_loss=reduce_aux_kl_loss)
         else:
-            aux_loss = logits.new_zeros((), dtype=torch.float32)
+            aux_loss = mark_losses(logits.new_zeros((), dtype=torch.float32), bad)
 
-        one_hot = one_hot.reshape(*lead, self.num_codes)
-        indices = indices.reshape(lead)
+        one_hot = mark_non_finite(one_hot, bad).reshape(*lead, self.num_codes)
+        indices = mark_non_finite(indices, bad).reshape(lead)
         return (one_hot, indices, aux_loss) if return_indices else (one_hot, aux_loss)
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..checks import check_positive_int
 from ..layout import from_tokens, indices_from_tokens, to_tokens
 from ..mixed_radix import digits_to_indices, indices_to_digits, register_mixed_radix
+from ..non_finite import NO_CODE, fill_tokens, mark_losses, mark_non_finite, non_finite_tokens
 from ..precision import fp32_island, project
 from ..straight_through import straight_through
 from .fsq import check_levels
@@ -145,6 +146,8 @@ class FSP(nn.Module):
             -> (q_z like z in z's dtype, indices (...) int64, norm_loss fp32,
                 info {"level_indices": (..., d) int64, "norm_info": moments (d,) fp32,
                       "p_accept_prob": fp32 (training with quantize_rate < 1)}).
+        A token whose input is not finite gets index -1, level indices -1 and a NaN output;
+        the norm loss and the batch statistics in info are then NaN (docs/precision.md).
         With need_inv_act, `eps` clamps a perturbed (or saturated) activation value to
         [eps, 1 - eps] before the inverse (default: float32's machine epsilon, as everything
         here runs in fp32). Bin midpoints (l + 1/2) / L are never clamped, so the output is the
@@ -246,6 +249,7 @@ class FSP(nn.Module):
             eps = FP32_EPS
         elif not 0.0 < eps < 0.5:
             raise ValueError(f"eps: expected a value in (0, 0.5), got {eps!r}")
+        bad = non_finite_tokens(tokens)
         flat = project(self.project_in, tokens).reshape(-1, self.codebook_dim)
         norm_loss, norm_info = self.vector_norm(flat)
         codes, level, info = self._quantize(flat, eps, torch.finfo(dtype).max)
@@ -253,32 +257,40 @@ class FSP(nn.Module):
 
         b, n = tokens.shape[:2]
         codes = codes.reshape(b, n, self.codebook_dim)
-        out = from_tokens(project(self.project_out, codes).to(dtype), spatial, self.channel_first)
-        indices = indices_from_tokens(indices.reshape(b, n, 1), spatial)
-        level = indices_from_tokens(level.reshape(b, n, self.codebook_dim), spatial)
+        out = mark_non_finite(project(self.project_out, codes).to(dtype), bad)
+        out = from_tokens(out, spatial, self.channel_first)
+        indices = indices_from_tokens(mark_non_finite(indices.reshape(b, n, 1), bad), spatial)
+        level = indices_from_tokens(mark_non_finite(level.reshape(b, n, self.codebook_dim), bad), spatial)
+        # the batch's statistics (the loss, the moments, the acceptance rate) are NaN with it
+        norm_loss, norm_info = mark_losses(norm_loss, bad), {k: mark_losses(v, bad) for k, v in norm_info.items()}
+        info = {k: mark_losses(v, bad) for k, v in info.items()}
         return out, rearrange(indices, "... 1 -> ..."), norm_loss, {"level_indices": level, "norm_info": norm_info, **info}
 
     # indices <-> codes
 
     def level_indices_to_indices(self, level_indices: Tensor) -> Tensor:
-        """Bin per dimension (..., d) -> indices (...), int64 (first dimension fastest)."""
+        """Bin per dimension (..., d) -> indices (...), int64 (first dimension fastest); -1 where
+        the bins are -1 (forward's level indices of a token without a code)."""
         if level_indices.shape[-1] != self.codebook_dim:
             raise ValueError(f"level_indices: expected last dim {self.codebook_dim}, got {tuple(level_indices.shape)}")
-        return digits_to_indices(level_indices, self._basis)
+        no_code = (level_indices == NO_CODE).any(-1)
+        return fill_tokens(digits_to_indices(level_indices.clamp(min=0), self._basis), no_code, NO_CODE)
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:
-        """indices (...) -> bin per dimension (..., d), int64."""
+        """indices (...) -> bin per dimension (..., d), int64 (-1 for index -1)."""
         return indices_to_digits(indices, self._basis, self._levels, self.codebook_size)
 
     def indices_to_act_value(self, indices: Tensor) -> Tensor:
-        """indices (...) -> bin midpoints in (0, 1) (..., d), fp32."""
-        return self._midpoint(self.indices_to_level_indices(indices).to(torch.float32))
+        """indices (...) -> bin midpoints in (0, 1) (..., d), fp32; NaN for index -1 (no bin)."""
+        level = self.indices_to_level_indices(indices)
+        return self._midpoint(level.to(torch.float32)).masked_fill(level == NO_CODE, float("nan"))
 
     def indices_to_codes(self, indices: Tensor, eps: float = 1e-6) -> Tensor:
         """indices (b, ...) -> codes (b, ..., dim) (channel-first with channel_first), fp32 or
-        the projection's dtype; equal to forward's output in eval. `eps` is accepted for
-        compatibility: bin midpoints are never clamped."""
+        the projection's dtype; equal to forward's output in eval; zeros for index -1 (no code),
+        as the other layers decode it. `eps` is accepted for compatibility: bin midpoints are
+        never clamped."""
         value = self.indices_to_act_value(indices)
         codes = fp32_island(self._code_value)(value)
-        codes = project(self.project_out, codes)
+        codes = fill_tokens(project(self.project_out, codes), indices == NO_CODE, 0.0)
         return rearrange(codes, "b ... d -> b d ...") if self.channel_first else codes

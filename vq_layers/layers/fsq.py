@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_positive_int
 from ..layout import from_tokens, indices_from_tokens, to_tokens
 from ..mixed_radix import digits_to_indices, indices_to_digits, register_mixed_radix
+from ..non_finite import NO_CODE, fill_tokens, mark_non_finite, non_finite_tokens
 from ..precision import Fp32BuffersModule, fp32_island, project
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
@@ -73,6 +74,8 @@ class FSQ(Fp32BuffersModule):
         forward(z): z (b, n, dim) | (b, dim) | (b, dim, n) with channel_first |
             (b, dim, h, w) | (b, dim, t, h, w)
             -> (quantized like z in z's dtype, indices (b, ...) int64 [, num_codebooks axis]).
+        A token whose input is not finite gets index -1 (every codebook) and a NaN output
+        (docs/precision.md); indices_to_codes decodes -1 to zeros.
     """
 
     max_implicit_codebook_elements = MAX_MATERIALIZED_ELEMENTS
@@ -192,7 +195,7 @@ class FSQ(Fp32BuffersModule):
         if self.orthogonal_rotation:
             z = z @ self.orthogonal_rot
         position, level = self._bound(z)
-        # NaN input must still give an in-range index (the output stays NaN and shows it)
+        # keeps the integer arithmetic in range for a NaN; forward marks that token (non_finite.py)
         level = torch.minimum(level.nan_to_num(0.0).clamp(min=0.0), self._levels_f32() - 1)
         codes = straight_through(self._level_to_code(level), self._level_to_code(position))
         indices = digits_to_indices(level, self._basis)
@@ -207,12 +210,13 @@ class FSQ(Fp32BuffersModule):
         dtype = z.dtype
         channel_first = z.ndim >= 4 or self.channel_first
         tokens, packed_shape = to_tokens(z, channel_first, self.dim, "FSQ")
+        bad = non_finite_tokens(tokens)
         codes, indices = self._quantize(project(self.project_in, tokens))
-        out = project(self.project_out, codes).to(dtype)
+        out = mark_non_finite(project(self.project_out, codes).to(dtype), bad)
         out = from_tokens(out, packed_shape, channel_first)
         if not self.return_indices:
             return out, None
-        indices = indices_from_tokens(indices, packed_shape)
+        indices = indices_from_tokens(mark_non_finite(indices, bad), packed_shape)
         if not self.keep_num_codebooks_dim:
             indices = rearrange(indices, "... 1 -> ...")
         return out, indices
@@ -220,34 +224,41 @@ class FSQ(Fp32BuffersModule):
     # indices <-> codes
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:
-        """indices (...) -> level index per code dimension (..., d), int64."""
+        """indices (...) -> level index per code dimension (..., d), int64 (-1 for index -1)."""
         return indices_to_digits(indices, self._basis, self._levels, self.codebook_size)
 
     def _indices_to_raw_codes(self, indices: Tensor) -> Tensor:
-        """indices (...) -> codes (..., d) in fp32, before rotation and projection."""
-        return self._level_to_code(self.indices_to_level_indices(indices).to(torch.float32))
+        """indices (...) -> codes (..., d) in fp32, before rotation and projection; zeros for -1."""
+        level = self.indices_to_level_indices(indices)
+        return fill_tokens(self._level_to_code(level.to(torch.float32)), level[..., 0] == NO_CODE, 0.0)
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
-        """codes (..., d) on the grid -> indices (...), int64 (exact for any codebook size)."""
+        """codes (..., d) on the grid -> indices (...), int64 (exact for any codebook size); -1
+        for a non-finite code (what forward outputs for non-finite input)."""
         if codes.shape[-1] != self.codebook_dim:
             raise ValueError(
                 f"codes: expected last dim {self.codebook_dim} (len(levels)), got {codes.shape[-1]}"
             )
-        return digits_to_indices(self._code_to_level(codes.float()).round(), self._basis)
+        level = self._code_to_level(codes.float()).round().nan_to_num(0.0, 0.0, 0.0)
+        return mark_non_finite(digits_to_indices(level, self._basis), non_finite_tokens(codes))
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """indices (b, ...[, c]) -> codes (b, ..., dim) (channel-first for images/video).
 
-        The result is float32, or the projection's dtype when there are projections.
+        The result is float32, or the projection's dtype when there are projections. Index -1
+        (no code) decodes as the other layers decode it: a codebook's -1 contributes zeros, and
+        a token whose every index is -1 decodes to zeros.
         """
         check_codebook_axis(indices, self.keep_num_codebooks_dim, self.num_codebooks)
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         codes = self._indices_to_raw_codes(indices)
         if self.orthogonal_rotation:
             codes = codes @ self.orthogonal_rot.t()
+        no_code = indices == NO_CODE
         if self.keep_num_codebooks_dim:
             codes = rearrange(codes, "... c d -> ... (c d)")
-        codes = project(self.project_out, codes)
+            no_code = no_code.all(-1)
+        codes = fill_tokens(project(self.project_out, codes), no_code, 0.0)
         if is_img_or_video or self.channel_first:
             codes = rearrange(codes, "b ... d -> b d ...")
         return codes

@@ -27,6 +27,7 @@ from ..checks import check_indices, check_non_negative, check_positive_int
 from ..counter_random import CounterDraws, mix32
 from ..distributed import NON_FINITE_INPUT, broadcast_once_, check_finite, is_distributed
 from ..layout import check_mask, from_tokens, indices_from_tokens, lens_to_mask
+from ..non_finite import non_finite_tokens
 from ..precision import fp32_island, project, stack
 from .vq import VectorQuantize
 
@@ -132,7 +133,9 @@ class HierarchicalVQ(nn.Module):
             lens (b,) for sequences
             -> (reconstruction like x in x's dtype (zeros where masked),
                 indices: a tuple with one (b, ...scale_k) int64 per level (-1 for cells with no
-                kept position), commit loss fp32 scalar (mean over the kept levels)
+                kept position, and for cells whose pooled residual is not finite: their NaN
+                codes reach every position that depends on them, docs/precision.md), commit
+                loss fp32 scalar (mean over the kept levels; NaN with such a cell)
                 [, cutoff: the last kept level (int) or None, with return_cutoff]).
         get_output_from_indices(indices, full_shape) -> (b, dim, ...full_shape) fp32 (or `dtype`).
 
@@ -329,6 +332,9 @@ class HierarchicalVQ(nn.Module):
             result = vq._quantize(tokens, cells, temperature, may_init=updating,
                                   update=updating and not self.shared_codebook, ema_update=vq.ema_update, freeze=False)
             results.append(result)
+            # a cell whose pooled residual is not finite has no code; its NaN reaches, through
+            # the refinement, every position and finer cell that depends on it
+            result = vq._without_codes(result, non_finite_tokens(tokens, cells))
             q = self._refine(k, from_tokens(result.quantized, level_shape, True), full_shape)
             reconstruction = reconstruction + q
             residual = residual - q

@@ -27,6 +27,7 @@ from ..distributed import all_reduce_sum_, check_finite, is_distributed
 from ..in_place_step import check_in_place_optimizer, step_on
 from ..layout import from_tokens, indices_from_tokens, to_tokens
 from ..mixed_radix import digits_to_indices, indices_to_digits, register_mixed_radix
+from ..non_finite import NO_CODE, fill_tokens, mark_losses, mark_non_finite, non_finite_tokens
 from ..precision import Fp32BuffersModule, fp32_island, project, stack
 from ..straight_through import straight_through
 from .fsq import check_levels
@@ -73,6 +74,8 @@ class LatentQuantize(Fp32BuffersModule):
     Shapes:
         forward(z): z channel-first (b, dim) | (b, dim, n) | (b, dim, h, w) | ...
             -> (quantized like z in z's dtype, indices (b, ...[, c]) int64, loss fp32 scalar).
+        A token whose input is not finite gets index -1 and a NaN output, and the loss is NaN
+        (docs/precision.md); the in-place optimizer's training step raises for it instead.
     """
 
     def __init__(
@@ -198,41 +201,47 @@ class LatentQuantize(Fp32BuffersModule):
             raise TypeError(f"z: expected a floating point tensor, got {type(z).__name__}")
         dtype = z.dtype
         tokens, spatial = to_tokens(z, True, self.dim, "LatentQuantize")
+        bad = non_finite_tokens(tokens)  # (a training step of the in-place optimizer raises for them)
         codes, indices, loss = self._quantize(project(self.project_in, tokens))
-        out = from_tokens(project(self.project_out, codes).to(dtype), spatial, True)
-        indices = indices_from_tokens(indices, spatial)
+        out = from_tokens(mark_non_finite(project(self.project_out, codes).to(dtype), bad), spatial, True)
+        indices = indices_from_tokens(mark_non_finite(indices, bad), spatial)
         if not self.keep_num_codebooks_dim:
             indices = rearrange(indices, "... 1 -> ...")
-        return out, indices, loss
+        return out, indices, mark_losses(loss, bad)
 
     # indices <-> codes
 
     def codes_to_indices(self, zhat: Tensor) -> Tensor:
-        """zhat (..., codebook_dim) -> indices (...) int64 of each dimension's nearest value."""
+        """zhat (..., codebook_dim) -> indices (...) int64 of each dimension's nearest value; -1
+        for a non-finite zhat (what forward outputs for non-finite input)."""
         if not isinstance(zhat, Tensor) or not zhat.is_floating_point():
             raise TypeError(f"zhat: expected a floating point tensor, got {getattr(zhat, 'dtype', type(zhat).__name__)}")
         if zhat.ndim == 0 or zhat.shape[-1] != self.codebook_dim:
             raise ValueError(f"zhat: expected last dim codebook_dim={self.codebook_dim}, got {tuple(zhat.shape)}")
         _, positions = fp32_island(nearest_values)(zhat, self._values_f32())
-        return digits_to_indices(positions, self._basis)
+        return mark_non_finite(digits_to_indices(positions, self._basis), non_finite_tokens(zhat))
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:
-        """indices (...) -> position in each dimension's values (..., codebook_dim), int64."""
+        """indices (...) -> position in each dimension's values (..., codebook_dim), int64 (-1
+        for index -1)."""
         return indices_to_digits(indices, self._basis, self._levels, self.codebook_size)
 
     def _lookup(self, level_indices: Tensor) -> Tensor:
-        """(..., d) positions -> values (..., d) in the values' dtype."""
-        return stack([v[level_indices[..., i]] for i, v in enumerate(self.values())], dim=-1)
+        """(..., d) positions -> values (..., d) in the values' dtype; zeros for position -1."""
+        values = stack([v[level_indices[..., i].clamp(min=0)] for i, v in enumerate(self.values())], dim=-1)
+        return values.masked_fill(level_indices == NO_CODE, 0.0)
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """indices (b, ...[, c]) -> codes channel-first (b, dim, ...), in the values' (or the
-        projection's) dtype; equal to forward's output in eval."""
+        projection's) dtype; equal to forward's output in eval. Index -1 (no code) decodes as
+        the other layers decode it: a codebook's -1 contributes zeros, and a token whose every
+        index is -1 decodes to zeros."""
         check_codebook_axis(indices, self.keep_num_codebooks_dim, self.num_codebooks)
         if not self.keep_num_codebooks_dim:
             indices = indices.unsqueeze(-1)
         codes = rearrange(self._lookup(self.indices_to_level_indices(indices)), "... c d -> ... (c d)")
         if project_out:
-            codes = project(self.project_out, codes)
+            codes = fill_tokens(project(self.project_out, codes), (indices == NO_CODE).all(-1), 0.0)
         return rearrange(codes, "b ... d -> b d ...")
 
     @property

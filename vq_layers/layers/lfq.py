@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_indices, check_positive_int
 from ..kernels.lfq_entropy import lfq_entropy
 from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens, without_padding
+from ..non_finite import NO_CODE, fill_tokens, mark_losses, mark_non_finite, non_finite_tokens
 from ..precision import Fp32BuffersModule, fp32_island, project
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
@@ -81,7 +82,8 @@ class LFQ(Fp32BuffersModule):
             drops whole samples (as the peer), (b, n) or (b, ...spatial) single tokens
             -> Return(quantized like x in x's dtype, indices (b, ...[, c]) int64, aux loss fp32),
                and LossBreakdown(per_sample_entropy, batch_entropy, commitment) with
-               return_loss_breakdown.
+               return_loss_breakdown. A kept token whose input is not finite gets index -1 and
+               a NaN output, and the losses are NaN (docs/precision.md).
 
     Masked tokens (and every token of a dropped sample) count nowhere: the losses are those of
     the kept tokens alone (the codebook entropy over the kept tokens of all ranks), an all-False
@@ -254,13 +256,16 @@ class LFQ(Fp32BuffersModule):
         mask = check_mask(mask, tokens, spatial, per_sample=True)
         if not inv_temperature > 0:
             raise ValueError(f"inv_temperature: expected > 0, got {inv_temperature}")
+        bad = non_finite_tokens(tokens, mask)
         quantized, indices, aux_loss, breakdown = self._quantize(project(self.project_in, without_padding(tokens, mask)), mask,
                                                                  inv_temperature)
         out = project(self.project_out, quantized)
         if mask is not None:  # masked tokens (index -1): zeros, as indices_to_codes decodes -1
             out = torch.where(mask.unsqueeze(-1), out, 0.0)
-        out = from_tokens(out.to(dtype), spatial, channel_first)
-        indices = indices_from_tokens(indices, spatial)
+        out = from_tokens(mark_non_finite(out.to(dtype), bad), spatial, channel_first)
+        indices = indices_from_tokens(mark_non_finite(indices, bad), spatial)
+        aux_loss = mark_losses(aux_loss, bad)
+        breakdown = LossBreakdown(*(mark_losses(loss, bad) for loss in breakdown))
         if not self.keep_num_codebooks_dim:
             indices = rearrange(indices, "... 1 -> ...")
         ret = Return(out, indices, aux_loss)
@@ -270,14 +275,15 @@ class LFQ(Fp32BuffersModule):
         """indices (...) -> codes (..., d), fp32, rotated back, before projection; zeros for -1."""
         check_indices(indices, self.codebook_size, allow_dropped=True)
         codes = self._bits_to_codes((indices.long().unsqueeze(-1) & self.mask) != 0)
-        codes = codes.masked_fill((indices < 0).unsqueeze(-1), 0.0)
+        codes = fill_tokens(codes, indices == NO_CODE, 0.0)
         return codes @ self.orthogonal_rot.t() if self.orthogonal_rotation else codes
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """indices (b, ...[, c]) -> codes (b, ..., dim) (channel-first for images/video).
 
-        fp32, or the projection's dtype when projected. Index -1 (masked) gives zeros: a token
-        whose every index is -1 decodes to zeros, as forward outputs there.
+        fp32, or the projection's dtype when projected. Index -1 (no code) decodes as the other
+        layers decode it: a codebook's -1 contributes zeros, and a token whose every index is -1
+        decodes to zeros.
         """
         check_codebook_axis(indices, self.keep_num_codebooks_dim, self.num_codebooks)
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
@@ -286,7 +292,7 @@ class LFQ(Fp32BuffersModule):
             indices = indices.unsqueeze(-1)
         codes = rearrange(self._indices_to_raw_codes(indices), "... c d -> ... (c d)")
         if project_out:
-            codes = project(self.project_out, codes).masked_fill((indices < 0).all(-1, keepdim=True), 0.0)
+            codes = fill_tokens(project(self.project_out, codes), (indices == NO_CODE).all(-1), 0.0)
         return rearrange(codes, "b ... d -> b d ...") if channel_first else codes
 
     @property

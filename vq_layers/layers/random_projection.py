@@ -18,6 +18,7 @@ from ..checks import check_positive_int
 from ..distributed import broadcast_, first_rank, is_distributed
 from ..kernels.nearest_code import _ieee_fp32_matmul
 from ..layout import to_tokens
+from ..non_finite import mark_losses, mark_non_finite, non_finite_tokens
 from ..precision import Fp32BuffersModule, fp32_island
 from .vq import VectorQuantize
 
@@ -34,6 +35,7 @@ class RandomProjectionQuantizer(Fp32BuffersModule):
         forward(x, indices): indices as forward returns them -> cross-entropy (fp32 scalar) of
             softmax over codes of the cosine similarities to the given codes (mean over tokens
             and codebooks), differentiable in x.
+        A token whose input is not finite gets target -1, and the cross-entropy is NaN with one.
 
     rand_projs (num_codebooks, dim, codebook_dim) and the codebooks are fp32 buffers (also under
     `.half()`). Ranks built from different seeds agree: under torch.distributed (unless
@@ -108,14 +110,16 @@ class RandomProjectionQuantizer(Fp32BuffersModule):
         if not isinstance(x, Tensor):
             raise TypeError(f"input: expected a tensor, got {type(x).__name__}")
         tokens, _ = to_tokens(x, False, self.dim, "RandomProjectionQuantizer")
+        bad = non_finite_tokens(tokens)  # no target (-1) for them; the loss NaN with one
         self._agree_across_ranks()
         projected = self._project(tokens)
         if indices is not None:
             targets = self._token_indices(indices, tokens)
             if targets.numel() == 0:  # no token: no loss (VectorQuantize cannot place 0 given indices)
                 return projected.sum() * 0.0
-            return self.vq(projected, indices=targets)[1]
+            return mark_losses(self.vq(projected, indices=targets)[1], bad)
         _, codes, _ = self.vq(projected)  # (b, n[, num_codebooks])
+        codes = mark_non_finite(codes, bad)
         return codes.reshape(*x.shape[:-1], *codes.shape[2:])
 
     def _token_indices(self, indices: Tensor, tokens: Tensor) -> Tensor:

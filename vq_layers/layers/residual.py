@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..checks import check_positive_int
 from ..counter_random import CounterDraws
 from ..distributed import broadcast_once_, is_distributed
+from ..non_finite import NO_CODE, fill_tokens, non_finite_tokens
 from ..precision import Fp32BuffersModule, cat, project, stack
 from ..usage import CodeUsage, stack_usage
 
@@ -239,9 +240,11 @@ class ResidualQuantizer(Fp32BuffersModule):
     def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """indices as forward returns them -> the output forward gave (bitwise, in eval).
 
-        float32 (the projection's dtype with projections) unless `dtype` is given.
+        float32 (the projection's dtype with projections) unless `dtype` is given. A token all
+        of whose indices are -1 (masked, or non-finite input) decodes to zeros.
         """
         out = project(self.project_out, sum_stages(self.get_codes_from_indices(indices)))
+        out = fill_tokens(out, (self._q_last(indices) == NO_CODE).all(-1), 0.0)
         out = out if dtype is None else out.to(dtype)
         return rearrange(out, "b ... d -> b d ...") if self._channel_first_output(indices) else out
 
@@ -283,10 +286,21 @@ class GroupedResidual(nn.Module):
         seed = None
         if self.training and any(rvq.quantize_dropout for rvq in self.rvqs) and torch.is_grad_enabled():
             seed = DropoutDraw(self.rvqs[0].dropout_draws)  # all groups drop alike
-        chunks = x.chunk(self.groups, dim=self.split_dim)
+        chunks = self._spread_non_finite(x, kwargs.get("mask")).chunk(self.groups, dim=self.split_dim)
         outs = [rvq(chunk, rand_quantize_dropout_fixed_seed=seed, **kwargs) for rvq, chunk in zip(self.rvqs, chunks)]
         quantized, *rest = zip(*outs)
         return (cat(quantized, dim=self.split_dim), *(stack(parts) for parts in rest))
+
+    def _spread_non_finite(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """A token is judged by its whole feature vector: a non-finite feature in one group's
+        slice makes the token NaN in every group's, so every group marks it (non_finite.py).
+        Masked tokens are left as they are (a mask of the wrong shape is the groups' to refuse)."""
+        if self.groups == 1:
+            return x
+        bad = non_finite_tokens(x, dim=self.split_dim)
+        if isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.numel() == bad.numel():
+            bad = bad & mask.reshape(bad.shape)
+        return fill_tokens(x.movedim(self.split_dim, -1), bad, float("nan")).movedim(-1, self.split_dim)
 
     def _check_groups(self, indices: Tensor) -> None:
         if indices.ndim == 0 or indices.shape[0] != self.groups:

@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..layout import from_tokens, indices_from_tokens, to_tokens
+from ..non_finite import mark_non_finite, non_finite_tokens
 from ..precision import fp32_island, project
 from .fsq import FSQ, check_levels
 from .peer_checkpoint import GroupsWarnOnce, warn_unrecorded
@@ -48,7 +49,8 @@ class ResidualFSQ(ResidualQuantizer):
         forward(x): x (b, n, dim) | (b, dim), or (b, dim, ...) with is_channel_first
             -> (quantized like x in x's dtype, indices (b, n, q) int64 | (b, q, ...) channel-first
                [, all_codes (q, b, n, d) scaled codes in x's dtype with return_all_codes]).
-        Dropped quantizers (quantize_dropout in training) get index -1.
+        Dropped quantizers (quantize_dropout in training) get index -1; so does every stage of
+        a token whose input is not finite, with a NaN output (docs/precision.md).
 
     stage_scales: stage k's scale. None (default): (levels - 1) ** -k for a new model; loading a
         state dict takes the scales it records, and levels ** -k (vector-quantize-pytorch's, with
@@ -197,12 +199,15 @@ class ResidualFSQ(ResidualQuantizer):
         dtype = x.dtype
         tokens, packed_shape = to_tokens(x, self.is_channel_first, self.dim, "ResidualFSQ")
         self._broadcast_initial_state(tokens)
+        bad = non_finite_tokens(tokens)  # judged before the soft clamp, which makes +-inf finite
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         quantized, indices, codes = self._residual_quantize(project(self.project_in, tokens), last_kept)
-        out = from_tokens(project(self.project_out, quantized).to(dtype), packed_shape, self.is_channel_first)
-        indices = indices_from_tokens(indices, packed_shape)
+        out = mark_non_finite(project(self.project_out, quantized).to(dtype), bad)
+        out = from_tokens(out, packed_shape, self.is_channel_first)
+        indices = indices_from_tokens(mark_non_finite(indices, bad), packed_shape)
         if not return_all_codes:
             return self._indices_layout_out(out, indices)
+        codes = mark_non_finite(codes, bad.unsqueeze(0))
         all_codes = codes.reshape(codes.shape[0], *indices.shape[:-1], codes.shape[-1]).to(dtype)
         return (*self._indices_layout_out(out, indices), all_codes)
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens, without_padding
+from ..non_finite import mark_losses, mark_non_finite, non_finite_tokens
 from ..precision import fp32_island, project
 from .lfq import LFQ, check_codebook_size
 from .residual import GroupedResidual, ResidualQuantizer, last_kept_stage, run_stages
@@ -21,7 +22,9 @@ class ResidualLFQ(ResidualQuantizer):
         forward(x, mask=None): x (b, n, dim) | (b, dim) | channel-first (b, dim, h, w); mask
             (b,) bool keeps or drops whole samples, (b, n) or (b, h, w) single tokens (as LFQ)
             -> (quantized like x in x's dtype (zeros where masked), indices (b, n, q) |
-            (b, h, w, q) int64 (-1 for dropped stages and masked tokens), aux losses (q,) fp32
+            (b, h, w, q) int64 (-1 for dropped stages and masked tokens, and every stage of a
+            token whose input is not finite, whose output is NaN and which makes the losses
+            NaN), aux losses (q,) fp32
             [, all_codes (q, b, n, d) in x's dtype with return_all_codes]).
     Every LFQ keyword (entropy_loss_weight, spherical, ...) passes through to the stages.
     """
@@ -79,6 +82,7 @@ class ResidualLFQ(ResidualQuantizer):
         channel_first = self._channel_first(x.ndim)
         tokens, spatial = to_tokens(x, channel_first, self.dim, "ResidualLFQ")
         mask = check_mask(mask, tokens, spatial, per_sample=True)
+        bad = non_finite_tokens(tokens, mask)
         self._broadcast_initial_state(tokens)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         quantized, indices, codes, losses = self._residual_quantize(project(self.project_in, without_padding(tokens, mask)), mask,
@@ -86,10 +90,12 @@ class ResidualLFQ(ResidualQuantizer):
         out = project(self.project_out, quantized)
         if mask is not None:  # masked tokens (every index -1): zeros, as get_output_from_indices decodes them
             out = torch.where(mask.unsqueeze(-1), out, 0.0)
-        out = from_tokens(out.to(dtype), spatial, channel_first)
-        indices = indices_from_tokens(indices, spatial)
+        out = from_tokens(mark_non_finite(out.to(dtype), bad), spatial, channel_first)
+        indices = indices_from_tokens(mark_non_finite(indices, bad), spatial)
+        losses = mark_losses(losses, bad)
         if not return_all_codes:
             return out, indices, losses
+        codes = mark_non_finite(codes, bad.unsqueeze(0))
         # the stages' own codes: the same values a lookup by indices would give, without one
         all_codes = codes.reshape(codes.shape[0], *indices.shape[:-1], codes.shape[-1]).to(dtype)
         return out, indices, losses, all_codes

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..checks import check_indices
 from ..layout import from_tokens, indices_from_tokens, to_tokens
+from ..non_finite import mark_losses, mark_non_finite, non_finite_tokens
 from ..precision import fp32_island
 from .residual import ResidualQuantizer, last_kept_stage, run_stages, sum_stages
 from .sim_vq import SimVQ
@@ -26,7 +27,8 @@ class ResidualSimVQ(ResidualQuantizer):
                 [, all_codes (q, b, ..., dim) (or (q, b, dim, ...)) in x's dtype with
                 return_all_codes]).
         Quantize dropout (training with gradients) keeps stages 0..k for a k drawn alike on
-        every rank; dropped stages get index -1, zero codes and zero loss.
+        every rank; dropped stages get index -1, zero codes and zero loss. Every stage of a
+        token whose input is not finite gets -1, its output is NaN, the losses NaN.
         get_codes_from_indices(indices (b, ..., q'), q' <= q, -1 = dropped) -> (q, b, ..., dim)
         fp32; get_output_from_indices -> their sum (b, ..., dim), in eval exactly forward's output.
 
@@ -91,16 +93,19 @@ class ResidualSimVQ(ResidualQuantizer):
         if not isinstance(x, Tensor):
             raise TypeError(f"input: expected a tensor, got {type(x).__name__}")
         tokens, spatial = to_tokens(x, self.channel_first, self.dim, "ResidualSimVQ")
+        bad = non_finite_tokens(tokens)
         self._broadcast_initial_state(tokens)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         # the maps are projections: they run here, under the caller's autocast
         codebooks = [layer.codebook if isinstance(last_kept, Tensor) or k <= last_kept else None
                      for k, layer in enumerate(self.layers)]
         quantized, indices, losses, codes = self._residual_quantize(tokens, codebooks, last_kept)
-        out = from_tokens(quantized.to(x.dtype), spatial, self.channel_first)
-        all_indices = indices_from_tokens(indices, spatial)
+        out = from_tokens(mark_non_finite(quantized.to(x.dtype), bad), spatial, self.channel_first)
+        all_indices = indices_from_tokens(mark_non_finite(indices, bad), spatial)
+        losses = mark_losses(losses, bad)
         if not return_all_codes:
             return out, all_indices, losses
+        codes = mark_non_finite(codes, bad.unsqueeze(0))
         all_codes = codes.reshape(self.num_quantizers, *all_indices.shape[:-1], self.dim).to(x.dtype)
         return out, all_indices, losses, self._codes_layout(all_codes)
 

@@ -20,6 +20,7 @@ from ..layout import (
     to_tokens,
     without_padding,
 )
+from ..non_finite import mark_losses, mark_non_finite, non_finite_tokens
 from ..precision import cat, fp32_island, project
 from .beam_search import BeamProcedureRecord, beam_search
 from .implicit_codebook import ImplicitCodebookMLP
@@ -93,7 +94,9 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
                 losses (q,) fp32 [, all_codes (q, b, n, d) with return_all_codes]).
             With `indices` (b, n, q) given -> (the output of those codes, summed cross-entropy of
             each stage's residual to its given code), the residuals taken from the given codes.
-        Dropped quantizers (quantize_dropout in training) and masked tokens get index -1.
+        Dropped quantizers (quantize_dropout in training) and masked tokens get index -1; so does
+        every stage of a token whose input is not finite, with a NaN output and NaN losses (a
+        training step that updates the codebooks raises instead; docs/precision.md).
 
     With shared_codebook, every stage searches the codebook as it was before the step, and the
     codebook is updated once from all stages' statistics at the end of the step (an
@@ -296,6 +299,7 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
         dtype = x.dtype
         tokens, spatial = to_tokens(x, self.accept_image_fmap, self.dim, "ResidualVQ")
         keep = check_mask(mask, tokens, spatial)
+        bad = non_finite_tokens(tokens, keep)  # (a training step raises for them, before any update)
         z = project(self.project_in, without_padding(tokens, keep))
         if indices is not None:
             if self.mlps is not None:
@@ -303,15 +307,17 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
                                  "implicit_neural_codebook=True")
             targets = self._check_targets(indices, tokens)
             quantized, ce = self._teacher_forced(z, keep, targets)
-            return self._output(quantized, tokens, keep, dtype, spatial), ce
+            return self._output(mark_non_finite(quantized, bad), tokens, keep, dtype, spatial), mark_losses(ce, bad)
         self._broadcast_initial_state(z, stages=not freeze_codebook)
         last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
         quantized, all_indices, losses, codes = self._residual_quantize(
             z, keep, sample_codebook_temp, freeze_codebook, last_kept, self._beam_width(beam_size))
-        out = self._output(quantized, tokens, keep, dtype, spatial)
-        all_indices = indices_from_tokens(all_indices, spatial)
+        out = self._output(mark_non_finite(quantized, bad), tokens, keep, dtype, spatial)
+        all_indices = indices_from_tokens(mark_non_finite(all_indices, bad), spatial)
+        losses = mark_losses(losses, bad)
         if not return_all_codes:
             return out, all_indices, losses
+        codes = mark_non_finite(codes, bad.unsqueeze(0))
         all_codes = codes.reshape(codes.shape[0], *all_indices.shape[:-1], codes.shape[-1]).to(dtype)
         return out, all_indices, losses, all_codes
 
@@ -352,13 +358,6 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
         if indices.ndim < 2:
             raise ValueError(f"indices: expected (b, ..., q), got shape {tuple(indices.shape)}")
         return super().get_codes_from_indices(indices)
-
-    def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        """indices as forward returns them -> the output forward gave (bitwise in eval; masked
-        tokens, all of whose indices are -1, are zeros)."""
-        out = super().get_output_from_indices(indices, dtype)
-        masked = (indices < 0).all(-1)
-        return out.masked_fill(masked.unsqueeze(1 if self.accept_image_fmap else -1), 0.0)
 
     def _lookup_stage(self, k: int, indices: Tensor) -> Tensor:
         check_indices(indices, self.codebook_sizes[k], f"indices[..., {k}]")
@@ -410,6 +409,6 @@ class GroupedResidualVQ(GroupsWarnOnce, GroupedResidual):
             return super().forward(x, return_all_codes=return_all_codes, sample_codebook_temp=sample_codebook_temp,
                                    freeze_codebook=freeze_codebook, mask=mask, beam_size=beam_size)
         self._check_groups(indices)
-        chunks = x.chunk(self.groups, dim=self.split_dim)
+        chunks = self._spread_non_finite(x, mask).chunk(self.groups, dim=self.split_dim)
         outs = [rvq(chunk, mask=mask, indices=i) for rvq, chunk, i in zip(self.rvqs, chunks, indices)]
         return cat([q for q, _ in outs], dim=self.split_dim), sum(ce for _, ce in outs)

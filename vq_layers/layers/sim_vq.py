@@ -22,6 +22,7 @@ from ..checks import check_indices, check_non_negative, check_positive_int
 from ..distributed import broadcast_once_, is_distributed
 from ..kernels.nearest_code import nearest_code
 from ..layout import from_tokens, to_tokens
+from ..non_finite import NO_CODE, fill_tokens, mark_losses, mark_non_finite, non_finite_tokens
 from ..precision import Fp32BuffersModule, fp32_island, project, without_autocast
 from ..rotation_trick import rotation_trick
 from ..straight_through import straight_through
@@ -38,7 +39,8 @@ class SimVQ(Fp32BuffersModule):
 
     Shapes:
         forward(x): x (b, ..., dim), or (b, dim, ...) with channel_first
-            -> (quantized like x in x's dtype, indices (b, ...) int64, commit_loss fp32 scalar).
+            -> (quantized like x in x's dtype, indices (b, ...) int64, commit_loss fp32 scalar);
+            a token whose input is not finite gets index -1, a NaN output and a NaN loss.
         indices_to_codes(indices (b, ...)) -> codes (b, ..., dim) (or (b, dim, ...) with
             channel_first) in the implicit codebook's dtype unless `dtype` is given: in eval
             exactly what forward returned.
@@ -151,11 +153,12 @@ class SimVQ(Fp32BuffersModule):
         if not isinstance(x, Tensor):
             raise TypeError(f"input: expected a tensor, got {type(x).__name__}")
         tokens, spatial = to_tokens(x, self.channel_first, self.dim, "SimVQ")
+        bad = non_finite_tokens(tokens)
         if self._sync():
             broadcast_once_([self], self.process_group, x.device)
         quantized, indices, loss = self._quantize(tokens, self.codebook)
-        out = from_tokens(quantized.to(x.dtype), spatial, self.channel_first)
-        return out, indices.reshape(x.shape[0], *spatial), loss
+        out = from_tokens(mark_non_finite(quantized.to(x.dtype), bad), spatial, self.channel_first)
+        return out, mark_non_finite(indices, bad).reshape(x.shape[0], *spatial), mark_losses(loss, bad)
 
     def lookup(self, indices: Tensor) -> Tensor:
         """Valid indices (...) int64 -> codes (..., dim) fp32, gathered from the same codebook
@@ -163,11 +166,12 @@ class SimVQ(Fp32BuffersModule):
         return self.codebook.float()[indices]
 
     def indices_to_codes(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        """indices (b, ...) in [0, codebook_size) -> codes (b, ..., dim) (channel_first: (b, dim, ...))
-        in the implicit codebook's dtype unless `dtype` is given."""
-        check_indices(indices, self.codebook_size)
+        """indices (b, ...) in [0, codebook_size), or -1 (no code: zeros) -> codes (b, ..., dim)
+        (channel_first: (b, dim, ...)) in the implicit codebook's dtype unless `dtype` is given."""
+        check_indices(indices, self.codebook_size, allow_dropped=True)
         codebook = self.codebook
-        codes = codebook[indices.long()].to(dtype or codebook.dtype)
+        codes = codebook[indices.long().clamp(min=0)].to(dtype or codebook.dtype)
+        codes = fill_tokens(codes, indices == NO_CODE, 0.0)
         return rearrange(codes, "b ... d -> b d ...") if self.channel_first and codes.ndim > 2 else codes
 
     def code_usage(self, indices: Tensor, process_group=None) -> CodeUsage:

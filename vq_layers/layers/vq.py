@@ -34,6 +34,7 @@ from ..layout import (
     to_tokens,
     without_padding,
 )
+from ..non_finite import mark_losses, mark_non_finite, non_finite_tokens
 from ..precision import fp32_island, project
 from ..rotation_trick import rotation_trick
 from ..straight_through import straight_through
@@ -76,7 +77,8 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
         forward(x): x (b, n, dim) | (b, dim) one token | (b, dim, n) with channel_last=False |
             (b, dim, h, w) with accept_image_fmap | (b, dim, t, h, w) with accept_3d_fmap;
             mask (b, n) (or (b, h, w)) bool, True = keep, or lens (b,) for sequences
-            -> (quantized like x in x's dtype, indices (b, n[, heads]) int64 (-1 where masked),
+            -> (quantized like x in x's dtype, indices (b, n[, heads]) int64 (-1 where masked or the
+                input is not finite, with a NaN output there: docs/precision.md),
                 loss fp32 scalar) [, LossBreakdown with return_loss_breakdown];
             with `indices` given -> (quantized, cross-entropy of x's code distribution to them).
 
@@ -336,6 +338,17 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
         breakdown = LossBreakdown(commitment, diversity, orthogonal, inplace)
         return Quantized(quantized, out_indices, loss, breakdown, search.detach(), indices, kept)
 
+    @staticmethod
+    def _without_codes(result: Quantized, bad: Tensor) -> Quantized:
+        """The non-finite rule (non_finite.py) on the core's result, bad (b, n) in token layout:
+        NaN codes and index -1 there; losses NaN (per position with topk: there)."""
+        def losses(t):
+            return mark_non_finite(t, bad) if t.ndim else mark_losses(t, bad)
+
+        return result._replace(quantized=mark_non_finite(result.quantized, bad),
+                               indices=mark_non_finite(result.indices, bad), loss=losses(result.loss),
+                               breakdown=LossBreakdown(*(losses(t) for t in result.breakdown)))
+
     def _kmeans_init(self, search: Tensor, kept: Tensor | None, sync: bool) -> Tensor:
         """k-means init from this batch, if the codebook still needs it (a run-time op under
         torch.compile: compiling.py) -> a zero to add to the loss."""
@@ -433,6 +446,7 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
                           may_init=updating, update=updating and topk is None, ema_update=ema_update,
                           freeze=freeze, targets=targets, ema_update_weight=ema_update_weight,
                           accum_ema_update=accum_ema_update, topk=topk, codebook_transform_fn=codebook_transform_fn)
+        result = self._without_codes(result, non_finite_tokens(tokens, keep))  # (a training step raised above)
         if topk is not None:  # a k axis before the features; no codebook update (as the peer)
             return self._topk_output(result, tokens, keep, spatial, channel_first, only_one, dtype, return_loss_breakdown)
         out = project(self.project_out, result.quantized)

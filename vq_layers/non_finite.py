@@ -1,0 +1,48 @@
+"""Non-finite input never becomes a code.
+
+A token whose input vector holds a NaN or an infinity (judged on the layer's own input, before
+any projection: after project_in a NaN spreads over the whole vector anyway) gets the index -1,
+the marker masked and dropped positions already carry and that decoding turns into zeros; its
+quantized output is NaN; every loss the layer computes over the batch is NaN. The other tokens
+are quantized exactly as they would be without it. A layer whose training step would write the
+batch into codebook statistics raises instead (`distributed.check_finite`), before any buffer
+changes; these helpers serve every other path.
+
+Everything here is elementwise on static shapes (no host sync, no boolean-mask indexing), so
+`torch.compile(fullgraph=True)` traces it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NO_CODE = -1  # the index of a token without a code: masked, dropped, or non-finite input
+
+
+def non_finite_tokens(x: Tensor, keep: Tensor | None = None, dim: int = -1) -> Tensor:
+    """x with features on axis `dim` -> bool over the other axes, True where any feature is NaN
+    or +-inf. Masked tokens (`keep` False, same shape as the result) are never counted: their
+    padding does not enter the computation."""
+    bad = ~torch.isfinite(x).all(dim)
+    return bad if keep is None else bad & keep
+
+
+def fill_tokens(t: Tensor, where: Tensor, value) -> Tensor:
+    """`value` at the tokens where `where` is True; t's leading axes are where's (broadcast
+    allowed), its further axes (features, codebooks, k) follow."""
+    return t.masked_fill(where.reshape(where.shape + (1,) * (t.ndim - where.ndim)), value)
+
+
+def mark_non_finite(t: Tensor, bad: Tensor) -> Tensor:
+    """A per-token result -> NaN (floating: outputs, per-token losses) or -1 (indices) at the
+    tokens `bad` marks (`fill_tokens`'s layout)."""
+    return fill_tokens(t, bad, float("nan") if t.is_floating_point() else NO_CODE)
+
+
+def mark_losses(loss: Tensor, bad: Tensor) -> Tensor:
+    """A loss over the batch (a scalar, or one per quantizer) -> NaN when any token is bad.
+
+    Multiplied, not filled: the NaN reaches the gradients too, so an optimizer step on it (or a
+    GradScaler deciding whether to take one) sees it."""
+    return loss * loss.new_ones(()).masked_fill(bad.any(), float("nan"))
