@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .compiling import sum_rows_by_index
 from .distributed import all_reduce_sum, all_reduce_sum_
 from .kernels.code_softmax import code_probs_sum, entropy
 
@@ -40,13 +41,12 @@ def orthogonal_loss(codebooks: Tensor, indices: Tensor, kept: Tensor | None, act
     taken = torch.ones(g, k, dtype=torch.bool, device=codebooks.device)
     if active_codes_only:
         weight = torch.ones_like(indices, dtype=torch.float32) if kept is None else kept.float()
-        counts = torch.zeros(g, k, device=codebooks.device).scatter_add_(1, indices, weight)
-        taken = counts > 0
+        flat = (indices + torch.arange(g, device=indices.device).unsqueeze(-1) * k).reshape(-1)
+        taken = sum_rows_by_index(flat, weight.reshape(-1, 1), g * k).reshape(g, k) > 0
     if max_codes is not None and k > max_codes:  # the first max_codes taken codes in a random order
         # code c's rank in a random permutation (the inverse permutation: perm[:max_codes] are the first)
         priority = torch.stack([torch.randperm(k, device=codebooks.device).argsort() for _ in range(g)])
-        order = torch.where(taken, priority, priority + k).argsort(dim=1)
-        position = torch.empty_like(order).scatter_(1, order, torch.arange(k, device=order.device).expand(g, k))
+        position = torch.where(taken, priority, priority + k).argsort(dim=1).argsort(dim=1)  # rank among all
         taken = taken & (position < max_codes)
     normed = F.normalize(codebooks, dim=-1) * taken.unsqueeze(-1)
     gram = normed.transpose(1, 2) @ normed  # (g, d, d)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .compiling import sum_rows_by_index
 from .distributed import all_reduce_sum_, check_finite
 from .precision import fp32_island
 
@@ -28,9 +29,8 @@ def code_statistics(x: Tensor, indices: Tensor, codebook_size: int, keep: Tensor
     if keep is not None:
         x = torch.where(keep.unsqueeze(-1), x, 0.0)
     flat = (indices + torch.arange(h, device=x.device).unsqueeze(-1) * codebook_size).reshape(-1)
-    stats = x.new_zeros((h * codebook_size, d + 1))  # sums and counts side by side: one all-reduce
-    stats[:, :d].index_add_(0, flat, x.reshape(-1, d))
-    stats[:, d].index_add_(0, flat, weight.reshape(-1))
+    rows = torch.cat([x.reshape(-1, d), weight.reshape(-1, 1)], dim=1)  # sums and counts side by side: one all-reduce
+    stats = sum_rows_by_index(flat, rows, h * codebook_size)
     if sync:
         all_reduce_sum_(stats, group)
     stats = stats.reshape(h, codebook_size, d + 1)
