@@ -22,6 +22,7 @@ import vq_layers.kernels.backend as backend  # noqa: E402
 import vq_layers.kernels.triton_lfq_entropy as triton_lfq  # noqa: E402
 import vq_layers.kernels.triton_nearest_code as triton_search  # noqa: E402
 from dtype_matrix import RecordDtypes  # noqa: E402
+from kernel_launches import count_launches  # noqa: E402
 from vq_layers.kernels import self_check  # noqa: E402
 from vq_layers.kernels.lfq_entropy import lfq_entropy  # noqa: E402
 from vq_layers.kernels.nearest_code import _torch_search, nearest_code  # noqa: E402
@@ -54,16 +55,7 @@ def auto_on_cpu(monkeypatch):
 @pytest.fixture
 def launches(monkeypatch):
     """Counts the kernels' host calls (the self-check's and the ops')."""
-    counts = {"search": 0, "code_mass": 0, "bit_sums": 0}
-    for module, name in ((triton_search, "search"), (triton_lfq, "code_mass"), (triton_lfq, "bit_sums")):
-        original = getattr(module, name)
-
-        def counted(*args, _original=original, _name=name, **kwargs):
-            counts[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, counted)
-    return counts
+    return count_launches(monkeypatch)
 
 
 def break_search(monkeypatch, how: str, when=lambda x, l2, precision: True):

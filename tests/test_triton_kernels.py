@@ -28,6 +28,7 @@ import test_nearest_code as search_suite  # noqa: E402
 import test_vq as vq_suite  # noqa: E402
 import vq_layers.kernels.triton_lfq_entropy as triton_lfq  # noqa: E402
 import vq_layers.kernels.triton_nearest_code as triton_search  # noqa: E402
+from kernel_launches import count_launches  # noqa: E402
 from test_nearest_code import assert_matches_brute_force, brute64, gen, randn, sampled_distribution_check  # noqa: E402
 from vq_layers import LFQ, ResidualVQ, VectorQuantize  # noqa: E402
 from vq_layers.kernels.backend import use_triton  # noqa: E402
@@ -44,16 +45,7 @@ def launches(monkeypatch):
     monkeypatch.setenv("VQ_LAYERS_BACKEND", "triton")
     monkeypatch.setenv("VQ_LAYERS_SELF_CHECK", "0")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    counts = {"search": 0, "code_mass": 0, "bit_sums": 0}
-    for module, name in ((triton_search, "search"), (triton_lfq, "code_mass"), (triton_lfq, "bit_sums")):
-        original = getattr(module, name)
-
-        def counted(*args, _original=original, _name=name, **kwargs):
-            counts[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, counted)
-    return counts
+    return count_launches(monkeypatch)
 
 
 # --------------------------------------------------------------------------------------------
