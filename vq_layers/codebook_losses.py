@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .compiling import sum_rows_by_index
+from .compiling import sums_by_index
 from .distributed import all_reduce_sum, all_reduce_sum_
 from .kernels.code_softmax import code_probs_sum, entropy
 
@@ -42,7 +42,7 @@ def orthogonal_loss(codebooks: Tensor, indices: Tensor, kept: Tensor | None, act
     if active_codes_only:
         weight = torch.ones_like(indices, dtype=torch.float32) if kept is None else kept.float()
         flat = (indices + torch.arange(g, device=indices.device).unsqueeze(-1) * k).reshape(-1)
-        taken = sum_rows_by_index(flat, weight.reshape(-1, 1), g * k).reshape(g, k) > 0
+        taken = sums_by_index(flat, weight.new_empty((flat.shape[0], 0)), weight.reshape(-1), g * k).reshape(g, k) > 0
     if max_codes is not None and k > max_codes:  # the first max_codes taken codes in a random order
         # code c's rank in a random permutation (the inverse permutation: perm[:max_codes] are the first)
         priority = torch.stack([torch.randperm(k, device=codebooks.device).argsort() for _ in range(g)])

@@ -14,7 +14,7 @@ into the state tensors it is handed (the op declares them mutated), and may chan
 Python attributes; a guard on such an attribute then retraces the graph without the op. So a
 compiled step calls exactly the eager code, and a fullgraph compile needs no graph break.
 
-`sum_rows_by_index`: the statistics' scatter-add, opaque when compiled (see there).
+`sums_by_index`: the statistics' scatter-add, opaque when compiled (see there).
 
 `runs_eagerly`: under torch.compile the function runs eagerly, a graph break (an error under
 fullgraph=True). Kept for the rare extras whose work is inherently eager (an optimizer step).
@@ -84,23 +84,28 @@ def at_run_time(owner, method: str, inputs: list[Tensor | None], state: list[Ten
     return state[0].new_zeros((), dtype=torch.float32)
 
 
-@torch.library.custom_op("vq_layers::sum_rows_by_index", mutates_args=())
-def _sum_rows_by_index_op(index: Tensor, rows: Tensor, size: int) -> Tensor:
-    return rows.new_zeros((size, rows.shape[1])).index_add_(0, index, rows)
+def _sums_by_index(index: Tensor, rows: Tensor, weights: Tensor, size: int) -> Tensor:
+    sums = rows.new_zeros((size, rows.shape[1] + 1))
+    sums[:, :-1].index_add_(0, index, rows)
+    sums[:, -1].index_add_(0, index, weights)
+    return sums
 
 
-@_sum_rows_by_index_op.register_fake
-def _(index, rows, size):
-    return rows.new_empty((size, rows.shape[1]))
+_sums_by_index_op = torch.library.custom_op("vq_layers::sums_by_index", _sums_by_index, mutates_args=())
 
 
-def sum_rows_by_index(index: Tensor, rows: Tensor, size: int) -> Tensor:
-    """(size, d) sums of the rows (n, d) by their index (n,) in [0, size), no gradient. Compiled,
-    an opaque op: inductor's CPU code for a scatter-add fused with its neighbours (vectorized
-    atomic adds) miscomputed the EMA statistics (torch 2.13)."""
-    if torch.compiler.is_compiling():
-        return _sum_rows_by_index_op(index, rows, size)
-    return rows.new_zeros((size, rows.shape[1])).index_add_(0, index, rows)
+@_sums_by_index_op.register_fake
+def _(index, rows, weights, size):
+    return rows.new_empty((size, rows.shape[1] + 1))
+
+
+def sums_by_index(index: Tensor, rows: Tensor, weights: Tensor, size: int) -> Tensor:
+    """index (n,) in [0, size), rows (n, d), weights (n,) -> (size, d + 1): per index, the sum of
+    its rows and (last column) of its weights; no gradient. Compiled, an opaque op: inductor's
+    CPU code for a scatter-add fused with its neighbours (vectorized atomic adds) miscomputed
+    the EMA statistics (torch 2.13)."""
+    fn = _sums_by_index_op if torch.compiler.is_compiling() else _sums_by_index
+    return fn(index, rows, weights, size)
 
 
 def runs_eagerly(reason: str):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .compiling import sum_rows_by_index
+from .compiling import sums_by_index
 from .distributed import all_reduce_sum_, check_finite
 from .precision import fp32_island
 
@@ -29,8 +29,7 @@ def code_statistics(x: Tensor, indices: Tensor, codebook_size: int, keep: Tensor
     if keep is not None:
         x = torch.where(keep.unsqueeze(-1), x, 0.0)
     flat = (indices + torch.arange(h, device=x.device).unsqueeze(-1) * codebook_size).reshape(-1)
-    rows = torch.cat([x.reshape(-1, d), weight.reshape(-1, 1)], dim=1)  # sums and counts side by side: one all-reduce
-    stats = sum_rows_by_index(flat, rows, h * codebook_size)
+    stats = sums_by_index(flat, x.reshape(-1, d), weight.reshape(-1), h * codebook_size)  # (sums | counts): one all-reduce
     if sync:
         all_reduce_sum_(stats, group)
     stats = stats.reshape(h, codebook_size, d + 1)
