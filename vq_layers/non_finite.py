@@ -34,15 +34,20 @@ def fill_tokens(t: Tensor, where: Tensor, value) -> Tensor:
     return t.masked_fill(where.reshape(where.shape + (1,) * (t.ndim - where.ndim)), value)
 
 
-def mark_non_finite(t: Tensor, bad: Tensor) -> Tensor:
+def mark_non_finite(t: Tensor, bad: Tensor | None) -> Tensor:
     """A per-token result -> NaN (floating: outputs, per-token losses) or -1 (indices) at the
-    tokens `bad` marks (`fill_tokens`'s layout)."""
+    tokens `bad` marks (`fill_tokens`'s layout). None: a step that checked its input (it raises
+    on a non-finite one) has nothing to mark."""
+    if bad is None:
+        return t
     return fill_tokens(t, bad, float("nan") if t.is_floating_point() else NO_CODE)
 
 
-def mark_losses(loss: Tensor, bad: Tensor) -> Tensor:
+def mark_losses(loss: Tensor, bad: Tensor | None) -> Tensor:
     """A loss over the batch (a scalar, or one per quantizer) -> NaN when any token is bad.
 
     Multiplied, not filled: the NaN reaches the gradients too, so an optimizer step on it (or a
     GradScaler deciding whether to take one) sees it."""
+    if bad is None:
+        return loss
     return loss * loss.new_ones(()).masked_fill(bad.any(), float("nan"))

@@ -334,7 +334,8 @@ class HierarchicalVQ(nn.Module):
             results.append(result)
             # a cell whose pooled residual is not finite has no code; its NaN reaches, through
             # the refinement, every position and finer cell that depends on it
-            result = vq._without_codes(result, non_finite_tokens(tokens, cells))
+            if not updating:  # (an updating step raised for it)
+                result = vq._without_codes(result, non_finite_tokens(tokens, cells))
             q = self._refine(k, from_tokens(result.quantized, level_shape, True), full_shape)
             reconstruction = reconstruction + q
             residual = residual - q

@@ -299,7 +299,8 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
         dtype = x.dtype
         tokens, spatial = to_tokens(x, self.accept_image_fmap, self.dim, "ResidualVQ")
         keep = check_mask(mask, tokens, spatial)
-        bad = non_finite_tokens(tokens, keep)  # (a training step raises for them, before any update)
+        updating = self.training and torch.is_grad_enabled() and not freeze_codebook and indices is None
+        bad = None if updating else non_finite_tokens(tokens, keep)  # (an updating step raises for them)
         z = project(self.project_in, without_padding(tokens, keep))
         if indices is not None:
             if self.mlps is not None:
@@ -317,7 +318,7 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
         losses = mark_losses(losses, bad)
         if not return_all_codes:
             return out, all_indices, losses
-        codes = mark_non_finite(codes, bad.unsqueeze(0))
+        codes = mark_non_finite(codes, None if bad is None else bad.unsqueeze(0))
         all_codes = codes.reshape(codes.shape[0], *all_indices.shape[:-1], codes.shape[-1]).to(dtype)
         return out, all_indices, losses, all_codes
 

@@ -446,7 +446,8 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
                           may_init=updating, update=updating and topk is None, ema_update=ema_update,
                           freeze=freeze, targets=targets, ema_update_weight=ema_update_weight,
                           accum_ema_update=accum_ema_update, topk=topk, codebook_transform_fn=codebook_transform_fn)
-        result = self._without_codes(result, non_finite_tokens(tokens, keep))  # (a training step raised above)
+        if not updating:  # (an updating step raised above for non-finite input)
+            result = self._without_codes(result, non_finite_tokens(tokens, keep))
         if topk is not None:  # a k axis before the features; no codebook update (as the peer)
             return self._topk_output(result, tokens, keep, spatial, channel_first, only_one, dtype, return_loss_breakdown)
         out = project(self.project_out, result.quantized)
