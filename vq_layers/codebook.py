@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .affine import batch_moments, codebook_moments, to_batch_frame, to_codebook_frame
-from .compiling import register_runtime_owner, runs_eagerly
+from .compiling import at_run_time, register_runtime_owner, runs_eagerly
 from .counter_random import CounterDraws, counter_hash
 from .distributed import broadcast_once_, broadcast_tensors_, first_rank
 from .ema import (
@@ -59,8 +59,9 @@ class Codebook(Fp32BuffersModule):
                  kmeans_iters: int = 10, decay: float = 0.8, eps: float = 1e-5, threshold_ema_dead_code: float = 0,
                  reset_cluster_size: float | None = None, learnable: bool = False, use_cosine_sim: bool = False,
                  manual_ema_update: bool = False, affine_param: bool = False, affine_param_batch_decay: float = 0.99,
-                 affine_param_codebook_decay: float = 0.9):
+                 affine_param_codebook_decay: float = 0.9, process_group=None):
         super().__init__()
+        self.process_group = process_group  # k-means' collectives when run by the run-time op
         self.dim, self.codebook_size, self.num_codebooks = dim, codebook_size, num_codebooks
         self.kmeans_iters, self.decay, self.eps = kmeans_iters, decay, eps
         self.threshold_ema_dead_code = threshold_ema_dead_code
@@ -286,7 +287,23 @@ class Codebook(Fp32BuffersModule):
         embed_avg.copy_(torch.where(ok, sums, embed_avg))
         embed.data.copy_(torch.where(ok, codes, embed.float()).to(embed.dtype))
         initted.copy_(initted | ok)
-        self._know_initted(bool(initted))
+
+    def init_if_needed(self, x: Tensor, keep: Tensor | None, sync: bool, local: bool = False) -> Tensor:
+        """k-means init from x (h, n, d) as searched, keep (h, n) or None, unless the codebook is
+        initialized (a run-time op under torch.compile: compiling.at_run_time) -> a zero to add
+        to the step's loss. `local` (sync_kmeans=False): each rank runs k-means on its own data
+        and the first rank's result wins, or later steps would diverge."""
+        flags = torch.tensor([sync, local])
+        return at_run_time(self, "_init_now", [x, keep, flags], self.init_state())
+
+    def _init_now(self, inputs: list, state: list[Tensor]) -> None:
+        x, keep, flags = inputs
+        sync, local = flags.tolist()
+        if not bool(state[3]):  # (compiled: the graph holds this op until the codebook is known initted)
+            self.init_(x, keep, sync and not local, self.process_group, state)
+            if sync and local:
+                broadcast_tensors_(state, first_rank(self.process_group), self.process_group)
+        self._know_initted(bool(state[3]))
 
     def _set_from_statistics(self) -> None:
         self.embed.data.copy_(normalized_codebook(self.cluster_size, self.embed_avg, self.eps, self.use_cosine_sim))

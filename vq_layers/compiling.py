@@ -52,20 +52,19 @@ def snapshot(t: Tensor) -> Tensor:
     return _snapshot_op(t) if torch.compiler.is_compiling() else t.clone()
 
 
-# id(owner) -> weak reference to it: the op's argument is a plain int
-_OWNERS: dict[int, weakref.ref] = {}
+# id(owner) -> owner, for as long as it lives: the op's argument is a plain int
+_OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def register_runtime_owner(owner) -> None:
     """Makes `owner`'s methods callable by `at_run_time`; call in __init__ and __setstate__ (a
     deepcopy or an unpickled copy is a new owner)."""
-    _OWNERS[id(owner)] = weakref.ref(owner)
+    _OWNERS[id(owner)] = owner
 
 
 @torch.library.custom_op("vq_layers::at_run_time", mutates_args=("state",))
 def _at_run_time_op(owner: int, method: str, inputs: list[Tensor | None], state: list[Tensor]) -> Tensor:
-    target = _OWNERS[owner]()
-    getattr(target, method)(inputs, state)
+    getattr(_OWNERS[owner], method)(inputs, state)
     return state[0].new_zeros((), dtype=torch.float32)
 
 

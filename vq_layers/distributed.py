@@ -45,19 +45,6 @@ def first_rank(group=None) -> int:
     return dist.get_global_rank(group, 0) if group is not None and is_distributed(group) else 0
 
 
-def shared_seed(device, group=None) -> int:
-    """A seed drawn from torch's generator (torch.manual_seed reproduces it), broadcast from the
-    group's first rank so every rank makes the same random choice."""
-    seed = torch.randint(0, 2**31 - 1, (1,)).to(device)
-    return int(broadcast_(seed, src=first_rank(group), group=group).item())
-
-
-def shared_generator(device, group=None, sync: bool = True) -> torch.Generator:
-    """A generator on `device` seeded alike on every rank (when `sync`), else from this rank alone."""
-    seed = shared_seed(device, group) if sync else int(torch.randint(0, 2**31 - 1, ()).item())
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def any_rank(flag: Tensor, group=None, sync: bool = True) -> bool:
     """True when the boolean scalar `flag` is True on any rank of the group (on this one alone
     when not `sync`). Every rank gets the same answer, so a decision on it (raising, skipping)
@@ -101,14 +88,17 @@ def broadcast_tensors_(tensors: list[Tensor], src: int = 0, group=None, device=N
         t.data.copy_(part.reshape(t.shape).to(t.dtype))
 
 
-def broadcast_once_(owners: list, group=None, device=None) -> None:
+def broadcast_once_(owners: list, group=None, device=None, before=None) -> None:
     """At a layer's first synced step: the owners (objects with `synced_state()`, a list of
     tensors, and a `_state_broadcast` flag) not broadcast yet in this process take the group's
-    first rank's state, in one collective, and are marked. Every rank holds the same flags, so
-    every rank issues the same collective."""
+    first rank's state, in one collective, and are marked; `before()` runs first, only then (a
+    check that must pass before any state changes). Every rank holds the same flags, so every
+    rank issues the same collective."""
     pending = [o for o in dict.fromkeys(owners) if not o._state_broadcast]  # (in order, once each)
     if not pending:
         return
+    if before is not None:
+        before()
     broadcast_tensors_([t for o in pending for t in o.synced_state()], first_rank(group), group, device)
     for owner in pending:
         owner._state_broadcast = True

@@ -51,3 +51,14 @@ def mark_losses(loss: Tensor, bad: Tensor | None) -> Tensor:
     if bad is None:
         return loss
     return loss * loss.new_ones(()).masked_fill(bad.any(), float("nan"))
+
+
+def without_codes(result, bad: Tensor):
+    """A VectorQuantize core result (its `Quantized`, in token layout) with the rule applied at
+    bad (b, n): NaN codes and index -1 there; losses NaN (per position with topk: there)."""
+    def losses(t):
+        return mark_non_finite(t, bad) if t.ndim else mark_losses(t, bad)
+
+    return result._replace(quantized=mark_non_finite(result.quantized, bad),
+                           indices=mark_non_finite(result.indices, bad), loss=losses(result.loss),
+                           breakdown=type(result.breakdown)(*(losses(t) for t in result.breakdown)))

@@ -27,7 +27,7 @@ from ..checks import check_indices, check_non_negative, check_positive_int
 from ..counter_random import CounterDraws, mix32
 from ..distributed import NON_FINITE_INPUT, broadcast_once_, check_finite, is_distributed
 from ..layout import check_mask, from_tokens, indices_from_tokens, lens_to_mask
-from ..non_finite import non_finite_tokens
+from ..non_finite import non_finite_tokens, without_codes
 from ..precision import fp32_island, project, stack
 from .vq import VectorQuantize
 
@@ -251,7 +251,7 @@ class HierarchicalVQ(nn.Module):
         """A level's codes (b, d, ...scale) fp32 -> its contribution at full resolution, fp32."""
         return self.choose_phi(level_index)(upsample(q, full_shape))
 
-    def sample_nested_cutoff(self, device=None):
+    def sample_nested_cutoff(self):
         """The last level kept by nested dropout, drawn alike on every rank (counter_random.CounterDraws):
         None (all levels) or an int when eager; under torch.compile a CPU int64 tensor
         (num_levels - 1 when no level is dropped)."""
@@ -272,11 +272,9 @@ class HierarchicalVQ(nn.Module):
         owners = [vq._codebook for vq in (self.vqs or [self.vq]) if vq._sync()]
         if self.nested_dropout > 0 and is_distributed(self.process_group):
             owners.append(self.dropout_draws)
-        if all(owner._state_broadcast for owner in owners):
-            return
         data = fmap if keep is None else torch.where(keep.unsqueeze(1), fmap, 0.0)
-        check_finite(data, NON_FINITE_INPUT, self.process_group, True)
-        broadcast_once_(owners, self.process_group, fmap.device)
+        broadcast_once_(owners, self.process_group, fmap.device,
+                        before=lambda: check_finite(data, NON_FINITE_INPUT, self.process_group, True))
 
     # the layer
 
@@ -335,7 +333,7 @@ class HierarchicalVQ(nn.Module):
             # a cell whose pooled residual is not finite has no code; its NaN reaches, through
             # the refinement, every position and finer cell that depends on it
             if not updating:  # (an updating step raised for it)
-                result = vq._without_codes(result, non_finite_tokens(tokens, cells))
+                result = without_codes(result, non_finite_tokens(tokens, cells))
             q = self._refine(k, from_tokens(result.quantized, level_shape, True), full_shape)
             reconstruction = reconstruction + q
             residual = residual - q

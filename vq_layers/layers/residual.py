@@ -57,7 +57,7 @@ def dropout_depth(draw, num_quantizers: int, cutoff_index: int, multiple_of: int
     return min(last, num_quantizers - 1) if isinstance(last, int) else last.clamp(max=num_quantizers - 1)
 
 
-def last_kept_stage(module, x: Tensor, seed=None):
+def last_kept_stage(module, seed=None):
     """The last stage to run: all of them (an int), unless quantize dropout applies (training
     with grad): then an int when eager, a CPU int64 tensor under torch.compile (the stages after
     it run masked: run_stages). `seed`: the user's fixed seed (an int), or a parent's draw
@@ -215,10 +215,8 @@ class ResidualQuantizer(Fp32BuffersModule):
         everything _synced_owners() lists from the group's first rank."""
         if not (self.training and torch.is_grad_enabled()):
             return
-        owners = self._synced_owners(stages)
-        if any(not owner._state_broadcast for owner in owners):
-            self._check_before_broadcast(z)
-            broadcast_once_(owners, self.process_group, z.device)
+        broadcast_once_(self._synced_owners(stages), self.process_group, z.device,
+                        before=lambda: self._check_before_broadcast(z))
 
     def _q_last(self, indices: Tensor) -> Tensor:
         """Indices as forward returns them -> (b, ..., q)."""

@@ -200,7 +200,7 @@ class ResidualFSQ(ResidualQuantizer):
         tokens, packed_shape = to_tokens(x, self.is_channel_first, self.dim, "ResidualFSQ")
         self._broadcast_initial_state(tokens)
         bad = non_finite_tokens(tokens)  # judged before the soft clamp, which makes +-inf finite
-        last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
+        last_kept = last_kept_stage(self, rand_quantize_dropout_fixed_seed)
         quantized, indices, codes = self._residual_quantize(project(self.project_in, tokens), last_kept)
         out = mark_non_finite(project(self.project_out, quantized).to(dtype), bad)
         out = from_tokens(out, packed_shape, self.is_channel_first)

@@ -84,7 +84,7 @@ class ResidualLFQ(ResidualQuantizer):
         mask = check_mask(mask, tokens, spatial, per_sample=True)
         bad = non_finite_tokens(tokens, mask)
         self._broadcast_initial_state(tokens)
-        last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
+        last_kept = last_kept_stage(self, rand_quantize_dropout_fixed_seed)
         quantized, indices, codes, losses = self._residual_quantize(project(self.project_in, without_padding(tokens, mask)), mask,
                                                                     last_kept, inv_temperature)
         out = project(self.project_out, quantized)

@@ -95,7 +95,7 @@ class ResidualSimVQ(ResidualQuantizer):
         tokens, spatial = to_tokens(x, self.channel_first, self.dim, "ResidualSimVQ")
         bad = non_finite_tokens(tokens)
         self._broadcast_initial_state(tokens)
-        last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
+        last_kept = last_kept_stage(self, rand_quantize_dropout_fixed_seed)
         # the maps are projections: they run here, under the caller's autocast
         codebooks = [layer.codebook if isinstance(last_kept, Tensor) or k <= last_kept else None
                      for k, layer in enumerate(self.layers)]

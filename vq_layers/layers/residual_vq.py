@@ -310,7 +310,7 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
             quantized, ce = self._teacher_forced(z, keep, targets)
             return self._output(mark_non_finite(quantized, bad), tokens, keep, dtype, spatial), mark_losses(ce, bad)
         self._broadcast_initial_state(z, stages=not freeze_codebook)
-        last_kept = last_kept_stage(self, x, rand_quantize_dropout_fixed_seed)
+        last_kept = last_kept_stage(self, rand_quantize_dropout_fixed_seed)
         quantized, all_indices, losses, codes = self._residual_quantize(
             z, keep, sample_codebook_temp, freeze_codebook, last_kept, self._beam_width(beam_size))
         out = self._output(mark_non_finite(quantized, bad), tokens, keep, dtype, spatial)

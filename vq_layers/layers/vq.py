@@ -20,10 +20,10 @@ from torch import Tensor, nn
 
 from ..checks import check_indices, check_non_negative, check_positive_int
 from ..codebook import Codebook
-from ..compiling import at_run_time, register_runtime_owner, snapshot
+from ..compiling import snapshot
 from ..codebook_losses import diversity_loss, orthogonal_loss
 from ..directional_reparam import check_directional_reparam, directional_reparam
-from ..distributed import NON_FINITE_INPUT, broadcast_tensors_, check_finite, first_rank, is_distributed
+from ..distributed import NON_FINITE_INPUT, check_finite, is_distributed
 from ..kernels.code_softmax import code_cross_entropy, soft_codes
 from ..in_place_step import check_in_place_optimizer
 from ..layout import (
@@ -34,7 +34,7 @@ from ..layout import (
     to_tokens,
     without_padding,
 )
-from ..non_finite import mark_losses, mark_non_finite, non_finite_tokens
+from ..non_finite import non_finite_tokens, without_codes
 from ..precision import fp32_island, project
 from ..rotation_trick import rotation_trick
 from ..straight_through import straight_through
@@ -212,13 +212,9 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
             learnable=learnable_codebook or self.orthogonal_reg_weight > 0, use_cosine_sim=use_cosine_sim,
             manual_ema_update=manual_ema_update, affine_param=affine_param,
             affine_param_batch_decay=affine_param_batch_decay, affine_param_codebook_decay=affine_param_codebook_decay,
+            process_group=process_group,
         )
         self._init_updates(sync_affine_param, sync_update_v, in_place_codebook_optimizer, manual_in_place_optimizer_update)
-        register_runtime_owner(self)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        register_runtime_owner(self)  # a deepcopy or an unpickled copy
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "
@@ -291,7 +287,7 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
             if sync:
                 self._codebook.broadcast_state_(self.process_group, once=True)
             if may_init and self._codebook.needs_init():
-                init_token = self._kmeans_init(search, kept, sync)
+                init_token = self._codebook.init_if_needed(search.detach(), kept, sync, local=not self.sync_kmeans)
             if update:
                 self._codebook.update_affine_(search, kept, self._sync_affine(), self.process_group)
         zero = search.new_zeros(())
@@ -337,32 +333,6 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
         loss = trainable_loss(loss + init_token, self.training)
         breakdown = LossBreakdown(commitment, diversity, orthogonal, inplace)
         return Quantized(quantized, out_indices, loss, breakdown, search.detach(), indices, kept)
-
-    @staticmethod
-    def _without_codes(result: Quantized, bad: Tensor) -> Quantized:
-        """The non-finite rule (non_finite.py) on the core's result, bad (b, n) in token layout:
-        NaN codes and index -1 there; losses NaN (per position with topk: there)."""
-        def losses(t):
-            return mark_non_finite(t, bad) if t.ndim else mark_losses(t, bad)
-
-        return result._replace(quantized=mark_non_finite(result.quantized, bad),
-                               indices=mark_non_finite(result.indices, bad), loss=losses(result.loss),
-                               breakdown=LossBreakdown(*(losses(t) for t in result.breakdown)))
-
-    def _kmeans_init(self, search: Tensor, kept: Tensor | None, sync: bool) -> Tensor:
-        """k-means init from this batch, if the codebook still needs it (a run-time op under
-        torch.compile: compiling.py) -> a zero to add to the loss."""
-        return at_run_time(self, "_kmeans_init_now", [search.detach(), kept, torch.tensor(sync)],
-                           self._codebook.init_state())
-
-    def _kmeans_init_now(self, inputs: list, state: list[Tensor]) -> None:
-        search, kept, sync = inputs
-        sync = bool(sync)
-        if not bool(state[3]):  # (compiled: the graph holds this op until the codebook is known initted)
-            self._codebook.init_(search, kept, sync and self.sync_kmeans, self.process_group, state)
-            if sync and not self.sync_kmeans:  # k-means on each rank's own data: rank 0's wins,
-                broadcast_tensors_(state, first_rank(self.process_group), self.process_group)  # or later steps would diverge
-        self._codebook._know_initted(bool(state[3]))
 
     def _route_gradients(self, search: Tensor, codes: Tensor, codebook: Tensor, temperature: float,
                          freeze: bool = False, per_token: Tensor | None = None) -> Tensor:
@@ -447,7 +417,7 @@ class VectorQuantize(CodebookUpdates, SearchExtras, nn.Module):
                           freeze=freeze, targets=targets, ema_update_weight=ema_update_weight,
                           accum_ema_update=accum_ema_update, topk=topk, codebook_transform_fn=codebook_transform_fn)
         if not updating:  # (an updating step raised above for non-finite input)
-            result = self._without_codes(result, non_finite_tokens(tokens, keep))
+            result = without_codes(result, non_finite_tokens(tokens, keep))
         if topk is not None:  # a k axis before the features; no codebook update (as the peer)
             return self._topk_output(result, tokens, keep, spatial, channel_first, only_one, dtype, return_loss_breakdown)
         out = project(self.project_out, result.quantized)
