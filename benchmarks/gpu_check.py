@@ -57,7 +57,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 NO_CUDA = "benchmarks.gpu_check: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine"
-NEAR_TIE = 1e-6  # DESIGN.md's exactness contract: rows whose two best codes are closer may differ
+NEAR_TIE = 1e-6  # docs/design.md's exactness contract: rows whose two best codes are closer may differ
 SCORE_TOL = 1e-5
 LFQ_TOL = 1e-5
 CHI2_LIMIT = 35.0  # 7 degrees of freedom: p < 1e-5 for a correct sampler

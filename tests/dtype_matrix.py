@@ -4,7 +4,7 @@ module dtype {fp32, bf16, fp16} x input dtype {fp32, bf16, fp16} x autocast {off
 cpu-fp16, cuda-bf16, cuda-fp16 (skipped without a GPU)} x {train, eval}.
 
 A layer test parametrizes over `dtype_matrix()` and calls `run_cell(cell, make_layer,
-make_input)`, which checks the contract of DESIGN.md: no exception, finite output in the input's
+make_input)`, which checks the contract of docs/design.md: no exception, finite output in the input's
 dtype, fp32 losses, int64 indices, statistics buffers still fp32, no float64 tensor anywhere,
 and in training a backward pass whose input gradient is finite and in the input's dtype.
 It returns what it saw, so the test can add layer-specific checks (e.g. indices == reference).

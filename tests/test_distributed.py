@@ -1,4 +1,4 @@
-"""The distributed contract (DESIGN.md, "Distributed contract") in real 2-process gloo groups.
+"""The distributed contract (docs/design.md, "Distributed") in real 2-process gloo groups.
 
 Every rank's data is a pure function of (step, rank), so each rank can rebuild the global
 batch (the ranks' batches concatenated) and run the reference in its own process. References:

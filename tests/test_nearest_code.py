@@ -8,7 +8,7 @@ exact up to one float64 rounding per addition.
 
 Near-ties: the op computes in fp32, so where the two best codes are within fp32 resolution
 of each other either answer is right. A row is a near-tie when its relative gap is below
-NEAR_TIE = 1e-6 (DESIGN.md's exactness contract):
+NEAR_TIE = 1e-6 (docs/design.md's exactness contract):
 - l2:  (d2 - d1) / d2 with d1 <= d2 the two smallest fp64 distances;
 - dot: (s1 - s2) / (||x|| max_j ||c_j||) with s1 >= s2 the two largest fp64 dot products
   (a dot product has no natural zero: its error scale is the magnitude of its terms).
@@ -231,7 +231,7 @@ def test_random_shapes_and_tiles(problem):
 
 
 def test_off_center_data_matches_brute_force():
-    """Distances are translation invariant; DESIGN's exactness contract speaks of the distances.
+    """Distances are translation invariant; docs/design.md's exactness contract speaks of the distances.
 
     Data: unit-spread clusters around a common offset 100 per coordinate (||m||^2 = 1.6e5 vs
     distances ~32), as unnormalized features or raw 8-bit pixel patches are. Found by this test

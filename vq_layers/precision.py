@@ -1,6 +1,6 @@
 """The fp32 island, the projection rule, and statistics buffers that stay float32.
 
-DESIGN.md's precision contract in one place:
+docs/design.md's precision contract in one place:
 
 - `fp32_island` runs a function with autocast disabled for *every* device type that has it on
   (CPU and CUDA alike, not CUDA only) and with its floating tensor arguments upcast to float32.
