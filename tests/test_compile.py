@@ -39,6 +39,7 @@ from vq_layers import (
     SimVQ,
     VectorQuantize,
 )
+from vq_reference import assert_buffers_equal, buffers
 
 GRAD_RTOL = 1e-5
 
@@ -220,3 +221,78 @@ def test_inductor_training_equals_eager(name):
 def test_inductor_with_a_graph_break_equals_eager(name):
     make, x, kwargs = GRAPH_BREAKS[name]
     assert_inductor_matches_eager(make, x, kwargs=kwargs, fullgraph=False)
+
+
+# ------------------------------------------------------------------------------------------
+# VectorQuantize with aot_eager (fullgraph): the training step equals eager's, and a non-finite
+# batch raises inside the graph before any buffer changes (moved from test_vq.py)
+
+
+def train_steps(layer, batches, masks, autocast=False):
+    """One forward + backward per batch -> per step (out, indices, loss, x.grad, param grads)."""
+    module = getattr(layer, "_orig_mod", layer)  # parameter names without the compile wrapper
+    steps = []
+    for step, (x, mask) in enumerate(zip(batches, masks)):
+        torch.manual_seed(step)  # random draws (k-means, dead codes) alike in both runs
+        x = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, indices, loss = layer(x, mask=mask)
+        (out.float().square().mean() + loss.sum()).backward()
+        grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+        module.zero_grad()
+        steps.append((out.detach(), indices, loss.detach(), x.grad, grads))
+    return steps
+
+
+def assert_compiled_matches_eager(layer, shape, steps=3, mask=False, autocast=False, fullgraph=True):
+    """`steps` training steps of `layer` compiled against an eager twin; then a non-finite batch
+    must raise in the compiled graph before any buffer changed (NaN in padding is fine)."""
+    torch._dynamo.reset()
+    eager = copy.deepcopy(layer.train())
+    compiled = torch.compile(layer, fullgraph=fullgraph, backend="aot_eager")
+    batches = [randn(*shape, seed=60 + s) for s in range(steps)]
+    masks = [randn(*shape[:2], seed=70 + s) > -0.5 if mask else None for s in range(steps)]
+    got, want = train_steps(compiled, batches, masks, autocast), train_steps(eager, batches, masks, autocast)
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g[1], w[1]), f"indices differ at step {step}"
+        torch.testing.assert_close(g[:1] + g[2:4], w[:1] + w[2:4], msg=lambda m: f"step {step}: {m}")
+        torch.testing.assert_close(g[4], w[4], msg=lambda m: f"parameter gradients, step {step}: {m}")
+    torch.testing.assert_close(layer.state_dict(), eager.state_dict(), rtol=1e-5, atol=1e-6)
+
+    before = buffers(layer)
+    x = batches[0].clone()
+    x[0, 0, 0] = float("nan")
+    keep = torch.ones(shape[:2], dtype=torch.bool) if mask else None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # the graph compiled above
+        # an assert inside the graph (no host sync): RuntimeError, with the eager message
+        with pytest.raises(RuntimeError, match="non-finite values"):
+            compiled(x.requires_grad_(True), mask=keep)
+        assert_buffers_equal(before, layer)
+        if mask:
+            keep[0, 0] = False
+            compiled(x, mask=keep)  # NaN in padding never enters
+            assert all(torch.isfinite(buf).all() for buf in layer.buffers() if buf.is_floating_point())
+    return eager
+
+
+@pytest.mark.parametrize("kwargs,mask,autocast", [
+    (dict(), False, False),
+    (dict(heads=2, codebook_dim=4, separate_codebook_per_head=True), True, False),
+    (dict(heads=2, codebook_dim=4, use_cosine_sim=True), False, False),
+    (dict(learnable_codebook=True, ema_update=False, commitment_weight=0.5,
+          codebook_diversity_loss_weight=0.2), True, False),
+    (dict(codebook_dim=4), False, True),
+], ids=["default", "separate_heads_mask", "shared_heads_cosine", "learnable_losses", "bf16_autocast"])
+def test_compile_fullgraph_training_matches_eager(kwargs, mask, autocast):
+    torch.manual_seed(0)
+    layer = VectorQuantize(dim=8, codebook_size=16, **kwargs)
+    assert_compiled_matches_eager(layer, (2, 12, 8), mask=mask, autocast=autocast)
+
+
+def test_compile_kmeans_init_and_dead_codes_match_eager():
+    """Both trace into one graph (fullgraph=True): k-means runs as a run-time op on the first
+    batch, dead-code replacement is branch-free; the steps equal eager's."""
+    torch.manual_seed(0)
+    layer = VectorQuantize(dim=4, codebook_size=16, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=2.0)
+    eager = assert_compiled_matches_eager(layer, (2, 12, 4), steps=2, mask=True)
+    assert bool(eager._codebook.initted) and int(eager._codebook.dead_codes_replaced) > 0

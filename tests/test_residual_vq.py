@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from dist_utils import run_in_processes
 from dtype_matrix import DTYPES, Parts, dtype_matrix, run_cell
 from reference import brute_force_usage, call_structure, linear64, randn
-from test_vq import assert_compiled_matches_eager
+from test_compile import assert_compiled_matches_eager
 from vq_layers import GroupedResidualVQ, ResidualVQ
 
 F64 = torch.float64
