@@ -16,12 +16,12 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_positive_int
-from ..layout import from_tokens, indices_from_tokens, to_tokens
 from ..mixed_radix import digits_to_indices, indices_to_digits, register_mixed_radix
 from ..non_finite import NO_CODE, fill_tokens, mark_non_finite, non_finite_tokens
-from ..precision import Fp32BuffersModule, fp32_island, project
+from ..precision import fp32_island, project
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
+from .token_quantizer import Core, TokenQuantizer
 
 # the paper's recommended levels per codebook size (Table 1 of the FSQ paper)
 RECOMMENDED_LEVELS = {
@@ -50,7 +50,7 @@ def check_levels(levels) -> list[int]:
     return checked
 
 
-class FSQ(Fp32BuffersModule):
+class FSQ(TokenQuantizer):
     """Finite scalar quantizer.
 
     Args (vector-quantize-pytorch's, plus no surprises):
@@ -189,7 +189,7 @@ class FSQ(Fp32BuffersModule):
         return bounded + self._half_width(), torch.round(bounded) + self._half_width()
 
     @fp32_island
-    def _quantize(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def _core(self, z: Tensor, keep: None = None) -> Core:
         """z (b, n, c*d) fp32 -> codes (b, n, c*d) fp32 with straight-through grad, indices (b, n, c)."""
         z = rearrange(z, "b n (c d) -> b n c d", c=self.num_codebooks)
         if self.orthogonal_rotation:
@@ -204,22 +204,11 @@ class FSQ(Fp32BuffersModule):
             codes = torch.where(noisy, codes + torch.rand_like(codes) - 0.5, codes).clamp(-1.0, 1.0)
         if self.orthogonal_rotation:
             codes = codes @ self.orthogonal_rot.t()
-        return rearrange(codes, "b n c d -> b n (c d)"), indices
+        return Core(rearrange(codes, "b n c d -> b n (c d)"), indices)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
-        dtype = z.dtype
-        channel_first = z.ndim >= 4 or self.channel_first
-        tokens, packed_shape = to_tokens(z, channel_first, self.dim, "FSQ")
-        bad = non_finite_tokens(tokens)
-        codes, indices = self._quantize(project(self.project_in, tokens))
-        out = mark_non_finite(project(self.project_out, codes).to(dtype), bad)
-        out = from_tokens(out, packed_shape, channel_first)
-        if not self.return_indices:
-            return out, None
-        indices = indices_from_tokens(mark_non_finite(indices, bad), packed_shape)
-        if not self.keep_num_codebooks_dim:
-            indices = rearrange(indices, "... 1 -> ...")
-        return out, indices
+        result = self.quantize_tokens(z)
+        return result.out, result.indices if self.return_indices else None
 
     # indices <-> codes
 

@@ -1,0 +1,112 @@
+"""The forward skeleton every token quantizer shares, written once.
+
+    x (any layout) -> tokens (b, n, dim) -> mask checked -> padding zeroed -> project_in
+    -> the family's fp32 core (FSQ's rounding, LFQ's signs, VQ's search, a residual chain)
+    -> project_out -> masked tokens filled -> the input's dtype -> non-finite tokens marked
+    -> the input's layout; indices (b, n, c) -> (b, ..., c)
+
+A family implements `_core(z, keep, **options) -> Core` on (b, n, inner) tokens and writes a
+`forward` that only maps its public arguments onto `quantize_tokens` and its result onto the
+tuple its users expect.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from ..layout import check_mask, from_tokens, indices_from_tokens, lens_to_mask, to_tokens, without_padding
+from ..non_finite import mark_losses, mark_non_finite, non_finite_tokens
+from ..precision import Fp32BuffersModule, project
+
+
+class Core(NamedTuple):
+    """What a family's fp32 core returns, in token layout."""
+    quantized: Tensor  # (b, n, inner) fp32, before project_out
+    indices: Tensor  # (b, n, c) int64, -1 where masked
+    losses: Any = ()  # a loss tensor or a tuple (named or not) of them, each over the batch
+    extra: Any = None  # anything else the family's forward returns (all codes, info dicts)
+
+
+class Layout(NamedTuple):
+    """Where the tokens came from: enough to put results back."""
+    dtype: torch.dtype
+    spatial: tuple[int, ...]
+    channel_first: bool
+    single: bool  # a (b, dim) input of one token per sample (VectorQuantize's)
+
+
+class Quantization(NamedTuple):
+    """`quantize_tokens`' result, in the input's layout."""
+    out: Tensor  # like x, in x's dtype
+    indices: Tensor  # (b, ...[, c])
+    losses: Any  # as the core returned them, NaN when any token was not finite
+    extra: Any
+    keep: Tensor | None  # (b, n) the checked mask
+    bad: Tensor | None  # (b, n) the non-finite tokens, None when the core refused them
+
+
+def mark_all(losses, bad: Tensor | None):
+    """Every loss in a core's `losses` (a tensor, a tuple or a NamedTuple) NaN when a token is bad."""
+    if isinstance(losses, Tensor):
+        return mark_losses(losses, bad)
+    marked = [mark_all(loss, bad) for loss in losses]
+    return type(losses)(*marked) if hasattr(losses, "_fields") else type(losses)(marked)
+
+
+class TokenQuantizer(Fp32BuffersModule):
+    """Base of the token quantizers: the skeleton above. A subclass sets `dim`, `project_in`,
+    `project_out` and `keep_num_codebooks_dim`, and implements `_core`; hooks with defaults:
+    `_layout` (how an input maps to tokens), `return_zeros_for_masked_padding`."""
+
+    keep_num_codebooks_dim = True
+    return_zeros_for_masked_padding = True  # False: masked tokens pass through unchanged
+    per_sample_mask = False  # whether a (b,) mask keeps or drops whole samples
+
+    def _core(self, z: Tensor, keep: Tensor | None, **options) -> Core:
+        raise NotImplementedError
+
+    def _channel_first(self, x: Tensor) -> bool:
+        """Default: images and video (4+ dims) are channel-first, sequences as `channel_first` says."""
+        return x.ndim >= 4 or bool(getattr(self, "channel_first", False))
+
+    def _layout(self, x: Tensor) -> tuple[Tensor, Layout]:
+        """x -> tokens (b, n, dim) and its Layout."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input: expected a floating point tensor, got {type(x).__name__}")
+        channel_first = self._channel_first(x)
+        tokens, spatial = to_tokens(x, channel_first, self.dim, type(self).__name__)
+        return tokens, Layout(x.dtype, spatial, channel_first, False)
+
+    def quantize_tokens(self, x: Tensor, mask: Tensor | None = None, lens: Tensor | None = None,
+                        refuses_non_finite: bool = False, **options) -> Quantization:
+        """The skeleton; `options` go to `_core`. `refuses_non_finite`: the core raises on a
+        non-finite token (an updating step: docs/precision.md), so there is nothing to mark."""
+        tokens, layout = self._layout(x)
+        keep = self._keep(mask, lens, tokens, layout)
+        bad = None if refuses_non_finite else non_finite_tokens(tokens, keep)
+        core = self._core(project(self.project_in, without_padding(tokens, keep)), keep, **options)
+        out = project(self.project_out, core.quantized)
+        if keep is not None:
+            masked = torch.zeros_like(out) if self.return_zeros_for_masked_padding else tokens.to(out.dtype)
+            out = torch.where(keep.unsqueeze(-1), out, masked)
+        out = from_tokens(mark_non_finite(out.to(layout.dtype), bad), layout.spatial, layout.channel_first)
+        indices = indices_from_tokens(mark_non_finite(core.indices, bad), layout.spatial)
+        if not self.keep_num_codebooks_dim:
+            indices = rearrange(indices, "... 1 -> ...")
+        if layout.single:
+            out, indices = out[:, 0], indices[:, 0]
+        return Quantization(out, indices, mark_all(core.losses, bad), core.extra, keep, bad)
+
+    def _keep(self, mask, lens, tokens: Tensor, layout: Layout) -> Tensor | None:
+        """The mask (b, n) bool (True = keep), from `mask` or sequence `lens`, or None."""
+        if mask is not None and lens is not None:
+            raise ValueError("mask, lens: give at most one of them, got both")
+        if lens is not None:
+            return lens_to_mask(lens, tokens, layout.spatial)
+        if layout.single and mask is not None and mask.ndim == 1:
+            mask = mask.reshape(-1, 1)  # one token per sample: (b,) is per token
+        return check_mask(mask, tokens, layout.spatial, per_sample=self.per_sample_mask)
