@@ -229,7 +229,7 @@ def test_bad_ema_update_weight_callable_raises_before_any_buffer_changes(name):
 def test_a_tensor_ema_update_weight_is_checked_once_per_step(monkeypatch):
     """Checked at the boundary (one host sync), not again by the codebook."""
     from vq_layers import codebook, ema
-    from vq_layers.layers import vq_updates
+    from vq_layers.layers import vq as vq_module
 
     calls = []
 
@@ -238,7 +238,7 @@ def test_a_tensor_ema_update_weight_is_checked_once_per_step(monkeypatch):
         return ema.ema_weight(*args)
 
     monkeypatch.setattr(codebook, "ema_weight", counted)
-    monkeypatch.setattr(vq_updates, "ema_weight", counted)
+    monkeypatch.setattr(vq_module, "ema_weight", counted)
     layer = make()
     layer(randn(2, 5, 6, seed=10), ema_update_weight=torch.ones(10))
     assert len(calls) == 1

@@ -1,5 +1,6 @@
-"""Regularizers on a VQ codebook, fp32: the diversity of the batch's code distribution and the
-orthogonality of the codes. Both take the codebooks per codebook axis, (g, k, d)."""
+"""Losses on a VQ codebook, fp32: the masked squared error to the codes (commitment), the
+diversity of the batch's code distribution and the orthogonality of the codes. Vectors and
+codebooks come per codebook axis: (g, m, d) and (g, k, d)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,20 @@ from torch import Tensor
 from .compiling import sums_by_index
 from .distributed import all_reduce_sum, all_reduce_sum_
 from .kernels.code_softmax import code_probs_sum, entropy
+
+
+def masked_mse(x: Tensor, target: Tensor, kept: Tensor | None, sync: bool = False, group=None) -> tuple[Tensor, Tensor]:
+    """x, target (g, m, d), kept (g, m) or None -> (sum of the kept rows' squared errors over
+    their element count, that count); under `sync` the count is the global batch's (the caller
+    sums the ranks' losses or gradients), so the ranks' terms add up to the global mean."""
+    error = (x - target).square()
+    if kept is not None:
+        error = torch.where(kept.unsqueeze(-1), error, 0.0)
+    rows = x.new_tensor(float(x.shape[0] * x.shape[1])) if kept is None else kept.sum().float()
+    count = rows * x.shape[-1]
+    if sync:
+        count = all_reduce_sum_(count.clone(), group)
+    return error.sum() / count.clamp(min=1), count
 
 
 def diversity_loss(search: Tensor, codebook: Tensor, metric: str, temperature: float, kept: Tensor | None,

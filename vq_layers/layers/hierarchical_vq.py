@@ -29,7 +29,7 @@ from ..distributed import NON_FINITE_INPUT, broadcast_once_, check_finite, is_di
 from ..layout import check_mask, from_tokens, indices_from_tokens, lens_to_mask
 from ..non_finite import non_finite_tokens, without_codes
 from ..precision import fp32_island, project, stack
-from .vq import VectorQuantize
+from .vq import Step, VectorQuantize
 
 _POOLS = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 _MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -269,7 +269,7 @@ class HierarchicalVQ(nn.Module):
     def _broadcast_initial_state(self, fmap: Tensor, keep: Tensor | None) -> None:
         """At the first synced training step: every level's codebook and the nested-dropout seed
         take the group's first rank's values, in one collective, after the non-finite check."""
-        owners = [vq._codebook for vq in (self.vqs or [self.vq]) if vq._sync()]
+        owners = [owner for vq in (self.vqs or [self.vq]) for owner in vq.synced_owners()]
         if self.nested_dropout > 0 and is_distributed(self.process_group):
             owners.append(self.dropout_draws)
         data = fmap if keep is None else torch.where(keep.unsqueeze(1), fmap, 0.0)
@@ -327,8 +327,8 @@ class HierarchicalVQ(nn.Module):
             cells = None if cells is None else cells.reshape(cells.shape[0], math.prod(level_shape))
             vq = self.get_vq(k)
             temperature = vq.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
-            result = vq._quantize(tokens, cells, temperature, may_init=updating,
-                                  update=updating and not self.shared_codebook, ema_update=vq.ema_update, freeze=False)
+            result = vq.quantize(tokens, cells, Step(temperature, updating, updating and not self.shared_codebook,
+                                                     vq.ema_update))
             results.append(result)
             # a cell whose pooled residual is not finite has no code; its NaN reaches, through
             # the refinement, every position and finer cell that depends on it
@@ -345,7 +345,7 @@ class HierarchicalVQ(nn.Module):
             all_indices.append(indices_from_tokens(result.indices, level_shape)[..., 0])
             losses.append(result.loss)
         if updating and self.shared_codebook:
-            self.vq._update_shared(results)
+            self.vq.commit_statistics(results)
 
         if masked:
             weights = kept_levels.to(device=losses[0].device, dtype=torch.float32)

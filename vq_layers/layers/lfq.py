@@ -24,7 +24,7 @@ from ..non_finite import NO_CODE, fill_tokens, mark_losses, mark_non_finite, non
 from ..precision import Fp32BuffersModule, fp32_island, project
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
-from .vq_updates import masked_mse
+from ..codebook_losses import masked_mse
 
 Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
 LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])

@@ -94,7 +94,7 @@ class RandomProjectionQuantizer(Fp32BuffersModule):
             return
         self.keep_fp32_buffers_()
         broadcast_(self.rand_projs, first_rank(self.process_group), self.process_group)
-        self.vq._codebook.broadcast_state_(self.process_group)
+        self.vq.broadcast_codebook_(self.process_group)
         self._broadcast = True
 
     @fp32_island

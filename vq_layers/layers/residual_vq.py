@@ -33,7 +33,7 @@ from .residual import (
     stage_codes,
     sum_stages,
 )
-from .vq import VectorQuantize
+from .vq import Step, VectorQuantize
 
 
 def codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
@@ -187,8 +187,7 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
                 for _ in range(num_quantizers - 1))
         if shared_codebook:  # the first stage's in-place optimizer (over the shared codes) steps for all
             for layer in self.layers[1:]:
-                layer._codebook = self.layers[0]._codebook
-                layer.in_place_codebook_optimizer = self.layers[0].in_place_codebook_optimizer
+                layer.share_codebook_of(self.layers[0])
         self.codebook_size = self.layers[0].codebook_size
 
     def extra_repr(self) -> str:
@@ -211,8 +210,8 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
         path = None  # (b*n, stages kept): the beam search's path, quantized along below
         if beam_size is not None and updating:
             first = self.layers[0]
-            check_beam_training(beam_size, first.in_place_codebook_optimizer is not None, first._codebook.affine_param)
-        if beam_size is not None and not (updating and any(layer._codebook.needs_init() for layer in self.layers)):
+            check_beam_training(beam_size, first.in_place_codebook_optimizer is not None, first.affine_param)
+        if beam_size is not None and not (updating and any(layer.needs_init() for layer in self.layers)):
             path = self._beam_search(z, beam_size, last_kept)  # (k-means init runs on a greedy step first)
         so_far = [torch.zeros_like(z)]  # the reconstruction: implicit codebooks are conditioned on it
 
@@ -223,9 +222,9 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
             stage_keep = keep
             if active is not None:  # dropped (compiled: a tensor depth): the stage counts no token
                 stage_keep = active.expand(residual.shape[:2]) if keep is None else keep & active
-            result = layer._quantize(residual, stage_keep, temp, may_init=updating,
-                                     update=updating and not self.shared_codebook, ema_update=layer.ema_update,
-                                     freeze=freeze, codebook_transform_fn=transform, chosen=chosen)
+            result = layer.quantize(residual, stage_keep, Step(temp, updating, updating and not self.shared_codebook,
+                                                               layer.ema_update, freeze, transform=transform,
+                                                               chosen=chosen))
             results.append(result)
             so_far[0] = so_far[0] + result.quantized
             return result.quantized, result.indices[..., 0], result.loss
@@ -234,7 +233,7 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
         quantized, indices, codes, extras = run_stages(z, stages, last_kept, self.quant_grad_frac,
                                                        [self._stage_parameters(k) for k in range(self.num_quantizers)])
         if updating and self.shared_codebook and results:  # all stages searched the same codebook
-            self.layers[0]._update_shared(results)
+            self.layers[0].commit_statistics(results)
         losses = torch.stack([extra[0] if extra is not None else z.new_zeros(()) for extra in extras])
         if self.diveq and self.training and torch.is_grad_enabled():  # eval outputs stay the codes exactly
             quantized = directional_reparam(z, quantized)
@@ -246,7 +245,7 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
         return params + list(self.mlps[k - 1].parameters()) if self.mlps is not None and k > 0 else params
 
     def _synced_owners(self, stages: bool = True) -> list:
-        codebooks = [layer._codebook for layer in self.layers if layer._sync()] if stages else []
+        codebooks = [owner for layer in self.layers for owner in layer.synced_owners()] if stages else []
         return super()._synced_owners() + codebooks
 
     def _check_before_broadcast(self, z: Tensor) -> None:
@@ -257,7 +256,7 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
         def stage(k, residual, so_far, width):
             layer = self.layers[k]
             m, beams, d = residual.shape
-            codebook = layer._codebook.codes().detach()[0]
+            codebook = layer.searched_codes().detach()[0]
             width = min(width, layer.codebook_size)
             if k == 0 or self.mlps is None:
                 indices, distances = nearest_codes(residual.reshape(-1, d), codebook, "l2", width)
@@ -285,10 +284,10 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
             given = targets[..., k : k + 1]
             if keep is not None:
                 given = given.masked_fill(~keep.unsqueeze(-1), -1)
-            result = layer._quantize(residual, keep, 0.0, may_init=False, update=False, ema_update=False,
-                                     freeze=True, targets=rearrange(given, "b n 1 -> 1 (b n)"))
+            result = layer.quantize(residual, keep, Step(ema_update=False, freeze=True,
+                                                         targets=rearrange(given, "b n 1 -> 1 (b n)")))
             ce = ce + result.loss
-            codes = layer._lookup(given)
+            codes = layer.lookup(given)
             residual, total = residual - codes, total + codes
         return total, ce
 
@@ -362,7 +361,7 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
 
     def _lookup_stage(self, k: int, indices: Tensor) -> Tensor:
         check_indices(indices, self.codebook_sizes[k], f"indices[..., {k}]")
-        return self.layers[k]._lookup(indices.unsqueeze(-1))
+        return self.layers[k].lookup(indices.unsqueeze(-1))
 
     def _stage_codes(self, indices: Tensor) -> Tensor:
         """With implicit codebooks, stage k's code is its network's transform of the base code,
