@@ -44,6 +44,40 @@ def to_level_shape(name: str, scale, spatial_dims: int) -> tuple[int, ...]:
     return tuple(check_positive_int(name, s) for s in sizes)
 
 
+def to_level_shapes(scales, spatial_dims: int) -> tuple[tuple[int, ...], ...]:
+    """`scales` -> one shape per level, checked: non-empty, non-decreasing on every axis."""
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or len(scales) == 0:
+        raise ValueError(f"scales: expected a non-empty sequence of level sizes, got {scales!r}")
+    shapes = tuple(to_level_shape(f"scales[{k}]", s, spatial_dims) for k, s in enumerate(scales))
+    for before, after in zip(shapes, shapes[1:]):
+        if any(a > b for a, b in zip(before, after)):
+            raise ValueError(f"scales: expected non-decreasing level sizes, got {before} before {after}")
+    return shapes
+
+
+def fmap_and_keep(x, mask, lens, dim: int, spatial_dims: int, channel_first: bool) -> tuple[Tensor, Tensor | None]:
+    """HierarchicalVQ's input in the user's layout -> channel-first fmap (b, d, ...s), keep (b, ...s)
+    bool or None, checked."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"input: expected a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"input: expected a floating point tensor, got dtype {x.dtype}")
+    layout = f"(b, dim, {_LAYOUTS[spatial_dims]})" if channel_first else f"(b, {_LAYOUTS[spatial_dims]}, dim)"
+    if x.ndim != 2 + spatial_dims:
+        raise ValueError(f"input: expected {2 + spatial_dims} dims {layout}, got shape {tuple(x.shape)}")
+    fmap = x if channel_first else rearrange(x, "b ... d -> b d ...")
+    if fmap.shape[1] != dim:
+        raise ValueError(f"HierarchicalVQ: expected input feature dim {dim} ({layout}), got shape {tuple(x.shape)}")
+    spatial = tuple(fmap.shape[2:])
+    if 0 in spatial:
+        raise ValueError(f"input: expected non-empty spatial axes to pool from, got shape {tuple(x.shape)}")
+    if mask is not None and lens is not None:
+        raise ValueError("mask, lens: give at most one of them, got both")
+    tokens = rearrange(fmap, "b d ... -> b (...) d")  # a view, for the shape checks
+    keep = lens_to_mask(lens, tokens, spatial) if lens is not None else check_mask(mask, tokens, spatial)
+    return fmap, None if keep is None else keep.reshape(fmap.shape[0], *spatial)
+
+
 @fp32_island
 def pool_level(fmap: Tensor, shape: tuple[int, ...], keep: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """fmap (b, d, ...) -> its mean over each adaptive-pooling window (b, d, *shape), fp32.
@@ -179,14 +213,7 @@ class HierarchicalVQ(nn.Module):
             raise ValueError("accept_image_fmap, accept_3d_fmap: at most one can be True, got both")
         self.dim = check_positive_int("dim", dim)
         self.spatial_dims = 2 if accept_image_fmap else 3 if accept_3d_fmap else 1
-        if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or len(scales) == 0:
-            raise ValueError(f"scales: expected a non-empty sequence of level sizes, got {scales!r}")
-        self.scales = tuple(scales)
-        self.level_shapes = tuple(to_level_shape(f"scales[{k}]", s, self.spatial_dims) for k, s in enumerate(scales))
-        for k in range(1, len(self.level_shapes)):
-            if any(a > b for a, b in zip(self.level_shapes[k - 1], self.level_shapes[k])):
-                raise ValueError(f"scales: expected non-decreasing level sizes, got {self.level_shapes[k - 1]} "
-                                 f"before {self.level_shapes[k]}")
+        self.scales, self.level_shapes = tuple(scales), to_level_shapes(scales, self.spatial_dims)
         self.num_levels = len(self.level_shapes)
         sizes = (codebook_size,) * self.num_levels if isinstance(codebook_size, numbers.Integral) else codebook_size
         if not isinstance(sizes, Sequence) or len(sizes) != self.num_levels:
@@ -278,34 +305,12 @@ class HierarchicalVQ(nn.Module):
 
     # the layer
 
-    def _check_input(self, x, mask, lens) -> tuple[Tensor, Tensor | None]:
-        """x in the user's layout -> channel-first fmap (b, d, ...s), keep (b, ...s) bool or None."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"input: expected a tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"input: expected a floating point tensor, got dtype {x.dtype}")
-        layout = f"(b, dim, {_LAYOUTS[self.spatial_dims]})" if self.channel_first else f"(b, {_LAYOUTS[self.spatial_dims]}, dim)"
-        if x.ndim != 2 + self.spatial_dims:
-            raise ValueError(f"input: expected {2 + self.spatial_dims} dims {layout}, got shape {tuple(x.shape)}")
-        fmap = x if self.channel_first else rearrange(x, "b ... d -> b d ...")
-        if fmap.shape[1] != self.dim:
-            raise ValueError(f"HierarchicalVQ: expected input feature dim {self.dim} ({layout}), got shape "
-                             f"{tuple(x.shape)}")
-        spatial = tuple(fmap.shape[2:])
-        if 0 in spatial:
-            raise ValueError(f"input: expected non-empty spatial axes to pool from, got shape {tuple(x.shape)}")
-        if mask is not None and lens is not None:
-            raise ValueError("mask, lens: give at most one of them, got both")
-        tokens = rearrange(fmap, "b d ... -> b (...) d")  # a view, for the shape checks
-        keep = lens_to_mask(lens, tokens, spatial) if lens is not None else check_mask(mask, tokens, spatial)
-        return fmap, None if keep is None else keep.reshape(fmap.shape[0], *spatial)
-
     def forward(self, x: Tensor, indices=None, mask: Tensor | None = None, lens: Tensor | None = None,
                 sample_codebook_temp: float | None = None, return_cutoff: bool = False):
         if indices is not None:
             raise ValueError("indices: HierarchicalVQ.forward does not take indices; decode them with "
                              "get_output_from_indices")
-        fmap, keep = self._check_input(x, mask, lens)
+        fmap, keep = fmap_and_keep(x, mask, lens, self.dim, self.spatial_dims, self.channel_first)
         dtype = x.dtype
         if sample_codebook_temp is not None:
             check_non_negative("sample_codebook_temp", sample_codebook_temp)
