@@ -1,5 +1,5 @@
-"""Codebook as the owner of its state: the affine frame's keys, and checkpoints of the layout
-before it.
+"""Codebook as the owner of its state: the affine frame's keys, checkpoints of the layout before
+it, and the explicit-state functions it calls (dead_codes.py, kmeans.kmeans_init_).
 
 The old layout is written out here literally (the keys vq_layers saved while the moments sat on
 the codebook itself, as vector-quantize-pytorch keeps them), not derived from the code under test.
@@ -12,6 +12,8 @@ import torch
 
 from reference import randn
 from vq_layers import ResidualVQ, VectorQuantize
+from vq_layers.dead_codes import revive_dead_codes_
+from vq_layers.kmeans import kmeans_init_
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -107,3 +109,41 @@ def test_frame_keys_without_affine_param_are_unexpected():
     assert sorted(k for k in result.unexpected_keys if "mean" in k or "variance" in k) == sorted(
         f"_codebook.{name}" for name in FRAME)
 
+
+def test_revive_dead_codes_takes_rows_of_the_batch_lowest_dead_codes_first():
+    h, k, d = 2, 6, 3
+    embed, embed_avg = randn(h, k, d, seed=1), randn(h, k, d, seed=2)
+    cluster_size = torch.full((h, k), 3.0)
+    cluster_size[0, [1, 2, 4]] = 0.1  # three dead codes in codebook 0, none in codebook 1
+    x = randn(h, 2, d, seed=3)  # two rows per codebook: fewer than codebook 0's dead codes
+    before = embed.clone(), embed_avg.clone(), cluster_size.clone()
+    seed, step = torch.tensor(7), torch.tensor(0)
+    revived = revive_dead_codes_(embed, embed_avg, cluster_size, x, None, threshold=1.0, reset=2.0, cosine=False,
+                                 seed=seed, step=step)
+    assert int(revived) == 2 and int(step) == 1
+    assert sorted(tuple(embed[0, j].tolist()) for j in (1, 2)) == sorted(tuple(r.tolist()) for r in x[0])
+    for j in (1, 2):
+        assert cluster_size[0, j] == 2.0 and torch.equal(embed_avg[0, j], embed[0, j] * 2.0)
+    untouched = torch.ones(h, k, dtype=torch.bool)
+    untouched[0, [1, 2]] = False
+    for new, old in zip((embed, embed_avg, cluster_size), before):
+        assert torch.equal(new[untouched], old[untouched])
+    # nothing kept: nothing drawn, nothing revived, the counter stays
+    revived = revive_dead_codes_(embed, embed_avg, cluster_size, x, torch.zeros(h, 2, dtype=torch.bool), 1.0, 2.0,
+                                 False, seed, step)
+    assert int(revived) == 0 and int(step) == 1
+
+
+def test_kmeans_init_leaves_the_state_without_a_kept_row_in_every_codebook():
+    embed, embed_avg, cluster_size = torch.zeros(2, 4, 3), torch.zeros(2, 4, 3), torch.ones(2, 4)
+    initted, step = torch.tensor(False), torch.tensor(0)
+    state = [embed, embed_avg, cluster_size, initted, step]
+    x = randn(2, 16, 3, seed=4)
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    keep[1] = False  # codebook 1 has no row
+    kmeans_init_(state, x, keep, iters=3, metric="l2", eps=1e-5, seed=torch.tensor(5))
+    assert not initted and torch.equal(embed, torch.zeros(2, 4, 3)) and torch.equal(cluster_size, torch.ones(2, 4))
+    kmeans_init_(state, x, None, iters=3, metric="l2", eps=1e-5, seed=torch.tensor(5))
+    assert initted and int(cluster_size.sum()) == 32
+    for h in range(2):  # the statistics are the last assignment's: every row counted once
+        torch.testing.assert_close(embed_avg[h].sum(0), x[h].sum(0), rtol=1e-5, atol=1e-5)

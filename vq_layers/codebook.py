@@ -14,10 +14,10 @@ While statistics are accumulated (`accum_ema_update`) and not applied yet, and o
     state dict without them loads as "nothing pending", and the default keys stay the peer's)
 The statistics stay float32 under `.half()`/`.bfloat16()` (Fp32BuffersModule).
 
-The numerics live in the floor below: ema.py (statistics), kmeans.py (init), affine.py (the
-frame). Under sync, the first training step broadcasts this state from the group's first rank,
-so ranks that built the layer from different seeds (no DDP to broadcast it) start alike; from
-then on every rank applies the same all-reduced update.
+The numerics live in the floor below: ema.py (statistics), kmeans.py (init), dead_codes.py
+(revival), affine.py (the frame). Under sync, the first training step broadcasts this state
+from the group's first rank, so ranks that built the layer from different seeds (no DDP to
+broadcast it) start alike; from then on every rank applies the same all-reduced update.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from .affine import INIT_FLAGS, MOMENTS, AffineFrame, nest_frame_keys_
 from .compiling import at_run_time, register_runtime_owner, runs_eagerly
-from .counter_random import CounterDraws, counter_hash
+from .counter_random import CounterDraws
+from .dead_codes import revive_dead_codes_
 from .distributed import broadcast_once_, broadcast_tensors_, first_rank
 from .ema import (
     code_statistics,
@@ -37,7 +38,7 @@ from .ema import (
     normalized_codebook,
     smoothed_cluster_size,
 )
-from .kmeans import kmeans, sample_rows
+from .kmeans import kmeans_init_
 from .precision import Fp32BuffersModule, fp32_island
 
 try:
@@ -183,15 +184,6 @@ class Codebook(Fp32BuffersModule):
         """What k-means init writes: embed, embed_avg, cluster_size, initted, the row-draw counter."""
         return [self.embed, self.embed_avg, self.cluster_size, self.initted, self.sample_draws.step]
 
-    def _sample(self, x: Tensor, keep: Tensor | None, num: int, step: Tensor, sync: bool, group):
-        """kmeans.sample_rows with this codebook's next seed; the counter `step` (sample_draws'
-        on this module's device, or the copy a compiled graph hands its run-time op) advances
-        only when rows were drawn: an empty or all-masked batch, or a stage that quantize dropout
-        runs masked, changes nothing (as an eager step that skips the stage)."""
-        rows, valid = sample_rows(x, keep, num, counter_hash(self.sample_draws.seed, step), sync, group)
-        step.add_(valid.any().long())
-        return rows, valid
-
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self.sample_draws.to_(self.cluster_size.device)  # (not buffers: moved here, never cast)
@@ -246,22 +238,12 @@ class Codebook(Fp32BuffersModule):
     @fp32_island
     @torch.no_grad()
     def init_(self, x: Tensor, keep: Tensor | None, sync: bool, group=None, state: list[Tensor] | None = None) -> None:
-        """k-means on the first batch: x (h, n, d) as searched, keep (h, n) or None. Nothing
-        changes unless every codebook has a kept row (on some rank): the codebook stays
-        uninitialized until a batch has some. `state`: the tensors to write (init_state()'s,
-        or the copies a compiled graph hands its run-time op)."""
+        """kmeans.kmeans_init_ from x (h, n, d) as searched, keep (h, n) or None, into `state`:
+        init_state()'s tensors, or the copies a compiled graph hands its run-time op."""
         self.keep_fp32_buffers_()
         self._check_in_place_write("kmeans_init")
-        embed, embed_avg, cluster_size, initted, step = self.init_state() if state is None else state
-        rows, valid = self._sample(x, keep, self.codebook_size, step, sync, group)
-        means, counts, found = kmeans(x, keep, rows, valid, self.kmeans_iters, self.metric, sync, group)
-        ok = found.all()
-        sums = means * counts.unsqueeze(-1)
-        codes = normalized_codebook(counts, sums, self.eps, self.use_cosine_sim)
-        cluster_size.copy_(torch.where(ok, counts, cluster_size))
-        embed_avg.copy_(torch.where(ok, sums, embed_avg))
-        embed.data.copy_(torch.where(ok, codes, embed.float()).to(embed.dtype))
-        initted.copy_(initted | ok)
+        kmeans_init_(self.init_state() if state is None else state, x, keep, self.kmeans_iters, self.metric,
+                     self.eps, self.sample_draws.seed, sync, group)
 
     def init_if_needed(self, x: Tensor, keep: Tensor | None, sync: bool, local: bool = False) -> Tensor:
         """k-means init from x (h, n, d) as searched, keep (h, n) or None, unless the codebook is
@@ -298,7 +280,7 @@ class Codebook(Fp32BuffersModule):
     def update_(self, x: Tensor, indices: Tensor, keep: Tensor | None, ema_update: bool,
                 sync: bool, group=None, weight=None, accumulate: bool = False) -> None:
         """One training step's update from x (h, n, d) (as searched) that chose indices (h, n),
-        keep (h, n) or None: EMA statistics (when ema_update or dead-code replacement needs them),
+        keep (h, n) or None: EMA statistics (when ema_update or dead-code revival needs them),
         the codebook they describe (unless manual_ema_update), then dead codes revived from this
         batch's vectors. `weight`: the per-code `ema_update_weight`, as ema.ema_weight returns it
         (checked), or a callable, evaluated and checked here. With `accumulate`, this step's
@@ -323,7 +305,7 @@ class Codebook(Fp32BuffersModule):
         if ema_update and not self.manual_ema_update:
             self._set_from_statistics()
         if self.threshold_ema_dead_code > 0:
-            self._replace_dead_codes(x, keep, sync, group)
+            self._revive_dead_codes(x, keep, sync, group)
 
     @runs_eagerly("accum_ema_update: the accumulators are allocated on first use, a graph break")
     def _accumulate_(self, counts: Tensor, sums: Tensor) -> None:
@@ -350,26 +332,15 @@ class Codebook(Fp32BuffersModule):
             return
         self.keep_fp32_buffers_()
         self._check_in_place_write("expire_codes_")
-        self._replace_dead_codes(self.to_codebook_frame(x), keep, sync, group)
+        self._revive_dead_codes(self.to_codebook_frame(x), keep, sync, group)
 
-    def _replace_dead_codes(self, x: Tensor, keep: Tensor | None, sync: bool, group) -> None:
-        """Codes whose EMA count fell below the threshold take vectors drawn from this batch (the
-        union of the ranks'), and their statistics restart from that vector, so the next EMA
-        step does not pull them back to where they died. Branch-free (no host sync, static
-        shapes): a row is drawn for every code and taken where the code is dead; with fewer
-        rows than dead codes, the lowest-index dead codes take them."""
-        dead = self.cluster_size < self.threshold_ema_dead_code  # identical on every rank when synced
-        rows, valid = self._sample(x, keep, self.codebook_size, self.sample_draws.step, sync, group)  # (h, k, d), (h, k)
-        slot = (dead.long().cumsum(-1) - 1).clamp(min=0)  # a dead code's rank among the dead ones
-        new = rows.gather(1, slot.unsqueeze(-1).expand_as(rows))
-        revive = dead & valid.gather(1, slot)
-        if self.use_cosine_sim:
-            new = F.normalize(new, dim=-1)
-        reset = float(self.reset_cluster_size)
-        self.embed.data.copy_(torch.where(revive.unsqueeze(-1), new, self.embed.float()).to(self.embed.dtype))
-        self.embed_avg.copy_(torch.where(revive.unsqueeze(-1), new * reset, self.embed_avg))
-        self.cluster_size.copy_(torch.where(revive, reset, self.cluster_size))
-        self.dead_codes_replaced = revive.sum()
+    def _revive_dead_codes(self, x: Tensor, keep: Tensor | None, sync: bool, group) -> None:
+        """dead_codes.py on this codebook's state, x (h, n, d) in the codebook's frame."""
+        self.dead_codes_replaced = revive_dead_codes_(
+            self.embed, self.embed_avg, self.cluster_size, x, keep, self.threshold_ema_dead_code,
+            float(self.reset_cluster_size), self.use_cosine_sim, self.sample_draws.seed, self.sample_draws.step,
+            sync, group)
+
 
 def _frame_buffer(name: str) -> property:
     return property(lambda self: getattr(self.affine, name),
