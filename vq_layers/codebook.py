@@ -30,7 +30,7 @@ from .affine import INIT_FLAGS, MOMENTS, AffineFrame, nest_frame_keys_
 from .compiling import at_run_time, register_runtime_owner, runs_eagerly
 from .counter_random import CounterDraws
 from .dead_codes import revive_dead_codes_
-from .distributed import broadcast_once_, broadcast_tensors_, first_rank
+from .distributed import broadcast_once_, broadcast_tensors_, first_rank, fsdp_holds, unsharded
 from .ema import (
     code_statistics,
     ema_update_,
@@ -41,13 +41,17 @@ from .ema import (
 from .kmeans import kmeans_init_
 from .precision import Fp32BuffersModule, fp32_island
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch without distributed support
-    DTensor = ()
-
-
 ACCUMULATORS = ("accum_cluster_size", "accum_embed_sum")
+STILL_SHARDED = (
+    "learnable_codebook: the codebook is still sharded here (FSDP2 unshards it only around the forward of the "
+    "module fully_shard wraps, and Codebook has none): shard the layer or a parent, not its Codebook, and "
+    "decode with gradients inside that forward (or under torch.no_grad())")
+UNDONE_BY_FSDP = (
+    "learnable_codebook: {} rewrites the codebook in place, but FSDP shards it (a parameter when "
+    "learnable_codebook=True or orthogonal_reg_weight > 0) and would undo the write at the next all-gather. "
+    "Under FSDP use an EMA codebook (learnable_codebook=False, orthogonal_reg_weight=0), or a learnable one "
+    "with ema_update=False, kmeans_init=False and threshold_ema_dead_code=0; k-means init can run before "
+    "wrapping (one training forward per rank, then fully_shard)")
 
 
 class Codebook(Fp32BuffersModule):
@@ -112,17 +116,7 @@ class Codebook(Fp32BuffersModule):
         self.keep_fp32_buffers_()
         if not self.learnable:
             return self._to_batch_frame(self.embed.detach())
-        embed = self.embed
-        if isinstance(embed, DTensor):
-            if torch.is_grad_enabled():
-                # full_tensor's backward keeps each rank's own gradient slice: no reduce-scatter
-                raise ValueError(
-                    "learnable_codebook: the codebook is still sharded here (FSDP2 unshards it only around "
-                    "the forward of the module fully_shard wraps, and Codebook has none): shard the layer "
-                    "or a parent, not its Codebook, and decode with gradients inside that forward (or "
-                    "under torch.no_grad())")
-            embed = embed.full_tensor()
-        return self._to_batch_frame(embed.float())
+        return self._to_batch_frame(unsharded(self.embed, STILL_SHARDED).float())
 
     def keep_fp32_buffers_(self) -> None:
         super().keep_fp32_buffers_()
@@ -143,23 +137,17 @@ class Codebook(Fp32BuffersModule):
         if self.affine is not None:
             self.affine.update_(x, keep, self.embed.detach(), sync, group)
 
-    def _under_fsdp(self) -> bool:
-        """FSDP (1 or 2) manages this module (its mark) or holds the codebook sharded (DTensor)."""
-        return getattr(self, "_is_fsdp_managed_module", False) or isinstance(self.embed, DTensor)
+    def _sharded(self) -> bool:
+        """A learnable codebook that FSDP (1 or 2) shards: its shards are the truth."""
+        return self.learnable and fsdp_holds(self, self.embed)
 
     def _check_in_place_write(self, what: str) -> None:
         """FSDP (1 and 2) hands forward an unsharded copy of each parameter, rebuilt from the
         shards at every all-gather: an in-place write to a learnable codebook would be undone
         silently, and shards could disagree. Raised on every rank alike (it depends on the
         configuration only), before anything changed."""
-        if self.learnable and self._under_fsdp():
-            raise ValueError(
-                f"learnable_codebook: {what} rewrites the codebook in place, but FSDP shards it (a "
-                "parameter when learnable_codebook=True or orthogonal_reg_weight > 0) and would undo the "
-                "write at the next all-gather. Under FSDP use an EMA codebook (learnable_codebook=False, "
-                "orthogonal_reg_weight=0), or a learnable one with ema_update=False, kmeans_init=False and "
-                "threshold_ema_dead_code=0; k-means init can run before wrapping (one training forward per "
-                "rank, then fully_shard)")
+        if self._sharded():
+            raise ValueError(UNDONE_BY_FSDP.format(what))
 
     def needs_init(self) -> bool:
         """Whether k-means init may still have to run. Eagerly, asks the `initted` buffer (a host
@@ -210,7 +198,7 @@ class Codebook(Fp32BuffersModule):
         tensors = [self.embed_avg, self.cluster_size, self.initted, self.sample_draws.seed]
         if self.affine is not None:
             tensors += self.affine.state()
-        if not (self.learnable and self._under_fsdp()):
+        if not self._sharded():
             tensors.append(self.embed)
         return tensors
 
