@@ -272,7 +272,7 @@ def validate_lfq(tokens: int, bits: int, kind: str, device: str, seed: int = 0) 
     import torch
 
     from vq_layers.kernels import self_check
-    from vq_layers.kernels.lfq_entropy import lfq_entropy
+    from vq_layers.lfq_entropy_loss import lfq_entropy
 
     if kind == "dense":
         generator = torch.Generator(device=device).manual_seed(seed)

@@ -44,7 +44,7 @@ IMPLS = ["triton", "torch", "cdist+argmin", "matmul bound"]
 def step_fn(impl: str, op: str, tokens: int, codes: int, dim: int, device: str):
     import torch
 
-    from vq_layers.kernels.lfq_entropy import lfq_entropy
+    from vq_layers.lfq_entropy_loss import lfq_entropy
     from vq_layers.kernels.nearest_code import nearest_code
 
     generator = torch.Generator(device=device).manual_seed(0)

@@ -80,7 +80,7 @@ def test_search_agreement_flags_a_wrong_row_but_not_a_near_tie():
 
 
 def test_lfq_agreement_against_fp64():
-    from vq_layers.kernels.lfq_entropy import lfq_entropy
+    from vq_layers.lfq_entropy_loss import lfq_entropy
 
     logits = (0.5 * torch.randn(30, 1, 6, generator=torch.Generator().manual_seed(1))).requires_grad_()
     per_sample, codebook = lfq_entropy(logits)  # the torch reference (CPU, auto)

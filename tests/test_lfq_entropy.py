@@ -1,4 +1,5 @@
-"""Tests of `vq_layers.kernels.lfq_entropy` against an fp64 brute force over all 2^d codes.
+"""Tests of LFQ's entropies (`vq_layers.lfq_entropy_loss.lfq_entropy`, built on the ops of
+`vq_layers.kernels.lfq_entropy`) against an fp64 brute force over all 2^d codes.
 
 The reference (`brute_force`) never calls the code under test: it builds every code's bits,
 log p(k | n) = sum_i [b_ki logsigmoid(l_ni) + (1 - b_ki) logsigmoid(-l_ni)] in float64, the
@@ -48,7 +49,8 @@ from torch.utils._pytree import tree_leaves
 
 import vq_layers.kernels.lfq_entropy as lfq
 from dist_utils import run_in_processes
-from vq_layers.kernels.lfq_entropy import code_mass, lfq_entropy
+from vq_layers.kernels.lfq_entropy import code_mass
+from vq_layers.lfq_entropy_loss import lfq_entropy
 
 TOL = 1e-6
 TEMPERATURES = [0.1, 1.0, 10.0, 100.0, 1000.0]
@@ -160,7 +162,7 @@ def normal_logits(n, c, d, temperature, seed):
 
 @contextlib.contextmanager
 def constants(**values):
-    """Temporarily sets lfq_entropy's module constants (read at call time by the op)."""
+    """Temporarily sets the kernel module's constants (read at call time by the op)."""
     old = {name: getattr(lfq, name) for name in values}
     try:
         for name, value in values.items():

@@ -24,8 +24,8 @@ import vq_layers.kernels.triton_nearest_code as triton_search  # noqa: E402
 from dtype_matrix import RecordDtypes  # noqa: E402
 from kernel_launches import count_launches  # noqa: E402
 from vq_layers.kernels import self_check  # noqa: E402
-from vq_layers.kernels.lfq_entropy import lfq_entropy  # noqa: E402
 from vq_layers.kernels.nearest_code import _torch_search, nearest_code  # noqa: E402
+from vq_layers.lfq_entropy_loss import lfq_entropy  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

@@ -33,8 +33,8 @@ from kernel_launches import count_launches  # noqa: E402
 from test_nearest_code import assert_matches_brute_force, brute64, gen, randn, sampled_distribution_check  # noqa: E402
 from vq_layers import LFQ, ResidualVQ, VectorQuantize  # noqa: E402
 from vq_layers.kernels.backend import use_triton  # noqa: E402
-from vq_layers.kernels.lfq_entropy import lfq_entropy  # noqa: E402
 from vq_layers.kernels.nearest_code import nearest_code  # noqa: E402
+from vq_layers.lfq_entropy_loss import lfq_entropy  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

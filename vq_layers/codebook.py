@@ -1,21 +1,23 @@
-"""A learned codebook and its statistics: EMA update, k-means init, dead-code replacement.
+"""A learned codebook: the owner of its state, and its updates (EMA, k-means init, dead codes).
 
-State (names as vector-quantize-pytorch's `_codebook`, so checkpoints load both ways):
+State (names as vector-quantize-pytorch's `_codebook`, so its checkpoints load):
     embed (h, k, d)        the codes: an fp32 buffer, or a parameter when learnable
     embed_avg (h, k, d)    EMA of the per-code sums of the vectors that chose each code, fp32
     cluster_size (h, k)    EMA of the per-code counts, fp32
     initted ()             False until k-means init ran
-With affine_param (affine.py), the running moments that map the codes onto the batch:
-    codebook_mean, codebook_variance, batch_mean, batch_variance (h, 1, d) fp32,
-    codebook_mean_needs_init, codebook_variance_needs_init ()   True until the first batch
+    affine.*               with affine_param, the running moments that map the codes onto the
+                           batch (affine.AffineFrame, a submodule); checkpoints that keep them on
+                           the codebook itself (vector-quantize-pytorch's, vq_layers' before the
+                           submodule) load: their keys gain the `affine.` prefix when loaded
 While statistics are accumulated (`accum_ema_update`) and not applied yet, and only then:
     accum_cluster_size (h, k), accum_embed_sum (h, k, d) fp32 (so a checkpoint keeps them; a
     state dict without them loads as "nothing pending", and the default keys stay the peer's)
 The statistics stay float32 under `.half()`/`.bfloat16()` (Fp32BuffersModule).
 
-Under sync, the first training step broadcasts this state from the group's first rank, so
-ranks that built the layer from different seeds (no DDP to broadcast it) start alike; from then
-on every rank applies the same all-reduced update.
+The numerics live in the floor below: ema.py (statistics), kmeans.py (init), dead_codes.py
+(revival), affine.py (the frame). Under sync, the first training step broadcasts this state
+from the group's first rank, so ranks that built the layer from different seeds (no DDP to
+broadcast it) start alike; from then on every rank applies the same all-reduced update.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .affine import batch_moments, codebook_moments, to_batch_frame, to_codebook_frame
+from .affine import INIT_FLAGS, MOMENTS, AffineFrame, nest_frame_keys_
 from .compiling import at_run_time, register_runtime_owner, runs_eagerly
-from .counter_random import CounterDraws, counter_hash
-from .distributed import broadcast_once_, broadcast_tensors_, first_rank
+from .counter_random import CounterDraws
+from .dead_codes import revive_dead_codes_
+from .distributed import broadcast_once_, broadcast_tensors_, first_rank, fsdp_holds, unsharded
 from .ema import (
     code_statistics,
     ema_update_,
@@ -35,26 +38,26 @@ from .ema import (
     normalized_codebook,
     smoothed_cluster_size,
 )
-from .kmeans import kmeans, sample_rows
+from .kmeans import kmeans_init_
 from .precision import Fp32BuffersModule, fp32_island
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch without distributed support
-    DTensor = ()
-
-
 ACCUMULATORS = ("accum_cluster_size", "accum_embed_sum")
-
-
-def _decay_towards_(buffer: Tensor, value: Tensor, decay: float, first: Tensor, seen: Tensor | None = None) -> None:
-    """buffer <- value on the first batch (`first`), else lerp(buffer, value, 1 - decay); kept
-    where not `seen`. No host sync."""
-    new = torch.where(first, value, buffer.lerp(value, 1 - decay))
-    buffer.copy_(new if seen is None else torch.where(seen, new, buffer))
+STILL_SHARDED = (
+    "learnable_codebook: the codebook is still sharded here (FSDP2 unshards it only around the forward of the "
+    "module fully_shard wraps, and Codebook has none): shard the layer or a parent, not its Codebook, and "
+    "decode with gradients inside that forward (or under torch.no_grad())")
+UNDONE_BY_FSDP = (
+    "learnable_codebook: {} rewrites the codebook in place, but FSDP shards it (a parameter when "
+    "learnable_codebook=True or orthogonal_reg_weight > 0) and would undo the write at the next all-gather. "
+    "Under FSDP use an EMA codebook (learnable_codebook=False, orthogonal_reg_weight=0), or a learnable one "
+    "with ema_update=False, kmeans_init=False and threshold_ema_dead_code=0; k-means init can run before "
+    "wrapping (one training forward per rank, then fully_shard)")
 
 
 class Codebook(Fp32BuffersModule):
+    """The state of h codebooks of k codes of dim d (see the module docstring) and the updates
+    that write it. The layers call it; the numerics it runs live in the floor below."""
+
     def __init__(self, dim: int, codebook_size: int, num_codebooks: int = 1, *, kmeans_init: bool = False,
                  kmeans_iters: int = 10, decay: float = 0.8, eps: float = 1e-5, threshold_ema_dead_code: float = 0,
                  reset_cluster_size: float | None = None, learnable: bool = False, use_cosine_sim: bool = False,
@@ -69,7 +72,6 @@ class Codebook(Fp32BuffersModule):
         self.learnable, self.use_cosine_sim = learnable, use_cosine_sim
         self.metric = "dot" if use_cosine_sim else "l2"
         self.manual_ema_update, self.affine_param = manual_ema_update, affine_param
-        self.affine_param_batch_decay, self.affine_param_codebook_decay = affine_param_batch_decay, affine_param_codebook_decay
 
         if kmeans_init:
             embed = torch.zeros(num_codebooks, codebook_size, dim)
@@ -84,12 +86,8 @@ class Codebook(Fp32BuffersModule):
             self.embed = nn.Parameter(embed)
         else:
             self.register_fp32_buffer("embed", embed)
-        if affine_param:  # until the first batch: mapped codes = codes (means 0, variances 1)
-            for name, value in (("codebook_mean", 0.0), ("codebook_variance", 1.0), ("batch_mean", 0.0),
-                                ("batch_variance", 1.0)):
-                self.register_fp32_buffer(name, torch.full((num_codebooks, 1, dim), value))
-            self.register_buffer("codebook_mean_needs_init", torch.tensor(True))
-            self.register_buffer("codebook_variance_needs_init", torch.tensor(True))
+        self.affine = AffineFrame(num_codebooks, dim, affine_param_batch_decay,
+                                  affine_param_codebook_decay) if affine_param else None
         for name in ACCUMULATORS:  # allocated by the first accumulating step, freed when applied
             self.register_buffer(name, None)
         # the seeds of k-means' and dead-code replacement's row draws: a counter (counter_random),
@@ -118,67 +116,38 @@ class Codebook(Fp32BuffersModule):
         self.keep_fp32_buffers_()
         if not self.learnable:
             return self._to_batch_frame(self.embed.detach())
-        embed = self.embed
-        if isinstance(embed, DTensor):
-            if torch.is_grad_enabled():
-                # full_tensor's backward keeps each rank's own gradient slice: no reduce-scatter
-                raise ValueError(
-                    "learnable_codebook: the codebook is still sharded here (FSDP2 unshards it only around "
-                    "the forward of the module fully_shard wraps, and Codebook has none): shard the layer "
-                    "or a parent, not its Codebook, and decode with gradients inside that forward (or "
-                    "under torch.no_grad())")
-            embed = embed.full_tensor()
-        return self._to_batch_frame(embed.float())
+        return self._to_batch_frame(unsharded(self.embed, STILL_SHARDED).float())
 
-    def _affine_moments(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.codebook_mean, self.codebook_variance, self.batch_mean, self.batch_variance
+    def keep_fp32_buffers_(self) -> None:
+        super().keep_fp32_buffers_()
+        if self.affine is not None:  # (a submodule whose forward never runs: no hook of its own fires)
+            self.affine.keep_fp32_buffers_()
 
     def _to_batch_frame(self, codes: Tensor) -> Tensor:
-        return to_batch_frame(codes, *self._affine_moments()) if self.affine_param else codes
+        return codes if self.affine is None else self.affine.to_batch_frame(codes)
 
     def to_codebook_frame(self, x: Tensor) -> Tensor:
         """x (h, n, d) as searched -> the frame the codes and statistics live in (identity
         without affine_param)."""
-        return to_codebook_frame(x, *self._affine_moments()) if self.affine_param else x
+        return x if self.affine is None else self.affine.to_codebook_frame(x)
 
-    @fp32_island
-    @torch.no_grad()
     def update_affine_(self, x: Tensor, keep: Tensor | None, sync: bool, group=None) -> None:
-        """One step of the running moments: the codebook's (from the codes before this step's
-        update), and the batch's from x (h, n, d), keep (h, n) (the global batch's when `sync`).
-        The first batch with vectors sets them; a codebook without vectors (all masked) keeps all four."""
-        if not self.affine_param:
-            return
-        self.keep_fp32_buffers_()
-        first = self.codebook_mean_needs_init
-        count, batch_mean, batch_var = batch_moments(x, keep, sync, group)
-        seen = count > 0
-        codebook_mean, codebook_var = codebook_moments(self.embed.detach().float())
-        _decay_towards_(self.codebook_mean, codebook_mean, self.affine_param_codebook_decay, first, seen)
-        _decay_towards_(self.codebook_variance, codebook_var, self.affine_param_codebook_decay, first, seen)
-        _decay_towards_(self.batch_mean, batch_mean, self.affine_param_batch_decay, first, seen)
-        _decay_towards_(self.batch_variance, batch_var, self.affine_param_batch_decay, first, seen)
-        still = first & ~seen.any()
-        self.codebook_mean_needs_init.copy_(still)
-        self.codebook_variance_needs_init.copy_(still)
+        """One step of the running moments (AffineFrame.update_) from x (h, n, d) as searched,
+        keep (h, n), and the codes before this step's update; nothing without affine_param."""
+        if self.affine is not None:
+            self.affine.update_(x, keep, self.embed.detach(), sync, group)
 
-    def _under_fsdp(self) -> bool:
-        """FSDP (1 or 2) manages this module (its mark) or holds the codebook sharded (DTensor)."""
-        return getattr(self, "_is_fsdp_managed_module", False) or isinstance(self.embed, DTensor)
+    def _sharded(self) -> bool:
+        """A learnable codebook that FSDP (1 or 2) shards: its shards are the truth."""
+        return self.learnable and fsdp_holds(self, self.embed)
 
     def _check_in_place_write(self, what: str) -> None:
         """FSDP (1 and 2) hands forward an unsharded copy of each parameter, rebuilt from the
         shards at every all-gather: an in-place write to a learnable codebook would be undone
         silently, and shards could disagree. Raised on every rank alike (it depends on the
         configuration only), before anything changed."""
-        if self.learnable and self._under_fsdp():
-            raise ValueError(
-                f"learnable_codebook: {what} rewrites the codebook in place, but FSDP shards it (a "
-                "parameter when learnable_codebook=True or orthogonal_reg_weight > 0) and would undo the "
-                "write at the next all-gather. Under FSDP use an EMA codebook (learnable_codebook=False, "
-                "orthogonal_reg_weight=0), or a learnable one with ema_update=False, kmeans_init=False and "
-                "threshold_ema_dead_code=0; k-means init can run before wrapping (one training forward per "
-                "rank, then fully_shard)")
+        if self._sharded():
+            raise ValueError(UNDONE_BY_FSDP.format(what))
 
     def needs_init(self) -> bool:
         """Whether k-means init may still have to run. Eagerly, asks the `initted` buffer (a host
@@ -200,18 +169,8 @@ class Codebook(Fp32BuffersModule):
         self._known_initted, self._initted_version = value, self.initted._version
 
     def init_state(self) -> list[Tensor]:
-        """The tensors k-means init writes: embed, embed_avg, cluster_size, initted, and the
-        row-draw counter."""
+        """What k-means init writes: embed, embed_avg, cluster_size, initted, the row-draw counter."""
         return [self.embed, self.embed_avg, self.cluster_size, self.initted, self.sample_draws.step]
-
-    def _sample(self, x: Tensor, keep: Tensor | None, num: int, step: Tensor, sync: bool, group):
-        """kmeans.sample_rows with this codebook's next seed; the counter `step` (sample_draws'
-        on this module's device, or the copy a compiled graph hands its run-time op) advances
-        only when rows were drawn: an empty or all-masked batch, or a stage that quantize dropout
-        runs masked, changes nothing (as an eager step that skips the stage)."""
-        rows, valid = sample_rows(x, keep, num, counter_hash(self.sample_draws.seed, step), sync, group)
-        step.add_(valid.any().long())
-        return rows, valid
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -219,12 +178,8 @@ class Codebook(Fp32BuffersModule):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        untrained_peer = all(prefix + name not in state_dict for name in ("batch_mean", "batch_variance")) and bool(
-            state_dict.get(prefix + "codebook_mean_needs_init", False))
-        if self.affine_param and untrained_peer:  # the peer registers the batch moments at its first training step
-            like = state_dict[prefix + "codebook_mean"]
-            for name, value in (("batch_mean", 0.0), ("batch_variance", 1.0)):
-                state_dict[prefix + name] = torch.full(like.shape, value, dtype=torch.float32, device=like.device)
+        if self.affine is not None:  # (before the submodule loads: it takes the keys under its prefix)
+            nest_frame_keys_(state_dict, prefix, "affine")
         for name in ACCUMULATORS:  # present in a checkpoint only while statistics are pending
             if prefix + name in state_dict and getattr(self, name) is None:
                 like = self.cluster_size if name == ACCUMULATORS[0] else self.embed_avg
@@ -241,9 +196,9 @@ class Codebook(Fp32BuffersModule):
         (a codebook parameter under FSDP excepted: its shards are the truth)."""
         self.keep_fp32_buffers_()
         tensors = [self.embed_avg, self.cluster_size, self.initted, self.sample_draws.seed]
-        if self.affine_param:
-            tensors += [*self._affine_moments(), self.codebook_mean_needs_init, self.codebook_variance_needs_init]
-        if not (self.learnable and self._under_fsdp()):
+        if self.affine is not None:
+            tensors += self.affine.state()
+        if not self._sharded():
             tensors.append(self.embed)
         return tensors
 
@@ -271,22 +226,12 @@ class Codebook(Fp32BuffersModule):
     @fp32_island
     @torch.no_grad()
     def init_(self, x: Tensor, keep: Tensor | None, sync: bool, group=None, state: list[Tensor] | None = None) -> None:
-        """k-means on the first batch: x (h, n, d) as searched, keep (h, n) or None. Nothing
-        changes unless every codebook has a kept row (on some rank): the codebook stays
-        uninitialized until a batch has some. `state`: the tensors to write (init_state()'s,
-        or the copies a compiled graph hands its run-time op)."""
+        """kmeans.kmeans_init_ from x (h, n, d) as searched, keep (h, n) or None, into `state`:
+        init_state()'s tensors, or the copies a compiled graph hands its run-time op."""
         self.keep_fp32_buffers_()
         self._check_in_place_write("kmeans_init")
-        embed, embed_avg, cluster_size, initted, step = self.init_state() if state is None else state
-        rows, valid = self._sample(x, keep, self.codebook_size, step, sync, group)
-        means, counts, found = kmeans(x, keep, rows, valid, self.kmeans_iters, self.metric, sync, group)
-        ok = found.all()
-        sums = means * counts.unsqueeze(-1)
-        codes = normalized_codebook(counts, sums, self.eps, self.use_cosine_sim)
-        cluster_size.copy_(torch.where(ok, counts, cluster_size))
-        embed_avg.copy_(torch.where(ok, sums, embed_avg))
-        embed.data.copy_(torch.where(ok, codes, embed.float()).to(embed.dtype))
-        initted.copy_(initted | ok)
+        kmeans_init_(self.init_state() if state is None else state, x, keep, self.kmeans_iters, self.metric,
+                     self.eps, self.sample_draws.seed, sync, group)
 
     def init_if_needed(self, x: Tensor, keep: Tensor | None, sync: bool, local: bool = False) -> Tensor:
         """k-means init from x (h, n, d) as searched, keep (h, n) or None, unless the codebook is
@@ -323,14 +268,11 @@ class Codebook(Fp32BuffersModule):
     def update_(self, x: Tensor, indices: Tensor, keep: Tensor | None, ema_update: bool,
                 sync: bool, group=None, weight=None, accumulate: bool = False) -> None:
         """One training step's update from x (h, n, d) (as searched) that chose indices (h, n),
-        keep (h, n) or None.
-
-        EMA statistics (when ema_update or dead-code replacement needs them), the codebook they
-        describe (unless manual_ema_update), then dead codes revived from this batch's vectors.
-        `weight`: the per-code `ema_update_weight`, as ema.ema_weight returns it (checked), or a
-        callable, evaluated and checked here. With `accumulate`, this step's statistics are only
-        added to the pending ones; the next step applies them all.
-        """
+        keep (h, n) or None: EMA statistics (when ema_update or dead-code revival needs them),
+        the codebook they describe (unless manual_ema_update), then dead codes revived from this
+        batch's vectors. `weight`: the per-code `ema_update_weight`, as ema.ema_weight returns it
+        (checked), or a callable, evaluated and checked here. With `accumulate`, this step's
+        statistics are only added to the pending ones; the next step applies them all."""
         self.dead_codes_replaced = torch.zeros((), dtype=torch.long, device=x.device)
         if not ema_update and self.threshold_ema_dead_code <= 0:
             return
@@ -351,7 +293,7 @@ class Codebook(Fp32BuffersModule):
         if ema_update and not self.manual_ema_update:
             self._set_from_statistics()
         if self.threshold_ema_dead_code > 0:
-            self._replace_dead_codes(x, keep, sync, group)
+            self._revive_dead_codes(x, keep, sync, group)
 
     @runs_eagerly("accum_ema_update: the accumulators are allocated on first use, a graph break")
     def _accumulate_(self, counts: Tensor, sums: Tensor) -> None:
@@ -378,23 +320,20 @@ class Codebook(Fp32BuffersModule):
             return
         self.keep_fp32_buffers_()
         self._check_in_place_write("expire_codes_")
-        self._replace_dead_codes(self.to_codebook_frame(x), keep, sync, group)
+        self._revive_dead_codes(self.to_codebook_frame(x), keep, sync, group)
 
-    def _replace_dead_codes(self, x: Tensor, keep: Tensor | None, sync: bool, group) -> None:
-        """Codes whose EMA count fell below the threshold take vectors drawn from this batch (the
-        union of the ranks'), and their statistics restart from that vector, so the next EMA
-        step does not pull them back to where they died. Branch-free (no host sync, static
-        shapes): a row is drawn for every code and taken where the code is dead; with fewer
-        rows than dead codes, the lowest-index dead codes take them."""
-        dead = self.cluster_size < self.threshold_ema_dead_code  # identical on every rank when synced
-        rows, valid = self._sample(x, keep, self.codebook_size, self.sample_draws.step, sync, group)  # (h, k, d), (h, k)
-        slot = (dead.long().cumsum(-1) - 1).clamp(min=0)  # a dead code's rank among the dead ones
-        new = rows.gather(1, slot.unsqueeze(-1).expand_as(rows))
-        revive = dead & valid.gather(1, slot)
-        if self.use_cosine_sim:
-            new = F.normalize(new, dim=-1)
-        reset = float(self.reset_cluster_size)
-        self.embed.data.copy_(torch.where(revive.unsqueeze(-1), new, self.embed.float()).to(self.embed.dtype))
-        self.embed_avg.copy_(torch.where(revive.unsqueeze(-1), new * reset, self.embed_avg))
-        self.cluster_size.copy_(torch.where(revive, reset, self.cluster_size))
-        self.dead_codes_replaced = revive.sum()
+    def _revive_dead_codes(self, x: Tensor, keep: Tensor | None, sync: bool, group) -> None:
+        """dead_codes.py on this codebook's state, x (h, n, d) in the codebook's frame."""
+        self.dead_codes_replaced = revive_dead_codes_(
+            self.embed, self.embed_avg, self.cluster_size, x, keep, self.threshold_ema_dead_code,
+            float(self.reset_cluster_size), self.use_cosine_sim, self.sample_draws.seed, self.sample_draws.step,
+            sync, group)
+
+
+def _frame_buffer(name: str) -> property:
+    return property(lambda self: getattr(self.affine, name),
+                    doc=f"affine.{name}, under vector-quantize-pytorch's name (only with affine_param)")
+
+
+for _name in (*MOMENTS, *INIT_FLAGS):  # the peer's attributes on its codebook
+    setattr(Codebook, _name, _frame_buffer(_name))

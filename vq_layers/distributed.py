@@ -10,6 +10,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch without distributed support
+    DTensor = ()
+
 
 def is_distributed(group=None) -> bool:
     """True when torch.distributed is initialized and `group` spans more than one process."""
@@ -195,3 +200,20 @@ def all_gather(tensor: Tensor, group=None) -> Tensor:
     gathered = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(gathered, padded.contiguous(), group=group)
     return torch.cat([chunk[:count] for chunk, count in zip(gathered, all_counts)], dim=0)
+
+
+def fsdp_holds(module, tensor: Tensor) -> bool:
+    """Whether FSDP manages `module` (FSDP1's mark on it) or holds `tensor` sharded (FSDP2's DTensor)."""
+    return getattr(module, "_is_fsdp_managed_module", False) or isinstance(tensor, DTensor)
+
+
+def unsharded(tensor: Tensor, message: str) -> Tensor:
+    """`tensor`, or the whole of it where FSDP2 holds it sharded (a DTensor outside the forward of
+    the module fully_shard wraps): all-gathered, every rank must call. Only without gradients:
+    full_tensor's backward keeps each rank's own gradient slice (no reduce-scatter), so with
+    them it raises ValueError(message)."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if torch.is_grad_enabled():
+        raise ValueError(message)
+    return tensor.full_tensor()

@@ -4,15 +4,15 @@
 ranks' batches: every kept row gets a pseudo-random key (counter_random.py: hashed from the
 caller's seed, the first rank's, and the row's position in the concatenated batch; the
 codebook draws its seeds from a counter, so no step touches torch's generator and a compiled
-step draws what an eager one does), each rank keeps its `num`
+step draws what an eager one does: `draw_rows`), each rank keeps its `num`
 best keys, the ranks' candidates are gathered (a fixed size), and the `num` best keys of the
 union win. The best keys of the union are among each rank's best, so every rank computes the
 draw one process would make on the concatenated batch. No host sync, no data-dependent shape:
-it traces under torch.compile(fullgraph=True), and dead-code replacement (codebook.py) runs it
+it traces under torch.compile(fullgraph=True), and dead-code revival (dead_codes.py) runs it
 every step.
 
 Lloyd iterations reduce per-code counts and sums over the ranks (code_statistics), so the means
-are those of the global batch.
+are those of the global batch. `kmeans_init_` writes the result into a codebook's state.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .counter_random import GOLDEN, MASK32, counter_hash, mix32
 from .distributed import all_gather_stacked, rank_in
-from .ema import code_statistics
+from .ema import code_statistics, normalized_codebook
 from .kernels.nearest_code import nearest_code
 from .precision import fp32_island
 
@@ -67,6 +67,17 @@ def sample_rows(x: Tensor, keep: Tensor | None, num: int, seed: Tensor, sync: bo
     return rows, keys >= 0
 
 
+def draw_rows(x: Tensor, keep: Tensor | None, num: int, seed: Tensor, step: Tensor, sync: bool = False,
+              group=None) -> tuple[Tensor, Tensor]:
+    """sample_rows with the draw `step` of the counter stream `seed` (a CounterDraws' tensors, or
+    the copy of `step` a compiled graph hands its run-time op). `step` advances in place only when
+    rows were drawn: an empty or all-masked batch, or a stage that quantize dropout runs masked,
+    changes nothing (as an eager step that skips the stage)."""
+    rows, valid = sample_rows(x, keep, num, counter_hash(seed, step), sync, group)
+    step.add_(valid.any().long())
+    return rows, valid
+
+
 @fp32_island
 @torch.no_grad()
 def kmeans(x: Tensor, keep: Tensor | None, rows: Tensor, valid: Tensor, iters: int, metric: str,
@@ -93,3 +104,24 @@ def kmeans(x: Tensor, keep: Tensor | None, rows: Tensor, valid: Tensor, iters: i
             new_means = F.normalize(new_means, dim=-1)
         means = torch.where((counts > 0).unsqueeze(-1), new_means, means)  # an empty cluster stays put
     return means, counts, available[:, 0] > 0
+
+
+@torch.no_grad()
+def kmeans_init_(state: list[Tensor], x: Tensor, keep: Tensor | None, iters: int, metric: str, eps: float,
+                 seed: Tensor, sync: bool = False, group=None) -> None:
+    """k-means init of a codebook's state, in place: state = [embed (h, k, d) (a buffer, or a
+    parameter written through .data), embed_avg (h, k, d), cluster_size (h, k), initted (), step
+    ()] (seed, step: the row draws' counter stream), from x (h, n, d) fp32, keep (h, n) or None.
+    The codes are the means, the statistics their counts and sums. Nothing changes unless every
+    codebook has a kept row (on some rank): the codebook stays uninitialized until a batch has
+    some. Branch-free (no host sync)."""
+    embed, embed_avg, cluster_size, initted, step = state
+    rows, valid = draw_rows(x, keep, cluster_size.shape[-1], seed, step, sync, group)
+    means, counts, found = kmeans(x, keep, rows, valid, iters, metric, sync, group)
+    ok = found.all()
+    sums = means * counts.unsqueeze(-1)
+    codes = normalized_codebook(counts, sums, eps, metric == "dot")
+    cluster_size.copy_(torch.where(ok, counts, cluster_size))
+    embed_avg.copy_(torch.where(ok, sums, embed_avg))
+    embed.data.copy_(torch.where(ok, codes, embed.float()).to(embed.dtype))
+    initted.copy_(initted | ok)

@@ -1,4 +1,7 @@
-"""LFQ's entropies, exact, in O(N·d + 2^d) memory (pure-torch reference).
+"""LFQ's code mass and bit entropies, exact, in O(N·d + 2^d) memory (pure-torch reference).
+
+Pure ops on one process's tokens: the entropies these add up to, over the global batch, are
+composed in lfq_entropy_loss.py (above this floor), which also sums them over the ranks.
 
 For a token with bit logits l (d,), LFQ's softmax over the 2^d corners factorizes into d
 independent bits, p(bit_i = 1) = sigmoid(l_i), so
@@ -7,9 +10,9 @@ independent bits, p(bit_i = 1) = sigmoid(l_i), so
 
 (b_ki: bit i of code k, most significant first, as LFQ's indices). Then
 
-- per-sample entropy = sum_i binary_entropy(sigmoid(l_i)), O(N·d);
-- codebook entropy = entropy of the batch mean P_k = mean_n p(k | n), via one of two exact
-  algorithms per token:
+- `binary_entropy`: a token's entropy over the 2^d codes is sum_i binary_entropy(l_i), O(N·d);
+- `code_mass`: sum_n p(k | n) over the tokens, per code (the batch's code distribution, once
+  divided by the count), via one of two exact algorithms per token:
   * sparse-exact: bits with |l_i| >= CONFIDENT_LOGIT are fixed at their likely value; the token's
     mass on the 2^u corners of its u uncertain bits, and on those corners with one fixed bit
     flipped (tiny, but they carry the fixed bits' gradient), is enumerated and scatter-added;
@@ -29,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..distributed import all_reduce_sum, all_reduce_sum_
 from . import self_check
 from .backend import run
 
@@ -41,7 +43,6 @@ CONFIDENT_LOGIT = 30.0
 # enumeration (gather/scatter) is no cheaper than the dense matmul over all 2^d codes
 MAX_SPARSE_BITS = 12
 SPARSE_CODES_FRACTION_LOG2 = 3
-LOGIT_LIMIT = 1e4
 # at most this many (token, code) pairs exist at once: 16 MiB of fp32 per tile
 TILE_ELEMENTS = 2**22
 
@@ -291,38 +292,3 @@ class BinaryEntropy(torch.autograd.Function):
 def binary_entropy(logits: Tensor) -> Tensor:
     """Entropy of Bernoulli(sigmoid(l)), elementwise: sigmoid(l) softplus(-l) + sigmoid(-l) softplus(l)."""
     return BinaryEntropy.apply(logits)
-
-
-def lfq_entropy(logits: Tensor, process_group=None, sync: bool = True,
-                keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(per-sample entropy, codebook entropy), exact, from bit logits (n, c, d) in fp32.
-
-    keep (n,) bool, or None for all: only the kept tokens count (as if the others were not
-    there; they get a zero gradient). Selected in place, not by boolean indexing: no host sync.
-
-    per-sample: mean over tokens and codebooks of each token's entropy over the 2^d codes;
-    codebook: mean over codebooks of the entropy of the batch's mean code distribution.
-    Under torch.distributed (and `sync`) both are over the global batch (tokens of all ranks),
-    with gradients reaching every rank's logits; `sync=False` keeps them to this rank's tokens
-    and issues no collective. No tokens anywhere: both are zero.
-    """
-    def over_ranks(t: Tensor) -> Tensor:  # differentiable sum over the group, or t alone
-        return all_reduce_sum(t, process_group) if sync else t
-
-    n, c, _ = logits.shape
-    # an overflowed logit (inf) would give 0 * inf = NaN entropies; past |l| = 1e4 every
-    # probability and gradient involved is exp(-1e4) = 0 in fp32 anyway
-    logits = logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
-    token_entropy = binary_entropy(logits)
-    if keep is None:
-        count = torch.tensor([float(n)], device=logits.device)
-    else:
-        count = keep.sum().to(torch.float32).reshape(1)
-        token_entropy = torch.where(keep[:, None, None], token_entropy, 0.0)
-    total = (all_reduce_sum_(count, process_group) if sync else count).clamp(min=1)  # no gradient
-    per_sample = over_ranks(token_entropy.sum()) / (total * c)
-    mass = over_ranks(code_mass(logits, keep))
-    probs = mass / total
-    # 0 log 0 = 0 with a zero (not NaN) gradient for codes nobody uses
-    codebook = -(probs * torch.where(probs > 0, probs, 1.0).log()).sum(-1).mean()
-    return per_sample.squeeze(0), codebook

@@ -1,4 +1,5 @@
-"""Triton kernels for `lfq_entropy`'s dense path: code mass over all 2^d codes, O(n·d + 2^d) memory.
+"""Triton kernels for the dense path of `code_mass` (lfq_entropy.py): the code mass over all 2^d
+codes and its gradient, O(n·d + 2^d) memory.
 
 For a tile of BLOCK_N tokens and BLOCK_K codes, log p(code | token) is a tiny matmul of the bit
 log-probabilities against the code bits, generated in registers from the code index (most

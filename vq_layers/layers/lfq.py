@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_indices, check_positive_int
-from ..kernels.lfq_entropy import lfq_entropy
+from ..lfq_entropy_loss import lfq_entropy
 from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens, without_padding
 from ..non_finite import NO_CODE, fill_tokens, mark_losses, mark_non_finite, non_finite_tokens
 from ..precision import Fp32BuffersModule, fp32_island, project
