@@ -13,15 +13,14 @@ from collections.abc import Sequence
 
 import torch
 from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_positive_int
 from ..mixed_radix import digits_to_indices, indices_to_digits, register_mixed_radix
 from ..non_finite import NO_CODE, fill_tokens, mark_non_finite, non_finite_tokens
-from ..precision import fp32_island, project
+from ..precision import fp32_island
 from ..straight_through import straight_through
-from ..usage import CodeUsage, code_usage
-from .token_quantizer import Core, TokenQuantizer
+from .token_quantizer import Core, TokenQuantizer, check_keep_num_codebooks_dim
 
 # the paper's recommended levels per codebook size (Table 1 of the FSQ paper)
 RECOMMENDED_LEVELS = {
@@ -106,18 +105,12 @@ class FSQ(TokenQuantizer):
         if not isinstance(noise_dropout, (int, float)) or not 0.0 <= noise_dropout <= 1.0:
             raise ValueError(f"noise_dropout: expected a probability in [0, 1], got {noise_dropout!r}")
         num_codebooks = check_positive_int("num_codebooks", num_codebooks)
-        if keep_num_codebooks_dim is None:
-            keep_num_codebooks_dim = num_codebooks > 1
-        if num_codebooks > 1 and not keep_num_codebooks_dim:
-            raise ValueError(
-                f"keep_num_codebooks_dim: must be True with num_codebooks={num_codebooks} > 1"
-            )
 
         self.levels = levels
         self.codebook_dim = len(levels)
         self.num_codebooks = num_codebooks
         self.effective_codebook_dim = self.codebook_dim * num_codebooks
-        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.keep_num_codebooks_dim = check_keep_num_codebooks_dim(keep_num_codebooks_dim, num_codebooks)
         self.dim = self.effective_codebook_dim if dim is None else check_positive_int("dim", dim)
         # int64 levels and mixed-radix basis: dtype casts never touch them, indices stay exact
         self.codebook_size = register_mixed_radix(self, levels)
@@ -131,15 +124,8 @@ class FSQ(TokenQuantizer):
         self.noise_dropout = noise_dropout
         self.bound_hard_clamp = bound_hard_clamp
 
-        self.has_projections = self.dim != self.effective_codebook_dim
-        make = lambda i, o: nn.Linear(i, o, bias=projection_has_bias)  # noqa: E731
-        self.project_in = make(self.dim, self.effective_codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = make(self.effective_codebook_dim, self.dim) if self.has_projections else nn.Identity()
-
-        self.orthogonal_rotation = orthogonal_rotation
-        if orthogonal_rotation:
-            rotation = nn.init.orthogonal_(torch.empty(self.codebook_dim, self.codebook_dim))
-            self.register_fp32_buffer("orthogonal_rot", rotation)
+        self._init_projections(self.dim, self.effective_codebook_dim, bias=projection_has_bias)
+        self._init_rotation(orthogonal_rotation, self.codebook_dim)
 
     @staticmethod
     def levels_for(codebook_size: int) -> list[int]:
@@ -191,9 +177,7 @@ class FSQ(TokenQuantizer):
     @fp32_island
     def _core(self, z: Tensor, keep: None = None) -> Core:
         """z (b, n, c*d) fp32 -> codes (b, n, c*d) fp32 with straight-through grad, indices (b, n, c)."""
-        z = rearrange(z, "b n (c d) -> b n c d", c=self.num_codebooks)
-        if self.orthogonal_rotation:
-            z = z @ self.orthogonal_rot
+        z = self._rotate(rearrange(z, "b n (c d) -> b n c d", c=self.num_codebooks))
         position, level = self._bound(z)
         # keeps the integer arithmetic in range for a NaN; forward marks that token (non_finite.py)
         level = torch.minimum(level.nan_to_num(0.0).clamp(min=0.0), self._levels_f32() - 1)
@@ -202,9 +186,10 @@ class FSQ(TokenQuantizer):
         if self.training and self.noise_dropout > 0:
             noisy = torch.rand_like(codes) < self.noise_dropout
             codes = torch.where(noisy, codes + torch.rand_like(codes) - 0.5, codes).clamp(-1.0, 1.0)
-        if self.orthogonal_rotation:
-            codes = codes @ self.orthogonal_rot.t()
-        return Core(rearrange(codes, "b n c d -> b n (c d)"), indices)
+        return Core(rearrange(self._rotate_back(codes), "b n c d -> b n (c d)"), indices)
+
+    def _channel_first(self, x: Tensor) -> bool:
+        return x.ndim >= 4 or bool(self.channel_first)  # images and video always
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         result = self.quantize_tokens(z)
@@ -239,18 +224,10 @@ class FSQ(TokenQuantizer):
         a token whose every index is -1 decodes to zeros.
         """
         check_codebook_axis(indices, self.keep_num_codebooks_dim, self.num_codebooks)
-        is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
-        codes = self._indices_to_raw_codes(indices)
-        if self.orthogonal_rotation:
-            codes = codes @ self.orthogonal_rot.t()
-        no_code = indices == NO_CODE
-        if self.keep_num_codebooks_dim:
-            codes = rearrange(codes, "... c d -> ... (c d)")
-            no_code = no_code.all(-1)
-        codes = fill_tokens(project(self.project_out, codes), no_code, 0.0)
-        if is_img_or_video or self.channel_first:
-            codes = rearrange(codes, "b ... d -> b d ...")
-        return codes
+        if not self.keep_num_codebooks_dim:
+            indices = indices.unsqueeze(-1)
+        codes = rearrange(self._rotate_back(self._indices_to_raw_codes(indices)), "... c d -> ... (c d)")
+        return self._decoded(codes, (indices == NO_CODE).all(-1))
 
     @property
     def implicit_codebook(self) -> Tensor:
@@ -264,7 +241,3 @@ class FSQ(TokenQuantizer):
                 "indices_to_codes on the indices you need instead"
             )
         return self._indices_to_raw_codes(torch.arange(self.codebook_size, device=self._levels.device))
-
-    def code_usage(self, indices: Tensor, process_group=None) -> CodeUsage:
-        """Perplexity and fraction of the codebook used by `indices` (all codebooks pooled)."""
-        return code_usage(indices, self.codebook_size, process_group)
