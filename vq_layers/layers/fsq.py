@@ -161,27 +161,51 @@ class FSQ(TokenQuantizer):
             return (code + 1.0) / (2.0 / (levels - 1))
         return code * self._half_width() + self._half_width()
 
-    def _bound(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """z (..., d) fp32 -> (continuous level position, integer level as float), both (..., d)."""
-        levels = self._levels_f32()
-        squash = (lambda t: t.clamp(-1.0, 1.0)) if self.bound_hard_clamp else torch.tanh
-        if self.preserve_symmetry:
-            position = (levels - 1) * (squash(z) + 1) / 2
-            return position, torch.floor(position + 0.5)
-        half_l = (levels - 1) * (1 + 1e-3) / 2
+    def _squash(self, t: Tensor) -> Tensor:
+        return t.clamp(-1.0, 1.0) if self.bound_hard_clamp else torch.tanh(t)
+
+    def _bound(self, z: Tensor) -> Tensor:
+        """The paper's bound, in level units centred on zero: half_l * tanh(z + shift) - offset,
+        half_l = (L - 1)(1 + eps) / 2 with eps = 1e-3, offset = 1/2 for even L (its levels are
+        then -L/2 .. L/2 - 1) and shift = atanh(offset / half_l), so that z = 0 maps to level 0
+        (vector-quantize-pytorch's eps sign and atanh; the paper's listing has 1 - eps and tan).
+        bound_hard_clamp: clamp to [-1, 1] instead of tanh, and shift = offset / half_l."""
+        half_l = (self._levels_f32() - 1) * (1 + 1e-3) / 2
         offset = (self._levels % 2 == 0).to(torch.float32) * 0.5
         shift = offset / half_l if self.bound_hard_clamp else torch.atanh(offset / half_l)
-        bounded = squash(z + shift) * half_l - offset
-        return bounded + self._half_width(), torch.round(bounded) + self._half_width()
+        return self._squash(z + shift) * half_l - offset
+
+    def _level_index(self, level: Tensor) -> Tensor:
+        """Integer level index as float -> clamped to [0, L): NaN (a non-finite input, which
+        forward marks: non_finite.py) becomes 0, keeping the integer arithmetic in range."""
+        return torch.minimum(level.nan_to_num(0.0).clamp(min=0.0), self._levels_f32() - 1)
+
+    def _symmetric_grid(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """preserve_symmetry (arXiv 2411.19842, Sec. 3.2): L levels spaced evenly on [-1, 1].
+        The position (L - 1)(squash(z) + 1) / 2 in [0, L - 1] is rounded half up, with a
+        straight-through gradient, and normalized to [-1, 1]. -> (codes, level index)."""
+        position = (self._levels_f32() - 1) * (self._squash(z) + 1) / 2
+        level = self._level_index(torch.floor(position + 0.5))
+        return self._level_to_code(straight_through(level, position)), level
 
     @fp32_island
     def _core(self, z: Tensor, keep: None = None) -> Core:
-        """z (b, n, c*d) fp32 -> codes (b, n, c*d) fp32 with straight-through grad, indices (b, n, c)."""
+        """z (b, n, c*d) fp32 -> codes (b, n, c*d) fp32 with straight-through grad, indices (b, n, c).
+
+        The paper's quantizer (its appendix A.1), per code dimension of L levels:
+            bound:      zb = half_l * tanh(z + shift) - offset     (_bound)
+            round:      zq = round(zb), straight-through           (an integer level)
+            normalize:  code = zq / (L // 2)                       (in [-1, 1])
+        the index digit of zq being zq + L // 2. preserve_symmetry takes _symmetric_grid instead.
+        """
         z = self._rotate(rearrange(z, "b n (c d) -> b n c d", c=self.num_codebooks))
-        position, level = self._bound(z)
-        # keeps the integer arithmetic in range for a NaN; forward marks that token (non_finite.py)
-        level = torch.minimum(level.nan_to_num(0.0).clamp(min=0.0), self._levels_f32() - 1)
-        codes = straight_through(self._level_to_code(level), self._level_to_code(position))
+        if self.preserve_symmetry:
+            codes, level = self._symmetric_grid(z)
+        else:
+            half_width = self._half_width()
+            bounded = self._bound(z)
+            level = self._level_index(torch.round(bounded) + half_width)
+            codes = straight_through(level - half_width, bounded) / half_width
         indices = digits_to_indices(level, self._basis)
         if self.training and self.noise_dropout > 0:
             noisy = torch.rand_like(codes) < self.noise_dropout
