@@ -97,6 +97,9 @@ class LFQ(TokenQuantizer):
     The entropies are exact means over all 2^d codes (vector-quantize-pytorch clamps
     probabilities at 1e-5 and can only afford them at small d); `frac_per_sample_entropy` is
     accepted for compatibility and has no effect, as nothing needs sub-sampling.
+
+    The bit values (2^(d-1), ..., 1) are the buffer `bit_values`, saved under the peer's name
+    `mask` (its persistent buffer of the same values), so checkpoints load both ways strictly.
     """
 
     per_sample_mask = True
@@ -168,9 +171,8 @@ class LFQ(TokenQuantizer):
         make_cosine = lambda: CosineSimLinear(dim, codebook_dims, scale=cosine_scale)  # noqa: E731
         self._init_projections(dim, codebook_dims, has_projections, projection_has_bias,
                                make_project_in=make_cosine if cosine_sim_project_in else None)
-        # value of each bit in an index, most significant first; persistent under the peer's name
-        # so its checkpoints load strictly
-        self.register_buffer("mask", 2 ** torch.arange(codebook_dim - 1, -1, -1, dtype=torch.long))
+        # the value of each bit in an index, most significant first
+        self.register_buffer("bit_values", 2 ** torch.arange(codebook_dim - 1, -1, -1, dtype=torch.long))
         self._init_rotation(orthogonal_rotation, codebook_dim)
 
     def extra_repr(self) -> str:
@@ -178,6 +180,27 @@ class LFQ(TokenQuantizer):
             f"dim={self.dim}, codebook_size={self.codebook_size}, num_codebooks={self.num_codebooks}, "
             f"spherical={self.spherical}, entropy_loss_weight={self.entropy_loss_weight}"
         )
+
+    # checkpoints: the bit values under the peer's key
+
+    @property
+    def mask(self) -> Tensor:
+        """The bit values under vector-quantize-pytorch's name (and this layer's state-dict key)."""
+        return self.bit_values
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "mask"] = destination.pop(prefix + "bit_values")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if prefix + "mask" in state_dict:  # (a copy of the caller's dict)
+            state_dict[prefix + "bit_values"] = state_dict.pop(prefix + "mask")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        ours, saved = prefix + "bit_values", prefix + "mask"  # errors name the checkpoint's key
+        missing_keys[:] = [saved if key == ours else key for key in missing_keys]
+        error_msgs[:] = [message.replace(f" {ours}:", f" {saved}:") for message in error_msgs]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -210,7 +233,7 @@ class LFQ(TokenQuantizer):
         if self.spherical:
             z = F.normalize(z, dim=-1) * self.codebook_scale
         bits = z > 0
-        indices = (bits.long() * self.mask).sum(-1)
+        indices = (bits.long() * self.bit_values).sum(-1)
         if keep is not None:
             indices = indices.masked_fill(~keep.unsqueeze(-1), NO_CODE)
         codes = self._bits_to_codes(bits)
@@ -245,7 +268,7 @@ class LFQ(TokenQuantizer):
     def _indices_to_raw_codes(self, indices: Tensor) -> Tensor:
         """indices (...) -> codes (..., d), fp32, rotated back, before projection; zeros for -1."""
         check_indices(indices, self.codebook_size, allow_dropped=True)
-        codes = self._bits_to_codes((indices.long().unsqueeze(-1) & self.mask) != 0)
+        codes = self._bits_to_codes((indices.long().unsqueeze(-1) & self.bit_values) != 0)
         return self._rotate_back(fill_tokens(codes, indices == NO_CODE, 0.0))
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
@@ -267,5 +290,5 @@ class LFQ(TokenQuantizer):
         if self.codebook_size * self.codebook_dim > MAX_MATERIALIZED_ELEMENTS:
             raise ValueError(f"codebook: {self.codebook_size} codes x {self.codebook_dim} dims is too large to "
                              "build; call indices_to_codes on the indices you need instead")
-        all_codes = torch.arange(self.codebook_size, device=self.mask.device)
-        return self._bits_to_codes((all_codes.unsqueeze(-1) & self.mask) != 0)
+        all_codes = torch.arange(self.codebook_size, device=self.bit_values.device)
+        return self._bits_to_codes((all_codes.unsqueeze(-1) & self.bit_values) != 0)
