@@ -284,5 +284,4 @@ class FSP(TokenQuantizer):
         the projection's dtype; equal to forward's output in eval; zeros for index -1 (no code),
         as the other layers decode it. `eps` is accepted for compatibility: bin midpoints are
         never clamped."""
-        codes = fp32_island(self._code_value)(self.indices_to_act_value(indices))
-        return self._decoded(codes, indices == NO_CODE)
+        return self._decode(indices, lambda i: fp32_island(self._code_value)(self.indices_to_act_value(i)))

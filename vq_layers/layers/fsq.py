@@ -15,7 +15,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_positive_int
+from ..checks import check_positive_int
 from ..mixed_radix import digits_to_indices, indices_to_digits, register_mixed_radix
 from ..non_finite import NO_CODE, fill_tokens, mark_non_finite, non_finite_tokens
 from ..precision import fp32_island
@@ -76,8 +76,6 @@ class FSQ(TokenQuantizer):
         A token whose input is not finite gets index -1 (every codebook) and a NaN output
         (docs/precision.md); indices_to_codes decodes -1 to zeros.
     """
-
-    max_implicit_codebook_elements = MAX_MATERIALIZED_ELEMENTS
 
     def __init__(
         self,
@@ -247,21 +245,10 @@ class FSQ(TokenQuantizer):
         (no code) decodes as the other layers decode it: a codebook's -1 contributes zeros, and
         a token whose every index is -1 decodes to zeros.
         """
-        check_codebook_axis(indices, self.keep_num_codebooks_dim, self.num_codebooks)
-        if not self.keep_num_codebooks_dim:
-            indices = indices.unsqueeze(-1)
-        codes = rearrange(self._rotate_back(self._indices_to_raw_codes(indices)), "... c d -> ... (c d)")
-        return self._decoded(codes, (indices == NO_CODE).all(-1))
+        return self._decode(indices, lambda i: self._rotate_back(self._indices_to_raw_codes(i)))
 
     @property
     def implicit_codebook(self) -> Tensor:
         """All codebook_size codes (codebook_size, len(levels)), fp32, built on demand."""
-        elements = self.codebook_size * self.codebook_dim
-        if elements > self.max_implicit_codebook_elements:
-            raise ValueError(
-                f"implicit_codebook: {self.codebook_size} codes x {self.codebook_dim} dims would "
-                f"take {elements * 4 / 2**30:.1f} GiB (limit "
-                f"{self.max_implicit_codebook_elements * 4 / 2**30:.2f} GiB); call "
-                "indices_to_codes on the indices you need instead"
-            )
+        self._check_buildable("implicit_codebook")
         return self._indices_to_raw_codes(torch.arange(self.codebook_size, device=self._levels.device))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_positive_int
+from ..checks import check_positive_int
 from ..distributed import all_reduce_sum_, check_finite, is_distributed
 from ..in_place_step import check_in_place_optimizer, step_on
 from ..mixed_radix import digits_to_indices, indices_to_digits, register_mixed_radix
@@ -228,17 +228,11 @@ class LatentQuantize(TokenQuantizer):
         projection's) dtype; equal to forward's output in eval. Index -1 (no code) decodes as
         the other layers decode it: a codebook's -1 contributes zeros, and a token whose every
         index is -1 decodes to zeros."""
-        check_codebook_axis(indices, self.keep_num_codebooks_dim, self.num_codebooks)
-        if not self.keep_num_codebooks_dim:
-            indices = indices.unsqueeze(-1)
-        codes = rearrange(self._lookup(self.indices_to_level_indices(indices)), "... c d -> ... (c d)")
-        return self._decoded(codes, (indices == NO_CODE).all(-1), project_out)
+        return self._decode(indices, lambda i: self._lookup(self.indices_to_level_indices(i)), project_out)
 
     @property
     def implicit_codebook(self) -> Tensor:
         """All codebook_size codes (codebook_size, codebook_dim) from the current values, built on demand."""
-        if self.codebook_size * self.codebook_dim > MAX_MATERIALIZED_ELEMENTS:
-            raise ValueError(f"implicit_codebook: {self.codebook_size} codes x {self.codebook_dim} dims is too "
-                             "large to build; call indices_to_codes on the indices you need instead")
+        self._check_buildable("implicit_codebook")
         all_indices = torch.arange(self.codebook_size, device=self._levels.device)
         return self._lookup(self.indices_to_level_indices(all_indices))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_indices, check_positive_int
+from ..checks import check_indices, check_positive_int
 from ..kernels.lfq_entropy import lfq_entropy
 from ..non_finite import NO_CODE, fill_tokens
 from ..precision import fp32_island, project
@@ -278,17 +278,11 @@ class LFQ(TokenQuantizer):
         layers decode it: a codebook's -1 contributes zeros, and a token whose every index is -1
         decodes to zeros.
         """
-        check_codebook_axis(indices, self.keep_num_codebooks_dim, self.num_codebooks)
-        if not self.keep_num_codebooks_dim:
-            indices = indices.unsqueeze(-1)
-        codes = rearrange(self._indices_to_raw_codes(indices), "... c d -> ... (c d)")
-        return self._decoded(codes, (indices == NO_CODE).all(-1), project_out)
+        return self._decode(indices, self._indices_to_raw_codes, project_out)
 
     @property
     def codebook(self) -> Tensor:
         """All codes (codebook_size, d) before rotation, fp32, built on demand (refused when too large)."""
-        if self.codebook_size * self.codebook_dim > MAX_MATERIALIZED_ELEMENTS:
-            raise ValueError(f"codebook: {self.codebook_size} codes x {self.codebook_dim} dims is too large to "
-                             "build; call indices_to_codes on the indices you need instead")
+        self._check_buildable("codebook")
         all_codes = torch.arange(self.codebook_size, device=self.bit_values.device)
         return self._bits_to_codes((all_codes.unsqueeze(-1) & self.bit_values) != 0)

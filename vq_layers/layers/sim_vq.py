@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from ..checks import check_indices, check_non_negative, check_positive_int
 from ..distributed import broadcast_once_, is_distributed
 from ..kernels.nearest_code import nearest_code
-from ..non_finite import NO_CODE
 from ..precision import fp32_island, project, without_autocast
 from ..rotation_trick import rotation_trick
 from ..straight_through import straight_through
@@ -171,8 +170,7 @@ class SimVQ(TokenQuantizer):
         (channel_first: (b, dim, ...)) in the implicit codebook's dtype unless `dtype` is given."""
         check_indices(indices, self.codebook_size, allow_dropped=True)
         codebook = self.codebook
-        codes = codebook[indices.long().clamp(min=0)].to(dtype or codebook.dtype)
-        return self._decoded(codes, indices == NO_CODE)
+        return self._decode(indices, lambda i: codebook[i.long().clamp(min=0)].to(dtype or codebook.dtype))
 
     def code_usage(self, indices: Tensor, process_group=None) -> CodeUsage:
         """Perplexity and fraction of the codebook used by `indices` (-1 ignored), over

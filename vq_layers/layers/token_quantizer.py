@@ -21,8 +21,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis
 from ..layout import check_mask, from_tokens, indices_from_tokens, lens_to_mask, to_tokens, without_padding
-from ..non_finite import fill_tokens, mark_losses, mark_non_finite, non_finite_tokens
+from ..non_finite import NO_CODE, fill_tokens, mark_losses, mark_non_finite, non_finite_tokens
 from ..precision import Fp32BuffersModule, project
 from ..usage import CodeUsage, code_usage
 
@@ -81,6 +82,8 @@ class TokenQuantizer(Fp32BuffersModule):
     `return_zeros_for_masked_padding`, `per_sample_mask`."""
 
     keep_num_codebooks_dim = True
+    num_codebooks = 1
+    max_implicit_codebook_elements = MAX_MATERIALIZED_ELEMENTS  # the largest codebook built on request
     return_zeros_for_masked_padding = True  # False: masked tokens pass through unchanged
     per_sample_mask = False  # whether a (b,) mask keeps or drops whole samples
 
@@ -161,13 +164,28 @@ class TokenQuantizer(Fp32BuffersModule):
     def _rotate_back(self, codes: Tensor) -> Tensor:
         return codes @ self.orthogonal_rot.t() if self.orthogonal_rotation else codes
 
-    def _decoded(self, codes: Tensor, no_code: Tensor, project_out: bool = True) -> Tensor:
-        """Codes looked up from indices, (b, ..., inner) -> through project_out, zeros where
-        `no_code` (b, ...) (index -1 everywhere, as forward outputs a masked token), in the
-        input's layout (channel-first as `_channel_first` says for an input of this rank)."""
+    def _decode(self, indices: Tensor, lookup: Callable[[Tensor], Tensor], project_out: bool = True) -> Tensor:
+        """indices as forward returns them, (b, ...[, c]) -> codes (b, ..., dim), channel-first
+        where forward's output was. `lookup`: indices (b, ..., c) -> codes (b, ..., c, d), a
+        codebook's -1 contributing zeros. With `project_out`, through project_out, and a token
+        whose every index is -1 (masked, or non-finite input) decodes to zeros, as forward
+        outputs a masked token (whatever `lookup` gave it)."""
+        check_codebook_axis(indices, self.keep_num_codebooks_dim, self.num_codebooks)
+        if not self.keep_num_codebooks_dim:
+            indices = indices.unsqueeze(-1)
+        codes = rearrange(lookup(indices), "... c d -> ... (c d)")
         if project_out:
-            codes = fill_tokens(project(self.project_out, codes), no_code, 0.0)
+            codes = fill_tokens(project(self.project_out, codes), (indices == NO_CODE).all(-1), 0.0)
         return rearrange(codes, "b ... d -> b d ...") if self._channel_first(codes) else codes
+
+    def _check_buildable(self, name: str) -> None:
+        """Refuses to build all codebook_size codes (`name`) beyond max_implicit_codebook_elements."""
+        elements = self.codebook_size * self.codebook_dim
+        if elements > self.max_implicit_codebook_elements:
+            raise ValueError(
+                f"{name}: {self.codebook_size} codes x {self.codebook_dim} dims would take "
+                f"{elements * 4 / 2**30:.1f} GiB (limit {self.max_implicit_codebook_elements * 4 / 2**30:.2f} GiB); "
+                "call indices_to_codes on the indices you need instead")
 
     def code_usage(self, indices: Tensor, process_group=None) -> CodeUsage:
         """Perplexity and fraction of the codebook used by `indices` (all codebooks pooled; -1
