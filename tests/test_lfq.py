@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from reference import linear64, randn
-from vq_layers import LFQ
+from vq_layers import LFQ, ResidualLFQ
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -830,6 +830,23 @@ def test_state_dict_round_trip():
     assert half.orthogonal_rot.dtype == torch.float32 and half.project_in.weight.dtype == torch.float16
     assert half.mask.dtype == torch.long
     assert torch.equal(half.orthogonal_rot, a.orthogonal_rot)
+
+
+def test_bit_values_keep_the_checkpoint_key_mask():
+    """The bit values are the buffer `bit_values`; state dicts keep the key `mask` (the peer's
+    persistent buffer, and this layer's name before the rename), so checkpoints saved before the
+    rename load strictly, the peer loads ours, and errors name the checkpoint's key."""
+    layer = LFQ(dim=4, codebook_size=2**4)
+    assert torch.equal(layer.bit_values, torch.tensor([8, 4, 2, 1])) and layer.mask is layer.bit_values
+    assert list(layer.state_dict()) == ["mask"]
+    before_rename = {"mask": torch.tensor([8, 4, 2, 1])}  # what LFQ(dim=4) saved until the rename
+    assert not any(LFQ(dim=4).load_state_dict(before_rename))  # strict
+    assert LFQ(dim=4).load_state_dict({}, strict=False).missing_keys == ["mask"]
+    with pytest.raises(RuntimeError, match=r"size mismatch for mask: .*\[3\]"):
+        LFQ(dim=4).load_state_dict({"mask": torch.tensor([4, 2, 1])})
+    residual = ResidualLFQ(dim=4, num_quantizers=2, codebook_size=2**4)
+    assert [k for k in residual.state_dict() if "mask" in k or "bit_values" in k] == ["layers.0.mask", "layers.1.mask"]
+    residual.load_state_dict({f"layers.{k}.mask": torch.tensor([8, 4, 2, 1]) for k in range(2)})  # strict
 
 
 @pytest.mark.parametrize("kwargs,shape", [(dict(dim=16, codebook_size=2**8), (2, 16, 4, 4)),

@@ -14,16 +14,15 @@ import math
 from collections.abc import Sequence
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_positive_int
-from ..layout import from_tokens, indices_from_tokens, to_tokens
 from ..mixed_radix import digits_to_indices, indices_to_digits, register_mixed_radix
-from ..non_finite import NO_CODE, fill_tokens, mark_losses, mark_non_finite, non_finite_tokens
-from ..precision import fp32_island, project
+from ..non_finite import NO_CODE, fill_tokens, mark_non_finite
+from ..precision import fp32_island
 from ..straight_through import straight_through
 from .fsq import check_levels
+from .token_quantizer import Core, TokenQuantizer
 
 UNIFORM_STD = 12**-0.5  # std of U(0, 1): bin midpoints are rescaled by it to unit variance
 FP32_EPS = torch.finfo(torch.float32).eps  # the default eps: the island computes in fp32
@@ -126,7 +125,7 @@ class VectorNorm(nn.Module):
         return loss, dict(zip(("mean", "variance", "skewness", "kurtosis"), moments))
 
 
-class FSP(nn.Module):
+class FSP(TokenQuantizer):
     """Finite scalar perturbation quantizer.
 
     Args (vector-quantize-pytorch's):
@@ -155,6 +154,8 @@ class FSP(nn.Module):
         clamped to the input dtype's finite range (Cauchy's inverse exceeds fp16's 65504).
     """
 
+    keep_num_codebooks_dim = False  # one index per token
+
     def __init__(self, levels: Sequence[int], dim: int | None = None, channel_first: bool = False,
                  projection_has_bias: bool = True, act_name: str = "tanh", quantize_rate: float = 0.0,
                  need_inv_act: bool = False, vector_norm: str = "var_tanh"):
@@ -171,12 +172,7 @@ class FSP(nn.Module):
         self.channel_first = channel_first
         self.act_name, self.need_inv_act, self.quantize_rate = act_name, need_inv_act, float(quantize_rate)
 
-        self.has_projections = self.dim != self.codebook_dim
-        if self.has_projections:
-            self.project_in = nn.Linear(self.dim, self.codebook_dim, bias=projection_has_bias)
-            self.project_out = nn.Linear(self.codebook_dim, self.dim, bias=projection_has_bias)
-        else:
-            self.project_in, self.project_out = nn.Identity(), nn.Identity()
+        self._init_projections(self.dim, self.codebook_dim, bias=projection_has_bias)
         self.vector_norm = VectorNorm.build(vector_norm)
 
     def extra_repr(self) -> str:
@@ -242,29 +238,27 @@ class FSP(nn.Module):
             codes = straight_through(codes, z)
         return codes, level, info
 
-    def forward(self, z: Tensor, eps: float | None = None):
-        dtype = z.dtype
-        tokens, spatial = to_tokens(z, self.channel_first, self.dim, "FSP")
+    def _core(self, z: Tensor, keep: None = None, eps: float | None = None, input_dtype=None) -> Core:
+        """z (b, n, d) -> codes (b, n, d) fp32, indices (b, n, 1), losses (norm loss, its moments,
+        info), extra: level indices (b, n, d). The VectorNorm statistics and the bins are fp32
+        islands of their own."""
         if not eps:  # None or 0, as the peer
             eps = FP32_EPS
         elif not 0.0 < eps < 0.5:
             raise ValueError(f"eps: expected a value in (0, 0.5), got {eps!r}")
-        bad = non_finite_tokens(tokens)
-        flat = project(self.project_in, tokens).reshape(-1, self.codebook_dim)
+        b, n, d = z.shape
+        flat = z.reshape(b * n, d)
         norm_loss, norm_info = self.vector_norm(flat)
-        codes, level, info = self._quantize(flat, eps, torch.finfo(dtype).max)
-        indices = digits_to_indices(level, self._basis)
+        codes, level, info = self._quantize(flat, eps, torch.finfo(input_dtype).max)
+        indices = digits_to_indices(level, self._basis).reshape(b, n, 1)
+        return Core(codes.reshape(b, n, d), indices, (norm_loss, norm_info, info), level.reshape(b, n, d))
 
-        b, n = tokens.shape[:2]
-        codes = codes.reshape(b, n, self.codebook_dim)
-        out = mark_non_finite(project(self.project_out, codes).to(dtype), bad)
-        out = from_tokens(out, spatial, self.channel_first)
-        indices = indices_from_tokens(mark_non_finite(indices.reshape(b, n, 1), bad), spatial)
-        level = indices_from_tokens(mark_non_finite(level.reshape(b, n, self.codebook_dim), bad), spatial)
-        # the batch's statistics (the loss, the moments, the acceptance rate) are NaN with it
-        norm_loss, norm_info = mark_losses(norm_loss, bad), {k: mark_losses(v, bad) for k, v in norm_info.items()}
-        info = {k: mark_losses(v, bad) for k, v in info.items()}
-        return out, rearrange(indices, "... 1 -> ..."), norm_loss, {"level_indices": level, "norm_info": norm_info, **info}
+    def forward(self, z: Tensor, eps: float | None = None):
+        result = self.quantize_tokens(z, eps=eps, input_dtype=getattr(z, "dtype", None))
+        # the batch's statistics (the loss, the moments, the acceptance rate) are NaN with a bad token
+        norm_loss, norm_info, info = result.losses
+        level = mark_non_finite(result.extra, result.bad).reshape(*result.indices.shape, self.codebook_dim)
+        return result.out, result.indices, norm_loss, {"level_indices": level, "norm_info": norm_info, **info}
 
     # indices <-> codes
 
@@ -290,7 +284,4 @@ class FSP(nn.Module):
         the projection's dtype; equal to forward's output in eval; zeros for index -1 (no code),
         as the other layers decode it. `eps` is accepted for compatibility: bin midpoints are
         never clamped."""
-        value = self.indices_to_act_value(indices)
-        codes = fp32_island(self._code_value)(value)
-        codes = fill_tokens(project(self.project_out, codes), indices == NO_CODE, 0.0)
-        return rearrange(codes, "b ... d -> b d ...") if self.channel_first else codes
+        return self._decode(indices, lambda i: fp32_island(self._code_value)(self.indices_to_act_value(i)))

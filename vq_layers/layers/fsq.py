@@ -13,15 +13,14 @@ from collections.abc import Sequence
 
 import torch
 from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_positive_int
+from ..checks import check_positive_int
 from ..mixed_radix import digits_to_indices, indices_to_digits, register_mixed_radix
 from ..non_finite import NO_CODE, fill_tokens, mark_non_finite, non_finite_tokens
-from ..precision import fp32_island, project
+from ..precision import fp32_island
 from ..straight_through import straight_through
-from ..usage import CodeUsage, code_usage
-from .token_quantizer import Core, TokenQuantizer
+from .token_quantizer import Core, TokenQuantizer, check_keep_num_codebooks_dim
 
 # the paper's recommended levels per codebook size (Table 1 of the FSQ paper)
 RECOMMENDED_LEVELS = {
@@ -78,8 +77,6 @@ class FSQ(TokenQuantizer):
         (docs/precision.md); indices_to_codes decodes -1 to zeros.
     """
 
-    max_implicit_codebook_elements = MAX_MATERIALIZED_ELEMENTS
-
     def __init__(
         self,
         levels: Sequence[int],
@@ -106,18 +103,12 @@ class FSQ(TokenQuantizer):
         if not isinstance(noise_dropout, (int, float)) or not 0.0 <= noise_dropout <= 1.0:
             raise ValueError(f"noise_dropout: expected a probability in [0, 1], got {noise_dropout!r}")
         num_codebooks = check_positive_int("num_codebooks", num_codebooks)
-        if keep_num_codebooks_dim is None:
-            keep_num_codebooks_dim = num_codebooks > 1
-        if num_codebooks > 1 and not keep_num_codebooks_dim:
-            raise ValueError(
-                f"keep_num_codebooks_dim: must be True with num_codebooks={num_codebooks} > 1"
-            )
 
         self.levels = levels
         self.codebook_dim = len(levels)
         self.num_codebooks = num_codebooks
         self.effective_codebook_dim = self.codebook_dim * num_codebooks
-        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.keep_num_codebooks_dim = check_keep_num_codebooks_dim(keep_num_codebooks_dim, num_codebooks)
         self.dim = self.effective_codebook_dim if dim is None else check_positive_int("dim", dim)
         # int64 levels and mixed-radix basis: dtype casts never touch them, indices stay exact
         self.codebook_size = register_mixed_radix(self, levels)
@@ -131,15 +122,8 @@ class FSQ(TokenQuantizer):
         self.noise_dropout = noise_dropout
         self.bound_hard_clamp = bound_hard_clamp
 
-        self.has_projections = self.dim != self.effective_codebook_dim
-        make = lambda i, o: nn.Linear(i, o, bias=projection_has_bias)  # noqa: E731
-        self.project_in = make(self.dim, self.effective_codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = make(self.effective_codebook_dim, self.dim) if self.has_projections else nn.Identity()
-
-        self.orthogonal_rotation = orthogonal_rotation
-        if orthogonal_rotation:
-            rotation = nn.init.orthogonal_(torch.empty(self.codebook_dim, self.codebook_dim))
-            self.register_fp32_buffer("orthogonal_rot", rotation)
+        self._init_projections(self.dim, self.effective_codebook_dim, bias=projection_has_bias)
+        self._init_rotation(orthogonal_rotation, self.codebook_dim)
 
     @staticmethod
     def levels_for(codebook_size: int) -> list[int]:
@@ -175,36 +159,59 @@ class FSQ(TokenQuantizer):
             return (code + 1.0) / (2.0 / (levels - 1))
         return code * self._half_width() + self._half_width()
 
-    def _bound(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """z (..., d) fp32 -> (continuous level position, integer level as float), both (..., d)."""
-        levels = self._levels_f32()
-        squash = (lambda t: t.clamp(-1.0, 1.0)) if self.bound_hard_clamp else torch.tanh
-        if self.preserve_symmetry:
-            position = (levels - 1) * (squash(z) + 1) / 2
-            return position, torch.floor(position + 0.5)
-        half_l = (levels - 1) * (1 + 1e-3) / 2
+    def _squash(self, t: Tensor) -> Tensor:
+        return t.clamp(-1.0, 1.0) if self.bound_hard_clamp else torch.tanh(t)
+
+    def _bound(self, z: Tensor) -> Tensor:
+        """The paper's bound, in level units centred on zero: half_l * tanh(z + shift) - offset,
+        half_l = (L - 1)(1 + eps) / 2 with eps = 1e-3, offset = 1/2 for even L (its levels are
+        then -L/2 .. L/2 - 1) and shift = atanh(offset / half_l), so that z = 0 maps to level 0
+        (vector-quantize-pytorch's eps sign and atanh; the paper's listing has 1 - eps and tan).
+        bound_hard_clamp: clamp to [-1, 1] instead of tanh, and shift = offset / half_l."""
+        half_l = (self._levels_f32() - 1) * (1 + 1e-3) / 2
         offset = (self._levels % 2 == 0).to(torch.float32) * 0.5
         shift = offset / half_l if self.bound_hard_clamp else torch.atanh(offset / half_l)
-        bounded = squash(z + shift) * half_l - offset
-        return bounded + self._half_width(), torch.round(bounded) + self._half_width()
+        return self._squash(z + shift) * half_l - offset
+
+    def _level_index(self, level: Tensor) -> Tensor:
+        """Integer level index as float -> clamped to [0, L): NaN (a non-finite input, which
+        forward marks: non_finite.py) becomes 0, keeping the integer arithmetic in range."""
+        return torch.minimum(level.nan_to_num(0.0).clamp(min=0.0), self._levels_f32() - 1)
+
+    def _symmetric_grid(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """preserve_symmetry (arXiv 2411.19842, Sec. 3.2): L levels spaced evenly on [-1, 1].
+        The position (L - 1)(squash(z) + 1) / 2 in [0, L - 1] is rounded half up, with a
+        straight-through gradient, and normalized to [-1, 1]. -> (codes, level index)."""
+        position = (self._levels_f32() - 1) * (self._squash(z) + 1) / 2
+        level = self._level_index(torch.floor(position + 0.5))
+        return self._level_to_code(straight_through(level, position)), level
 
     @fp32_island
     def _core(self, z: Tensor, keep: None = None) -> Core:
-        """z (b, n, c*d) fp32 -> codes (b, n, c*d) fp32 with straight-through grad, indices (b, n, c)."""
-        z = rearrange(z, "b n (c d) -> b n c d", c=self.num_codebooks)
-        if self.orthogonal_rotation:
-            z = z @ self.orthogonal_rot
-        position, level = self._bound(z)
-        # keeps the integer arithmetic in range for a NaN; forward marks that token (non_finite.py)
-        level = torch.minimum(level.nan_to_num(0.0).clamp(min=0.0), self._levels_f32() - 1)
-        codes = straight_through(self._level_to_code(level), self._level_to_code(position))
+        """z (b, n, c*d) fp32 -> codes (b, n, c*d) fp32 with straight-through grad, indices (b, n, c).
+
+        The paper's quantizer (its appendix A.1), per code dimension of L levels:
+            bound:      zb = half_l * tanh(z + shift) - offset     (_bound)
+            round:      zq = round(zb), straight-through           (an integer level)
+            normalize:  code = zq / (L // 2)                       (in [-1, 1])
+        the index digit of zq being zq + L // 2. preserve_symmetry takes _symmetric_grid instead.
+        """
+        z = self._rotate(rearrange(z, "b n (c d) -> b n c d", c=self.num_codebooks))
+        if self.preserve_symmetry:
+            codes, level = self._symmetric_grid(z)
+        else:
+            half_width = self._half_width()
+            bounded = self._bound(z)
+            level = self._level_index(torch.round(bounded) + half_width)
+            codes = straight_through(level - half_width, bounded) / half_width
         indices = digits_to_indices(level, self._basis)
         if self.training and self.noise_dropout > 0:
             noisy = torch.rand_like(codes) < self.noise_dropout
             codes = torch.where(noisy, codes + torch.rand_like(codes) - 0.5, codes).clamp(-1.0, 1.0)
-        if self.orthogonal_rotation:
-            codes = codes @ self.orthogonal_rot.t()
-        return Core(rearrange(codes, "b n c d -> b n (c d)"), indices)
+        return Core(rearrange(self._rotate_back(codes), "b n c d -> b n (c d)"), indices)
+
+    def _channel_first(self, x: Tensor) -> bool:
+        return x.ndim >= 4 or bool(self.channel_first)  # images and video always
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         result = self.quantize_tokens(z)
@@ -238,33 +245,10 @@ class FSQ(TokenQuantizer):
         (no code) decodes as the other layers decode it: a codebook's -1 contributes zeros, and
         a token whose every index is -1 decodes to zeros.
         """
-        check_codebook_axis(indices, self.keep_num_codebooks_dim, self.num_codebooks)
-        is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
-        codes = self._indices_to_raw_codes(indices)
-        if self.orthogonal_rotation:
-            codes = codes @ self.orthogonal_rot.t()
-        no_code = indices == NO_CODE
-        if self.keep_num_codebooks_dim:
-            codes = rearrange(codes, "... c d -> ... (c d)")
-            no_code = no_code.all(-1)
-        codes = fill_tokens(project(self.project_out, codes), no_code, 0.0)
-        if is_img_or_video or self.channel_first:
-            codes = rearrange(codes, "b ... d -> b d ...")
-        return codes
+        return self._decode(indices, lambda i: self._rotate_back(self._indices_to_raw_codes(i)))
 
     @property
     def implicit_codebook(self) -> Tensor:
         """All codebook_size codes (codebook_size, len(levels)), fp32, built on demand."""
-        elements = self.codebook_size * self.codebook_dim
-        if elements > self.max_implicit_codebook_elements:
-            raise ValueError(
-                f"implicit_codebook: {self.codebook_size} codes x {self.codebook_dim} dims would "
-                f"take {elements * 4 / 2**30:.1f} GiB (limit "
-                f"{self.max_implicit_codebook_elements * 4 / 2**30:.2f} GiB); call "
-                "indices_to_codes on the indices you need instead"
-            )
+        self._check_buildable("implicit_codebook")
         return self._indices_to_raw_codes(torch.arange(self.codebook_size, device=self._levels.device))
-
-    def code_usage(self, indices: Tensor, process_group=None) -> CodeUsage:
-        """Perplexity and fraction of the codebook used by `indices` (all codebooks pooled)."""
-        return code_usage(indices, self.codebook_size, process_group)

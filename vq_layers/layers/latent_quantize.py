@@ -22,15 +22,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_positive_int
+from ..checks import check_positive_int
 from ..distributed import all_reduce_sum_, check_finite, is_distributed
 from ..in_place_step import check_in_place_optimizer, step_on
-from ..layout import from_tokens, indices_from_tokens, to_tokens
 from ..mixed_radix import digits_to_indices, indices_to_digits, register_mixed_radix
-from ..non_finite import NO_CODE, fill_tokens, mark_losses, mark_non_finite, non_finite_tokens
-from ..precision import Fp32BuffersModule, fp32_island, project, stack
+from ..non_finite import NO_CODE, mark_non_finite, non_finite_tokens
+from ..precision import fp32_island, stack
 from ..straight_through import straight_through
 from .fsq import check_levels
+from .token_quantizer import Core, TokenQuantizer, check_keep_num_codebooks_dim
 
 
 def initial_values(level: int) -> Tensor:
@@ -52,7 +52,7 @@ def nearest_values(z: Tensor, values: Sequence[Tensor]) -> tuple[Tensor, Tensor]
     return torch.stack(chosen, dim=-1), torch.stack(positions, dim=-1)
 
 
-class LatentQuantize(Fp32BuffersModule):
+class LatentQuantize(TokenQuantizer):
     """Latent quantizer with a learnable scalar codebook per latent dimension.
 
     Args (vector-quantize-pytorch's):
@@ -102,10 +102,7 @@ class LatentQuantize(Fp32BuffersModule):
         if codebook_dim not in (-1, len(levels)):
             raise ValueError(f"codebook_dim: expected len(levels)={len(levels)} (or -1), got {codebook_dim!r}")
         num_codebooks = check_positive_int("num_codebooks", num_codebooks)
-        if keep_num_codebooks_dim is None:
-            keep_num_codebooks_dim = num_codebooks > 1
-        if num_codebooks > 1 and not keep_num_codebooks_dim:
-            raise ValueError(f"keep_num_codebooks_dim: must be True with num_codebooks={num_codebooks} > 1")
+        keep_num_codebooks_dim = check_keep_num_codebooks_dim(keep_num_codebooks_dim, num_codebooks)
         for name, weight in (("commitment_loss_weight", commitment_loss_weight),
                              ("quantization_loss_weight", quantization_loss_weight)):
             if weight is not None and (isinstance(weight, bool) or not isinstance(weight, numbers.Real)):
@@ -128,9 +125,7 @@ class LatentQuantize(Fp32BuffersModule):
         self.optimize_values = bool(optimize_values)
         self.sync_codebook, self.process_group = sync_codebook, process_group
 
-        self.has_projections = self.dim != self.effective_codebook_dim
-        self.project_in = nn.Linear(self.dim, self.effective_codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(self.effective_codebook_dim, self.dim) if self.has_projections else nn.Identity()
+        self._init_projections(self.dim, self.effective_codebook_dim)
 
         if self.optimize_values:  # the peer's parameter names: its checkpoints load
             self.values_per_latent = nn.ParameterList([nn.Parameter(initial_values(L)) for L in levels])
@@ -157,7 +152,7 @@ class LatentQuantize(Fp32BuffersModule):
     # numerics (fp32)
 
     @fp32_island
-    def _quantize(self, z: Tensor):
+    def _core(self, z: Tensor, keep: None = None) -> Core:
         """z (b, n, c*d) fp32 -> codes (b, n, c*d) fp32 (straight-through), indices (b, n, c), loss."""
         z = rearrange(z, "b n (c d) -> b n c d", c=self.num_codebooks)
         in_place = self.in_place_codebook_optimizer is not None and self.training and torch.is_grad_enabled()
@@ -173,7 +168,7 @@ class LatentQuantize(Fp32BuffersModule):
             if self.quantization_loss_weight:
                 loss = loss + F.mse_loss(zhat, z.detach()) * self.quantization_loss_weight
         codes = straight_through(zhat, z)
-        return rearrange(codes, "b n c d -> b n (c d)"), indices, loss
+        return Core(rearrange(codes, "b n c d -> b n (c d)"), indices, loss)
 
     def _in_place_step(self, z: Tensor) -> None:
         """One step of the in-place optimizer on the quantization loss of the batch z (b, n, c, d)
@@ -196,18 +191,15 @@ class LatentQuantize(Fp32BuffersModule):
         mean_grads = (summed[:-1] / summed[-1]).split([v.numel() for v in values])
         step_on(self.in_place_codebook_optimizer, values, [g.reshape(v.shape) for v, g in zip(values, mean_grads)])
 
+    def _channel_first(self, x: Tensor) -> bool:
+        return True  # (b, dim, ...), as the peer
+
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if not isinstance(z, Tensor):
             raise TypeError(f"z: expected a floating point tensor, got {type(z).__name__}")
-        dtype = z.dtype
-        tokens, spatial = to_tokens(z, True, self.dim, "LatentQuantize")
-        bad = non_finite_tokens(tokens)  # (a training step of the in-place optimizer raises for them)
-        codes, indices, loss = self._quantize(project(self.project_in, tokens))
-        out = from_tokens(mark_non_finite(project(self.project_out, codes).to(dtype), bad), spatial, True)
-        indices = indices_from_tokens(mark_non_finite(indices, bad), spatial)
-        if not self.keep_num_codebooks_dim:
-            indices = rearrange(indices, "... 1 -> ...")
-        return out, indices, mark_losses(loss, bad)
+        # non-finite tokens are marked (a training step of the in-place optimizer raises for them)
+        result = self.quantize_tokens(z)
+        return result.out, result.indices, result.losses
 
     # indices <-> codes
 
@@ -236,19 +228,11 @@ class LatentQuantize(Fp32BuffersModule):
         projection's) dtype; equal to forward's output in eval. Index -1 (no code) decodes as
         the other layers decode it: a codebook's -1 contributes zeros, and a token whose every
         index is -1 decodes to zeros."""
-        check_codebook_axis(indices, self.keep_num_codebooks_dim, self.num_codebooks)
-        if not self.keep_num_codebooks_dim:
-            indices = indices.unsqueeze(-1)
-        codes = rearrange(self._lookup(self.indices_to_level_indices(indices)), "... c d -> ... (c d)")
-        if project_out:
-            codes = fill_tokens(project(self.project_out, codes), (indices == NO_CODE).all(-1), 0.0)
-        return rearrange(codes, "b ... d -> b d ...")
+        return self._decode(indices, lambda i: self._lookup(self.indices_to_level_indices(i)), project_out)
 
     @property
     def implicit_codebook(self) -> Tensor:
         """All codebook_size codes (codebook_size, codebook_dim) from the current values, built on demand."""
-        if self.codebook_size * self.codebook_dim > MAX_MATERIALIZED_ELEMENTS:
-            raise ValueError(f"implicit_codebook: {self.codebook_size} codes x {self.codebook_dim} dims is too "
-                             "large to build; call indices_to_codes on the indices you need instead")
+        self._check_buildable("implicit_codebook")
         all_indices = torch.arange(self.codebook_size, device=self._levels.device)
         return self._lookup(self.indices_to_level_indices(all_indices))

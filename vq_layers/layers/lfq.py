@@ -17,14 +17,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis, check_indices, check_positive_int
+from ..checks import check_indices, check_positive_int
 from ..lfq_entropy_loss import lfq_entropy
-from ..layout import check_mask, from_tokens, indices_from_tokens, to_tokens, without_padding
-from ..non_finite import NO_CODE, fill_tokens, mark_losses, mark_non_finite, non_finite_tokens
-from ..precision import Fp32BuffersModule, fp32_island, project
+from ..non_finite import NO_CODE, fill_tokens
+from ..precision import fp32_island, project
 from ..straight_through import straight_through
-from ..usage import CodeUsage, code_usage
 from ..codebook_losses import masked_mse
+from .token_quantizer import Core, TokenQuantizer, check_keep_num_codebooks_dim
 
 Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
 LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
@@ -73,7 +72,7 @@ def check_codebook_size(codebook_size) -> int:
     return int(codebook_size)
 
 
-class LFQ(Fp32BuffersModule):
+class LFQ(TokenQuantizer):
     """Lookup-free quantizer with an exact entropy loss.
 
     Shapes:
@@ -98,7 +97,12 @@ class LFQ(Fp32BuffersModule):
     The entropies are exact means over all 2^d codes (vector-quantize-pytorch clamps
     probabilities at 1e-5 and can only afford them at small d); `frac_per_sample_entropy` is
     accepted for compatibility and has no effect, as nothing needs sub-sampling.
+
+    The bit values (2^(d-1), ..., 1) are the buffer `bit_values`, saved under the peer's name
+    `mask` (its persistent buffer of the same values), so checkpoints load both ways strictly.
     """
+
+    per_sample_mask = True
 
     def __init__(
         self,
@@ -142,10 +146,7 @@ class LFQ(Fp32BuffersModule):
                 f"dim: without projections dim must equal log2(codebook_size) * num_codebooks = "
                 f"{codebook_dims}, got {dim}"
             )
-        if keep_num_codebooks_dim is None:
-            keep_num_codebooks_dim = num_codebooks > 1
-        if num_codebooks > 1 and not keep_num_codebooks_dim:
-            raise ValueError(f"keep_num_codebooks_dim: must be True with num_codebooks={num_codebooks} > 1")
+        keep_num_codebooks_dim = check_keep_num_codebooks_dim(keep_num_codebooks_dim, num_codebooks)
         if not 0 < frac_per_sample_entropy <= 1:
             raise ValueError(f"frac_per_sample_entropy: expected a value in (0, 1], got {frac_per_sample_entropy}")
         if soft_clamp_input_value is not None and soft_clamp_input_value < codebook_scale:
@@ -155,7 +156,7 @@ class LFQ(Fp32BuffersModule):
 
         self.dim, self.codebook_size, self.codebook_dim = dim, codebook_size, codebook_dim
         self.num_codebooks, self.keep_num_codebooks_dim = num_codebooks, keep_num_codebooks_dim
-        self.has_projections, self.channel_first = has_projections, channel_first
+        self.channel_first = channel_first
         self.entropy_loss_weight, self.commitment_loss_weight = entropy_loss_weight, commitment_loss_weight
         self.diversity_gamma, self.codebook_scale = diversity_gamma, codebook_scale
         self.frac_per_sample_entropy = frac_per_sample_entropy
@@ -166,29 +167,40 @@ class LFQ(Fp32BuffersModule):
         self.activation = straight_through_activation if straight_through_activation is not None else nn.Identity()
         self.process_group = process_group
 
-        if has_projections:
-            if cosine_sim_project_in:
-                scale = codebook_scale if cosine_sim_project_in_scale is None else cosine_sim_project_in_scale
-                self.project_in = CosineSimLinear(dim, codebook_dims, scale=scale)
-            else:
-                self.project_in = nn.Linear(dim, codebook_dims, bias=projection_has_bias)
-            self.project_out = nn.Linear(codebook_dims, dim, bias=projection_has_bias)
-        else:
-            self.project_in, self.project_out = nn.Identity(), nn.Identity()
-
-        # value of each bit in an index, most significant first; persistent under the peer's name
-        # so its checkpoints load strictly
-        self.register_buffer("mask", 2 ** torch.arange(codebook_dim - 1, -1, -1, dtype=torch.long))
-
-        self.orthogonal_rotation = orthogonal_rotation
-        if orthogonal_rotation:
-            self.register_fp32_buffer("orthogonal_rot", nn.init.orthogonal_(torch.empty(codebook_dim, codebook_dim)))
+        cosine_scale = codebook_scale if cosine_sim_project_in_scale is None else cosine_sim_project_in_scale
+        make_cosine = lambda: CosineSimLinear(dim, codebook_dims, scale=cosine_scale)  # noqa: E731
+        self._init_projections(dim, codebook_dims, has_projections, projection_has_bias,
+                               make_project_in=make_cosine if cosine_sim_project_in else None)
+        # the value of each bit in an index, most significant first
+        self.register_buffer("bit_values", 2 ** torch.arange(codebook_dim - 1, -1, -1, dtype=torch.long))
+        self._init_rotation(orthogonal_rotation, codebook_dim)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, codebook_size={self.codebook_size}, num_codebooks={self.num_codebooks}, "
             f"spherical={self.spherical}, entropy_loss_weight={self.entropy_loss_weight}"
         )
+
+    # checkpoints: the bit values under the peer's key
+
+    @property
+    def mask(self) -> Tensor:
+        """The bit values under vector-quantize-pytorch's name (and this layer's state-dict key)."""
+        return self.bit_values
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "mask"] = destination.pop(prefix + "bit_values")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if prefix + "mask" in state_dict:  # (a copy of the caller's dict)
+            state_dict[prefix + "bit_values"] = state_dict.pop(prefix + "mask")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        ours, saved = prefix + "bit_values", prefix + "mask"  # errors name the checkpoint's key
+        missing_keys[:] = [saved if key == ours else key for key in missing_keys]
+        error_msgs[:] = [message.replace(f" {ours}:", f" {saved}:") for message in error_msgs]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -207,76 +219,57 @@ class LFQ(Fp32BuffersModule):
         return (bits.to(torch.float32) * 2 - 1) * self.code_value
 
     @fp32_island
-    def _quantize(self, z: Tensor, mask: Tensor | None, inv_temperature: float):
-        """z (b, n, c*d) fp32, mask (b, n) or None -> codes (b, n, c*d), indices (b, n, c) (-1
-        where masked), losses over the kept tokens (fp32 scalars).
+    def _core(self, z: Tensor, keep: Tensor | None, inv_temperature: float) -> Core:
+        """z (b, n, c*d) fp32, keep (b, n) or None -> codes (b, n, c*d), indices (b, n, c) (-1
+        where masked), losses (aux loss, LossBreakdown) over the kept tokens (fp32 scalars).
 
         The kept tokens are selected in place (weights, not boolean indexing): no host sync.
         """
+        if not inv_temperature > 0:
+            raise ValueError(f"inv_temperature: expected > 0, got {inv_temperature}")
         if self.soft_clamp_input_value is not None:
             z = (z / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
-        z = rearrange(z, "b n (c d) -> b n c d", c=self.num_codebooks)
-        if self.orthogonal_rotation:
-            z = z @ self.orthogonal_rot
+        z = self._rotate(rearrange(z, "b n (c d) -> b n c d", c=self.num_codebooks))
         if self.spherical:
             z = F.normalize(z, dim=-1) * self.codebook_scale
         bits = z > 0
-        indices = (bits.long() * self.mask).sum(-1)
-        if mask is not None:
-            indices = indices.masked_fill(~mask.unsqueeze(-1), -1)
+        indices = (bits.long() * self.bit_values).sum(-1)
+        if keep is not None:
+            indices = indices.masked_fill(~keep.unsqueeze(-1), NO_CODE)
         codes = self._bits_to_codes(bits)
         zero = z.new_zeros(())
         per_sample = batch = commitment = zero
         if self.training:
             quantized = straight_through(codes, project(self.activation, z))  # its params may be bf16
-            keep = rearrange(mask, "b n -> (b n)") if mask is not None else None
+            kept = rearrange(keep, "b n -> (b n)") if keep is not None else None
             # softmax over codes of 2 T <z, code> factorizes into bits: logit_i = 4 T |code| z_i
             logits = rearrange(z, "b n c d -> (b n) c d") * (4 * inv_temperature * self.code_value)
             # the global batch's entropy when gradients flow; under no_grad this rank's alone, so
             # that no_grad forwards (a GAN's discriminator step) issue no collective
-            per_sample, batch = lfq_entropy(logits, self.process_group, sync=torch.is_grad_enabled(), keep=keep)
+            per_sample, batch = lfq_entropy(logits, self.process_group, sync=torch.is_grad_enabled(), keep=kept)
             if self.commitment_loss_weight > 0:
                 commitment, _ = masked_mse(rearrange(z, "b n c d -> b n (c d)"),
-                                           rearrange(codes, "b n c d -> b n (c d)"), mask)
+                                           rearrange(codes, "b n c d -> b n (c d)"), keep)
         else:
             quantized = codes
         entropy_loss = per_sample - self.diversity_gamma * batch
         if self.training and self.experimental_softplus_entropy_loss:
             entropy_loss = F.softplus(entropy_loss + self.entropy_loss_offset)
         aux_loss = entropy_loss * self.entropy_loss_weight + commitment * self.commitment_loss_weight
-        if self.orthogonal_rotation:
-            quantized = quantized @ self.orthogonal_rot.t()
-        quantized = rearrange(quantized, "b n c d -> b n (c d)")
-        return quantized, indices, aux_loss, LossBreakdown(per_sample, batch, commitment)
+        quantized = rearrange(self._rotate_back(quantized), "b n c d -> b n (c d)")
+        return Core(quantized, indices, (aux_loss, LossBreakdown(per_sample, batch, commitment)))
 
     def forward(self, x: Tensor, inv_temperature: float = 100.0, return_loss_breakdown: bool = False, mask=None):
-        dtype = x.dtype
-        channel_first = self.channel_first if self.channel_first is not None else x.ndim >= 4
-        tokens, spatial = to_tokens(x, channel_first, self.dim, "LFQ")
-        mask = check_mask(mask, tokens, spatial, per_sample=True)
-        if not inv_temperature > 0:
-            raise ValueError(f"inv_temperature: expected > 0, got {inv_temperature}")
-        bad = non_finite_tokens(tokens, mask)
-        quantized, indices, aux_loss, breakdown = self._quantize(project(self.project_in, without_padding(tokens, mask)), mask,
-                                                                 inv_temperature)
-        out = project(self.project_out, quantized)
-        if mask is not None:  # masked tokens (index -1): zeros, as indices_to_codes decodes -1
-            out = torch.where(mask.unsqueeze(-1), out, 0.0)
-        out = from_tokens(mark_non_finite(out.to(dtype), bad), spatial, channel_first)
-        indices = indices_from_tokens(mark_non_finite(indices, bad), spatial)
-        aux_loss = mark_losses(aux_loss, bad)
-        breakdown = LossBreakdown(*(mark_losses(loss, bad) for loss in breakdown))
-        if not self.keep_num_codebooks_dim:
-            indices = rearrange(indices, "... 1 -> ...")
-        ret = Return(out, indices, aux_loss)
+        result = self.quantize_tokens(x, mask, inv_temperature=inv_temperature)
+        aux_loss, breakdown = result.losses
+        ret = Return(result.out, result.indices, aux_loss)
         return (ret, breakdown) if return_loss_breakdown else ret
 
     def _indices_to_raw_codes(self, indices: Tensor) -> Tensor:
         """indices (...) -> codes (..., d), fp32, rotated back, before projection; zeros for -1."""
         check_indices(indices, self.codebook_size, allow_dropped=True)
-        codes = self._bits_to_codes((indices.long().unsqueeze(-1) & self.mask) != 0)
-        codes = fill_tokens(codes, indices == NO_CODE, 0.0)
-        return codes @ self.orthogonal_rot.t() if self.orthogonal_rotation else codes
+        codes = self._bits_to_codes((indices.long().unsqueeze(-1) & self.bit_values) != 0)
+        return self._rotate_back(fill_tokens(codes, indices == NO_CODE, 0.0))
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """indices (b, ...[, c]) -> codes (b, ..., dim) (channel-first for images/video).
@@ -285,26 +278,11 @@ class LFQ(Fp32BuffersModule):
         layers decode it: a codebook's -1 contributes zeros, and a token whose every index is -1
         decodes to zeros.
         """
-        check_codebook_axis(indices, self.keep_num_codebooks_dim, self.num_codebooks)
-        is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
-        channel_first = self.channel_first if self.channel_first is not None else is_img_or_video
-        if not self.keep_num_codebooks_dim:
-            indices = indices.unsqueeze(-1)
-        codes = rearrange(self._indices_to_raw_codes(indices), "... c d -> ... (c d)")
-        if project_out:
-            codes = fill_tokens(project(self.project_out, codes), (indices == NO_CODE).all(-1), 0.0)
-        return rearrange(codes, "b ... d -> b d ...") if channel_first else codes
+        return self._decode(indices, self._indices_to_raw_codes, project_out)
 
     @property
     def codebook(self) -> Tensor:
         """All codes (codebook_size, d) before rotation, fp32, built on demand (refused when too large)."""
-        if self.codebook_size * self.codebook_dim > MAX_MATERIALIZED_ELEMENTS:
-            raise ValueError(f"codebook: {self.codebook_size} codes x {self.codebook_dim} dims is too large to "
-                             "build; call indices_to_codes on the indices you need instead")
-        all_codes = torch.arange(self.codebook_size, device=self.mask.device)
-        return self._bits_to_codes((all_codes.unsqueeze(-1) & self.mask) != 0)
-
-    def code_usage(self, indices: Tensor, process_group=None) -> CodeUsage:
-        """Perplexity and fraction of the codebook used by `indices` (all codebooks pooled)."""
-        group = process_group if process_group is not None else self.process_group
-        return code_usage(indices, self.codebook_size, group)
+        self._check_buildable("codebook")
+        all_codes = torch.arange(self.codebook_size, device=self.bit_values.device)
+        return self._bits_to_codes((all_codes.unsqueeze(-1) & self.bit_values) != 0)

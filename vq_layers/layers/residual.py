@@ -1,9 +1,9 @@
-"""What every residual quantizer shares: the stage loop, quantize dropout drawn alike on all
-ranks, looking codes up from (possibly dropped or coarse) indices, and grouping."""
+"""What every residual quantizer shares: the stage loop (a TokenQuantizer core), quantize
+dropout drawn alike on all ranks, looking codes up from (possibly dropped or coarse) indices,
+and grouping."""
 
 from __future__ import annotations
 
-import math
 import random
 from functools import partial
 from typing import Callable
@@ -15,9 +15,10 @@ from torch import Tensor, nn
 from ..checks import check_positive_int
 from ..counter_random import CounterDraws
 from ..distributed import broadcast_once_, is_distributed
-from ..non_finite import NO_CODE, fill_tokens, non_finite_tokens
-from ..precision import Fp32BuffersModule, cat, project, stack
+from ..non_finite import NO_CODE, fill_tokens, mark_non_finite, non_finite_tokens
+from ..precision import cat, fp32_island, project, stack
 from ..usage import CodeUsage, stack_usage
+from .token_quantizer import Core, Quantization, TokenQuantizer
 
 
 def check_quantize_dropout(num_quantizers: int, cutoff_index: int, multiple_of: int) -> None:
@@ -173,10 +174,13 @@ def sum_stages(codes: Tensor) -> Tensor:
     return total
 
 
-class ResidualQuantizer(Fp32BuffersModule):
+class ResidualQuantizer(TokenQuantizer):
     """What the residual families share: projections around the stages, quantize-dropout
-    settings, and decoding from indices. A subclass builds `self.layers` and says how stage k
-    looks codes up (`_lookup_stage`) and how its index layout relates to (b, ..., q)."""
+    settings, the stage loop as the TokenQuantizer core, and decoding from indices. A subclass
+    builds `self.layers` and says how stage k quantizes (`_stage`) and looks codes up
+    (`_lookup_stage`), and how its index layout relates to (b, ..., q)."""
+
+    quant_grad_frac = 0.0  # the fraction of the gradient through a stage's output into the next residual
 
     def __init__(self, dim: int, codebook_dim: int, num_quantizers: int, quantize_dropout: bool,
                  quantize_dropout_cutoff_index: int, quantize_dropout_multiple_of: int, process_group):
@@ -188,10 +192,41 @@ class ResidualQuantizer(Fp32BuffersModule):
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.process_group = process_group
-        self.has_projections = self.dim != codebook_dim
-        self.project_in = nn.Linear(self.dim, codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(codebook_dim, self.dim) if self.has_projections else nn.Identity()
+        self._init_projections(self.dim, codebook_dim)
         self.dropout_draws = CounterDraws()  # quantize dropout's depths, alike on every rank
+
+    # the core: the stage loop
+
+    @fp32_island
+    def _core(self, z: Tensor, keep: Tensor | None, seed=None, **options) -> Core:
+        """z (b, n, d) fp32 -> the stages' sum (b, n, d), indices (b, n, q) (-1 for dropped
+        stages), losses: each stage's first extra stacked (q,) (none when the stages return
+        only codes and indices), extra: the stages' codes (q, b, n, d). `seed`: quantize
+        dropout's (last_kept_stage); `options` go to every `_stage`."""
+        self._broadcast_initial_state(z)
+        last_kept = last_kept_stage(self, seed)
+        stages = [partial(self._stage, k, keep=keep, **options) for k in range(self.num_quantizers)]
+        quantized, indices, codes, extras = run_stages(z, stages, last_kept, self.quant_grad_frac,
+                                                       [self._stage_parameters(k) for k in range(self.num_quantizers)])
+        losses = torch.stack([extra[0] if extra else z.new_zeros(()) for extra in extras]) if any(extras) else ()
+        return Core(quantized, indices, losses, codes)
+
+    def _stage(self, k: int, residual: Tensor, active, keep: Tensor | None, **options) -> tuple:
+        """Stage k on the residual (b, n, d) fp32 -> (quantized (b, n, d), indices (b, n), [loss])
+        (run_stages' stage, whose `active` says whether a statically run stage is kept)."""
+        raise NotImplementedError
+
+    def _stage_parameters(self, k: int) -> list:
+        """The parameters of stage k that get a zero gradient when quantize dropout drops it
+        (run_stages): none by default."""
+        return []
+
+    def _all_codes(self, result: Quantization) -> Tensor:
+        """The stages' codes of a forward (`result.extra`, (q, b, n, d) fp32) -> (q, b, ..., d) in
+        the output's dtype, NaN at the non-finite tokens: the values a lookup by the indices
+        would give, without one."""
+        codes = mark_non_finite(result.extra, None if result.bad is None else result.bad.unsqueeze(0))
+        return codes.reshape(codes.shape[0], *result.indices.shape[:-1], codes.shape[-1]).to(result.out.dtype)
 
     def _lookup_stage(self, k: int, indices: Tensor) -> Tensor:
         """Valid indices (b, ...) of stage k -> its contribution (b, ..., d), fp32."""
@@ -223,7 +258,8 @@ class ResidualQuantizer(Fp32BuffersModule):
         return indices
 
     def _channel_first_output(self, indices: Tensor) -> bool:
-        return False
+        """Whether indices as forward returns them decode channel-first (as its output was)."""
+        return self._channel_first(indices)
 
     def _stage_codes(self, indices: Tensor) -> Tensor:
         return stage_codes(indices, [partial(self._lookup_stage, k) for k in range(self.num_quantizers)])

@@ -13,18 +13,14 @@ which to take.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..layout import from_tokens, indices_from_tokens, to_tokens
-from ..non_finite import mark_non_finite, non_finite_tokens
-from ..precision import fp32_island, project
+from ..precision import fp32_island
 from .fsq import FSQ, check_levels
 from .peer_checkpoint import GroupsWarnOnce, warn_unrecorded
-from .residual import GroupedResidual, ResidualQuantizer, last_kept_stage, run_stages
+from .residual import GroupedResidual, ResidualQuantizer
 
 # stage k's scale: (levels - 1) ** -k (ours) or levels ** -k (vector-quantize-pytorch's)
 STAGE_SCALES = ("vq_layers", "vector_quantize_pytorch")
@@ -179,16 +175,18 @@ class ResidualFSQ(ResidualQuantizer):
         """(q, codebook_size, len(levels)) unscaled implicit codebooks, built on demand."""
         return torch.stack([layer.implicit_codebook for layer in self.layers])
 
-    @fp32_island
-    def _residual_quantize(self, x: Tensor, last_kept: int) -> tuple[Tensor, Tensor, Tensor]:
-        """x (b, n, d) fp32 -> quantized (b, n, d) fp32, indices (b, n, q), stage codes (q, b, n, d)."""
-        if self.soft_clamp_input_value is not None:
-            x = (x / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
-        stages = [partial(self._quantize_stage, k) for k in range(self.num_quantizers)]
-        quantized, indices, codes, _ = run_stages(x, stages, last_kept)
-        return quantized, indices, codes
+    def _channel_first(self, x: Tensor) -> bool:
+        return self.is_channel_first
 
-    def _quantize_stage(self, k: int, residual: Tensor, active=None) -> tuple[Tensor, Tensor]:
+    @fp32_island
+    def _core(self, z: Tensor, keep: None = None, **options):
+        """The soft clamp, then the stages (ResidualQuantizer's core); the non-finite tokens were
+        judged before it (it makes +-inf finite)."""
+        if self.soft_clamp_input_value is not None:
+            z = (z / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
+        return super()._core(z, keep, **options)
+
+    def _stage(self, k: int, residual: Tensor, active, keep: None) -> tuple[Tensor, Tensor]:
         codes, indices = self.layers[k](residual / self.scales[k])
         return codes * self.scales[k], indices
 
@@ -196,31 +194,12 @@ class ResidualFSQ(ResidualQuantizer):
         return self.layers[k]._indices_to_raw_codes(indices) * self.scales[k]
 
     def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None):
-        dtype = x.dtype
-        tokens, packed_shape = to_tokens(x, self.is_channel_first, self.dim, "ResidualFSQ")
-        self._broadcast_initial_state(tokens)
-        bad = non_finite_tokens(tokens)  # judged before the soft clamp, which makes +-inf finite
-        last_kept = last_kept_stage(self, rand_quantize_dropout_fixed_seed)
-        quantized, indices, codes = self._residual_quantize(project(self.project_in, tokens), last_kept)
-        out = mark_non_finite(project(self.project_out, quantized).to(dtype), bad)
-        out = from_tokens(out, packed_shape, self.is_channel_first)
-        indices = indices_from_tokens(mark_non_finite(indices, bad), packed_shape)
-        if not return_all_codes:
-            return self._indices_layout_out(out, indices)
-        codes = mark_non_finite(codes, bad.unsqueeze(0))
-        all_codes = codes.reshape(codes.shape[0], *indices.shape[:-1], codes.shape[-1]).to(dtype)
-        return (*self._indices_layout_out(out, indices), all_codes)
-
-    def _indices_layout_out(self, out, indices):
-        if self.is_channel_first:
-            indices = rearrange(indices, "b ... q -> b q ...")
-        return out, indices
+        result = self.quantize_tokens(x, seed=rand_quantize_dropout_fixed_seed)
+        indices = rearrange(result.indices, "b ... q -> b q ...") if self.is_channel_first else result.indices
+        return (result.out, indices, self._all_codes(result)) if return_all_codes else (result.out, indices)
 
     def _q_last(self, indices: Tensor) -> Tensor:
         return rearrange(indices, "b q ... -> b ... q") if self.is_channel_first else indices
-
-    def _channel_first_output(self, indices: Tensor) -> bool:
-        return self.is_channel_first
 
 
 class GroupedResidualFSQ(GroupsWarnOnce, GroupedResidual):

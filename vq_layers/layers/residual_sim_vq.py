@@ -4,17 +4,12 @@ ResidualSimVQ. The stage loop, quantize dropout and decoding are residual.py's."
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_indices
-from ..layout import from_tokens, indices_from_tokens, to_tokens
-from ..non_finite import mark_losses, mark_non_finite, non_finite_tokens
-from ..precision import fp32_island
-from .residual import ResidualQuantizer, last_kept_stage, run_stages, sum_stages
+from .residual import ResidualQuantizer, sum_stages
 from .sim_vq import SimVQ
 
 
@@ -76,38 +71,18 @@ class ResidualSimVQ(ResidualQuantizer):
         """The implicit codebooks (q, codebook_size, dim)."""
         return torch.stack([layer.codebook for layer in self.layers])
 
-    @fp32_island
-    def _residual_quantize(self, z: Tensor, codebooks: list, last_kept: int):
-        """z (b, n, dim), the kept stages' implicit codebooks -> quantized (b, n, dim),
-        indices (b, n, q), losses (q,), stage codes (q, b, n, dim), all fp32."""
-        def stage(layer, codebook, residual, active):  # a dropped stage's outputs and loss are masked by run_stages
-            return layer._quantize(residual, codebook=codebook)
+    def _stage(self, k: int, residual: Tensor, active, keep: None) -> tuple[Tensor, Tensor, Tensor]:
+        # a dropped stage's outputs and loss are masked by run_stages
+        layer = self.layers[k]
+        return layer._quantize(residual, codebook=layer.codebook)
 
-        stages = [partial(stage, layer, codebook) for layer, codebook in zip(self.layers, codebooks)]
-        quantized, indices, codes, extras = run_stages(z, stages, last_kept,
-                                                       stage_parameters=[list(layer.parameters()) for layer in self.layers])
-        losses = torch.stack([extra[0] if extra is not None else z.new_zeros(()) for extra in extras])
-        return quantized, indices, losses, codes
+    def _stage_parameters(self, k: int) -> list:
+        return list(self.layers[k].parameters())
 
     def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"input: expected a tensor, got {type(x).__name__}")
-        tokens, spatial = to_tokens(x, self.channel_first, self.dim, "ResidualSimVQ")
-        bad = non_finite_tokens(tokens)
-        self._broadcast_initial_state(tokens)
-        last_kept = last_kept_stage(self, rand_quantize_dropout_fixed_seed)
-        # the maps are projections: they run here, under the caller's autocast
-        codebooks = [layer.codebook if isinstance(last_kept, Tensor) or k <= last_kept else None
-                     for k, layer in enumerate(self.layers)]
-        quantized, indices, losses, codes = self._residual_quantize(tokens, codebooks, last_kept)
-        out = from_tokens(mark_non_finite(quantized.to(x.dtype), bad), spatial, self.channel_first)
-        all_indices = indices_from_tokens(mark_non_finite(indices, bad), spatial)
-        losses = mark_losses(losses, bad)
-        if not return_all_codes:
-            return out, all_indices, losses
-        codes = mark_non_finite(codes, bad.unsqueeze(0))
-        all_codes = codes.reshape(self.num_quantizers, *all_indices.shape[:-1], self.dim).to(x.dtype)
-        return out, all_indices, losses, self._codes_layout(all_codes)
+        result = self.quantize_tokens(x, seed=rand_quantize_dropout_fixed_seed)
+        ret = (result.out, result.indices, result.losses)
+        return (*ret, self._codes_layout(self._all_codes(result))) if return_all_codes else ret
 
     # decoding
 

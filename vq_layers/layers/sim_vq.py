@@ -15,18 +15,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_indices, check_non_negative, check_positive_int
 from ..distributed import broadcast_once_, is_distributed
 from ..kernels.nearest_code import nearest_code
-from ..layout import from_tokens, to_tokens
-from ..non_finite import NO_CODE, fill_tokens, mark_losses, mark_non_finite, non_finite_tokens
-from ..precision import Fp32BuffersModule, fp32_island, project, without_autocast
+from ..precision import fp32_island, project, without_autocast
 from ..rotation_trick import rotation_trick
 from ..straight_through import straight_through
 from ..usage import CodeUsage, code_usage
+from .token_quantizer import Core, TokenQuantizer
 
 
 def identity(t: Tensor) -> Tensor:
@@ -34,7 +32,7 @@ def identity(t: Tensor) -> Tensor:
 
 
 
-class SimVQ(Fp32BuffersModule):
+class SimVQ(TokenQuantizer):
     """Vector quantizer over the implicit codebook code_transform(frozen_codebook).
 
     Shapes:
@@ -56,6 +54,8 @@ class SimVQ(Fp32BuffersModule):
     ranks built from different seeds search the same codes even where no wrapper broadcasts
     buffers (FSDP2 does not; DDP does).
     """
+
+    keep_num_codebooks_dim = False  # one index per token
 
     def __init__(
         self,
@@ -97,6 +97,7 @@ class SimVQ(Fp32BuffersModule):
         if codebook_transform is None:
             codebook_transform = nn.Linear(self.frozen_codebook_dim, self.dim, bias=False)
         self.code_transform = codebook_transform
+        self._init_projections(self.dim, self.dim)  # none: the codes live in the input's space
         self.sync_codebook, self.process_group = sync_codebook, process_group
         self._state_broadcast = False  # per process: has a synced step made the frozen codebooks one?
 
@@ -149,16 +150,15 @@ class SimVQ(Fp32BuffersModule):
             quantized = straight_through(codes, rows)
         return quantized.reshape(b, n, d), indices.reshape(b, n), loss
 
-    def forward(self, x: Tensor):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"input: expected a tensor, got {type(x).__name__}")
-        tokens, spatial = to_tokens(x, self.channel_first, self.dim, "SimVQ")
-        bad = non_finite_tokens(tokens)
+    def _core(self, z: Tensor, keep: None = None) -> Core:
         if self._sync():
-            broadcast_once_([self], self.process_group, x.device)
-        quantized, indices, loss = self._quantize(tokens, self.codebook)
-        out = from_tokens(mark_non_finite(quantized.to(x.dtype), bad), spatial, self.channel_first)
-        return out, mark_non_finite(indices, bad).reshape(x.shape[0], *spatial), mark_losses(loss, bad)
+            broadcast_once_([self], self.process_group, z.device)
+        quantized, indices, loss = self._quantize(z, self.codebook)
+        return Core(quantized, indices.unsqueeze(-1), loss)
+
+    def forward(self, x: Tensor):
+        result = self.quantize_tokens(x)
+        return result.out, result.indices, result.losses
 
     def lookup(self, indices: Tensor) -> Tensor:
         """Valid indices (...) int64 -> codes (..., dim) fp32, gathered from the same codebook
@@ -170,10 +170,9 @@ class SimVQ(Fp32BuffersModule):
         (channel_first: (b, dim, ...)) in the implicit codebook's dtype unless `dtype` is given."""
         check_indices(indices, self.codebook_size, allow_dropped=True)
         codebook = self.codebook
-        codes = codebook[indices.long().clamp(min=0)].to(dtype or codebook.dtype)
-        codes = fill_tokens(codes, indices == NO_CODE, 0.0)
-        return rearrange(codes, "b ... d -> b d ...") if self.channel_first and codes.ndim > 2 else codes
+        return self._decode(indices, lambda i: codebook[i.long().clamp(min=0)].to(dtype or codebook.dtype))
 
     def code_usage(self, indices: Tensor, process_group=None) -> CodeUsage:
-        """Perplexity and fraction of the codebook used by `indices` (-1 ignored)."""
+        """Perplexity and fraction of the codebook used by `indices` (-1 ignored), over
+        `process_group` (the default group when None, not the layer's)."""
         return code_usage(indices, self.codebook_size, process_group)
