@@ -18,10 +18,13 @@ result is the exact optimum over all K^q paths.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
 
+from ..checks import as_integer, check_positive_int
+from ..kernels.nearest_code import nearest_codes, nearest_codes_per_token
 from .peer_checkpoint import warn_unrecorded
 
 # stage(residual (m, B, d), reconstruction so far (m, B, d), k) -> (indices (m, B, k), squared
@@ -67,6 +70,75 @@ def beam_search(z: Tensor, stages: Sequence[StageSearch], beam_size: int, weight
         paths = torch.cat([_select(paths, beam), index[..., None]], dim=-1)
         greedy = chosen == greedy_candidate
     return paths[:, 0]
+
+
+def check_beam_search(beam_size, eval_beam_size, weights, num_quantizers: int, vq_kwargs: dict):
+    """(beam_size, eval_beam_size (defaults to beam_size), score weights (q,)), checked."""
+    for name, value in (("beam_size", beam_size), ("eval_beam_size", eval_beam_size)):
+        if value is not None:
+            check_positive_int(name, value)
+    check_beam_training(beam_size, vq_kwargs.get("in_place_codebook_optimizer") is not None,
+                        bool(vq_kwargs.get("affine_param", False)))
+    if eval_beam_size is not None and beam_size is None:
+        raise ValueError(f"eval_beam_size: needs beam_size too (as vector-quantize-pytorch), got eval_beam_size="
+                         f"{eval_beam_size} with beam_size=None")
+    if (beam_size or 1) > 1 and vq_kwargs.get("use_cosine_sim", False):
+        raise ValueError("beam_size: beam search scores squared residuals; not supported with use_cosine_sim=True")
+    weights = [1.0] * num_quantizers if weights is None else [float(w) for w in weights]
+    if len(weights) != num_quantizers:
+        raise ValueError(f"beam_score_quantizer_weights: expected {num_quantizers} weights, got {len(weights)}")
+    return beam_size, beam_size if eval_beam_size is None else eval_beam_size, weights
+
+
+def check_beam_training(beam_size, in_place: bool, affine: bool) -> None:
+    """Beam search in a training step that updates the codebooks: refused where the stages change
+    their codebooks before quantizing (the path would fit codebooks no longer used)."""
+    if (beam_size or 1) <= 1:
+        return
+    for name, given in (("in_place_codebook_optimizer", in_place), ("affine_param=True", affine)):
+        if given:
+            raise ValueError(f"beam_size: beam search in training is not supported with {name}: each stage changes "
+                             f"its codebook before quantizing, so the searched path would fit codes no longer used "
+                             f"(search in eval only with beam_size=1 and eval_beam_size, or freeze the codebooks)")
+
+
+def residual_beam_path(layers, mlps, z: Tensor, beam_size: int, last_kept: int, weights: Sequence[float],
+                       keep_greedy: bool) -> Tensor:
+    """ResidualVQ's best path (b*n, last_kept + 1) of the fp32 search over its stages' codebooks
+    (`layers`, VectorQuantize stages; `mlps`: implicit codebooks' networks or None)."""
+    def stage(k, residual, so_far, width):
+        layer = layers[k]
+        m, beams, d = residual.shape
+        codebook = layer.searched_codes().detach()[0]
+        width = min(width, layer.codebook_size)
+        if k == 0 or mlps is None:
+            indices, distances = nearest_codes(residual.reshape(-1, d), codebook, "l2", width)
+
+            def lookup(beam, index):
+                return codebook[index]
+        else:  # per-token codebooks made from each beam's reconstruction (inherently m x B x K x d)
+            per_token = mlps[k - 1](codebook, condition=so_far).float().reshape(m, beams, -1, d)
+            indices, distances = nearest_codes_per_token(residual.reshape(-1, d), per_token.flatten(0, 1), "l2", width)
+
+            def lookup(beam, index):
+                return per_token[torch.arange(m, device=z.device)[:, None], beam, index]
+        return indices.reshape(m, beams, width), distances.reshape(m, beams, width), lookup
+
+    stages = [partial(stage, k) for k in range(last_kept + 1)]
+    return beam_search(z.detach().reshape(-1, z.shape[-1]), stages, beam_size, weights, keep_greedy)
+
+
+def beam_width(beam_size, default: int | None, num_quantizers: int, use_cosine_sim: bool) -> int | None:
+    """A forward's beam (None: greedy): forward's `beam_size`, else `default` (beam_size in
+    training, eval_beam_size in eval); 0 and 1 are greedy (as the peer)."""
+    if beam_size is None:
+        beam_size = default
+    else:  # integral values (numpy, 0-dim tensors) as the peer's int()
+        beam_size = as_integer("beam_size", beam_size)
+        if beam_size < 0:
+            raise ValueError(f"beam_size: expected an integer >= 0, got {beam_size}")
+        check_beam_search(beam_size or None, None, None, num_quantizers, {"use_cosine_sim": use_cosine_sim})
+    return beam_size if beam_size is not None and beam_size > 1 else None
 
 
 class BeamProcedureRecord:

@@ -9,20 +9,17 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import as_integer, check_indices, check_non_negative, check_positive_int
+from ..checks import check_indices, check_non_negative, check_positive_int
 from ..directional_reparam import directional_reparam
 from ..distributed import NON_FINITE_INPUT, check_finite
-from ..kernels.nearest_code import nearest_codes, nearest_codes_per_token
-from ..layout import (
-    check_mask,
-    from_tokens,
-    indices_from_tokens,
-    to_tokens,
-    without_padding,
+from ..precision import cat, fp32_island
+from .beam_search import (
+    BeamProcedureRecord,
+    beam_width,
+    check_beam_search,
+    check_beam_training,
+    residual_beam_path,
 )
-from ..non_finite import mark_losses, mark_non_finite, non_finite_tokens
-from ..precision import cat, fp32_island, project
-from .beam_search import BeamProcedureRecord, beam_search
 from .implicit_codebook import ImplicitCodebookMLP
 from .peer_checkpoint import GroupsWarnOnce
 from .residual import (
@@ -33,6 +30,7 @@ from .residual import (
     stage_codes,
     sum_stages,
 )
+from .token_quantizer import Core
 from .vq import Step, VectorQuantize
 
 
@@ -49,36 +47,6 @@ def codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
         raise ValueError("num_quantizers: expected a positive integer (or codebook_size as a tuple of one size per "
                          "quantizer), got None")
     return (check_positive_int("codebook_size", codebook_size),) * check_positive_int("num_quantizers", num_quantizers)
-
-
-def check_beam_search(beam_size, eval_beam_size, weights, num_quantizers: int, vq_kwargs: dict):
-    """(beam_size, eval_beam_size (defaults to beam_size), score weights (q,)), checked."""
-    for name, value in (("beam_size", beam_size), ("eval_beam_size", eval_beam_size)):
-        if value is not None:
-            check_positive_int(name, value)
-    check_beam_training(beam_size, vq_kwargs.get("in_place_codebook_optimizer") is not None,
-                        bool(vq_kwargs.get("affine_param", False)))
-    if eval_beam_size is not None and beam_size is None:
-        raise ValueError(f"eval_beam_size: needs beam_size too (as vector-quantize-pytorch), got eval_beam_size="
-                         f"{eval_beam_size} with beam_size=None")
-    if (beam_size or 1) > 1 and vq_kwargs.get("use_cosine_sim", False):
-        raise ValueError("beam_size: beam search scores squared residuals; not supported with use_cosine_sim=True")
-    weights = [1.0] * num_quantizers if weights is None else [float(w) for w in weights]
-    if len(weights) != num_quantizers:
-        raise ValueError(f"beam_score_quantizer_weights: expected {num_quantizers} weights, got {len(weights)}")
-    return beam_size, beam_size if eval_beam_size is None else eval_beam_size, weights
-
-
-def check_beam_training(beam_size, in_place: bool, affine: bool) -> None:
-    """Beam search in a training step that updates the codebooks: refused where the stages change
-    their codebooks before quantizing (the path would fit codebooks no longer used)."""
-    if (beam_size or 1) <= 1:
-        return
-    for name, given in (("in_place_codebook_optimizer", in_place), ("affine_param=True", affine)):
-        if given:
-            raise ValueError(f"beam_size: beam search in training is not supported with {name}: each stage changes "
-                             f"its codebook before quantizing, so the searched path would fit codes no longer used "
-                             f"(search in eval only with beam_size=1 and eval_beam_size, or freeze the codebooks)")
 
 
 # VectorQuantize keywords that describe the outer layer's input, not a stage's
@@ -212,7 +180,9 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
             first = self.layers[0]
             check_beam_training(beam_size, first.in_place_codebook_optimizer is not None, first.affine_param)
         if beam_size is not None and not (updating and any(layer.needs_init() for layer in self.layers)):
-            path = self._beam_search(z, beam_size, last_kept)  # (k-means init runs on a greedy step first)
+            # (k-means init runs on a greedy step first)
+            path = residual_beam_path(self.layers, self.mlps, z, beam_size, last_kept, self.beam_score_weights,
+                                      self.beam_keep_greedy)
         so_far = [torch.zeros_like(z)]  # the reconstruction: implicit codebooks are conditioned on it
 
         def stage(k, layer, residual, active):
@@ -251,31 +221,6 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
     def _check_before_broadcast(self, z: Tensor) -> None:
         check_finite(z, NON_FINITE_INPUT, self.process_group, True)
 
-    def _beam_search(self, z: Tensor, beam_size: int, last_kept: int) -> Tensor:
-        """The best path (b*n, last_kept + 1) of the fp32 search (beam_search.py)."""
-        def stage(k, residual, so_far, width):
-            layer = self.layers[k]
-            m, beams, d = residual.shape
-            codebook = layer.searched_codes().detach()[0]
-            width = min(width, layer.codebook_size)
-            if k == 0 or self.mlps is None:
-                indices, distances = nearest_codes(residual.reshape(-1, d), codebook, "l2", width)
-
-                def lookup(beam, index):
-                    return codebook[index]
-            else:  # per-token codebooks made from each beam's reconstruction (inherently m x B x K x d)
-                per_token = self.mlps[k - 1](codebook, condition=so_far).float().reshape(m, beams, -1, d)
-                indices, distances = nearest_codes_per_token(residual.reshape(-1, d), per_token.flatten(0, 1), "l2",
-                                                             width)
-
-                def lookup(beam, index):
-                    return per_token[torch.arange(m, device=z.device)[:, None], beam, index]
-            return indices.reshape(m, beams, width), distances.reshape(m, beams, width), lookup
-
-        stages = [partial(stage, k) for k in range(last_kept + 1)]
-        return beam_search(z.detach().reshape(-1, z.shape[-1]), stages, beam_size, self.beam_score_weights,
-                           self.beam_keep_greedy)
-
     @fp32_island
     def _teacher_forced(self, z: Tensor, keep: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
         """Each stage's cross-entropy to its given code, residuals taken from the given codes."""
@@ -291,58 +236,44 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
             residual, total = residual - codes, total + codes
         return total, ce
 
+    @fp32_island
+    def _core(self, z: Tensor, keep: Tensor | None, seed=None, temperature: float | None = None, freeze: bool = False,
+              beam_size: int | None = None, given: Tensor | None = None) -> Core:
+        """z (b, n, d) fp32 -> the stages' sum, indices (b, n, q), losses (q,), the stages' codes
+        (q, b, n, d); with `given` indices: each stage's cross-entropy to its given code, summed."""
+        if given is not None:
+            if self.mlps is not None:
+                raise ValueError("indices: the cross-entropy to given codes is not supported with "
+                                 "implicit_neural_codebook=True")
+            targets = self._check_targets(given, z)
+            quantized, ce = self._teacher_forced(z, keep, targets)
+            return Core(quantized, targets, ce)
+        self._broadcast_initial_state(z, stages=not freeze)
+        last_kept = last_kept_stage(self, seed)
+        quantized, indices, losses, codes = self._residual_quantize(z, keep, temperature, freeze, last_kept, beam_size)
+        return Core(quantized, indices, losses, codes)
+
     def forward(self, x: Tensor, mask: Tensor | None = None, indices: Tensor | None = None,
                 return_all_codes: bool = False, sample_codebook_temp: float | None = None,
                 freeze_codebook: bool = False, rand_quantize_dropout_fixed_seed: int | None = None,
                 beam_size: int | None = None):
-        dtype = x.dtype
-        tokens, spatial = to_tokens(x, self.accept_image_fmap, self.dim, "ResidualVQ")
-        keep = check_mask(mask, tokens, spatial)
         updating = self.training and torch.is_grad_enabled() and not freeze_codebook and indices is None
-        bad = None if updating else non_finite_tokens(tokens, keep)  # (an updating step raises for them)
-        z = project(self.project_in, without_padding(tokens, keep))
+        result = self.quantize_tokens(x, mask, refuses_non_finite=updating, seed=rand_quantize_dropout_fixed_seed,
+                                      temperature=sample_codebook_temp, freeze=freeze_codebook,
+                                      beam_size=beam_width(beam_size, self.beam_size if self.training else self.eval_beam_size,
+                                                           self.num_quantizers, self.layers[0].use_cosine_sim),
+                                      given=indices)
         if indices is not None:
-            if self.mlps is not None:
-                raise ValueError("indices: the cross-entropy to given codes is not supported with "
-                                 "implicit_neural_codebook=True")
-            targets = self._check_targets(indices, tokens)
-            quantized, ce = self._teacher_forced(z, keep, targets)
-            return self._output(mark_non_finite(quantized, bad), tokens, keep, dtype, spatial), mark_losses(ce, bad)
-        self._broadcast_initial_state(z, stages=not freeze_codebook)
-        last_kept = last_kept_stage(self, rand_quantize_dropout_fixed_seed)
-        quantized, all_indices, losses, codes = self._residual_quantize(
-            z, keep, sample_codebook_temp, freeze_codebook, last_kept, self._beam_width(beam_size))
-        out = self._output(mark_non_finite(quantized, bad), tokens, keep, dtype, spatial)
-        all_indices = indices_from_tokens(mark_non_finite(all_indices, bad), spatial)
-        losses = mark_losses(losses, bad)
+            return result.out, result.losses
         if not return_all_codes:
-            return out, all_indices, losses
-        codes = mark_non_finite(codes, None if bad is None else bad.unsqueeze(0))
-        all_codes = codes.reshape(codes.shape[0], *all_indices.shape[:-1], codes.shape[-1]).to(dtype)
-        return out, all_indices, losses, all_codes
+            return result.out, result.indices, result.losses
+        return result.out, result.indices, result.losses, self._all_codes(result)
 
-    def _output(self, quantized: Tensor, tokens: Tensor, keep: Tensor | None, dtype, spatial) -> Tensor:
-        out = project(self.project_out, quantized)
-        if keep is not None:
-            masked_value = torch.zeros_like(out) if self.return_zeros_for_masked_padding else tokens.to(out.dtype)
-            out = torch.where(keep.unsqueeze(-1), out, masked_value)
-        return from_tokens(out.to(dtype), spatial, self.accept_image_fmap)
-
-    def _beam_width(self, beam_size: int | None) -> int | None:
-        """This forward's beam (None: greedy): forward's `beam_size`, else beam_size in training
-        and eval_beam_size in eval; 1 is greedy (as the peer)."""
-        if beam_size is None:
-            beam_size = self.beam_size if self.training else self.eval_beam_size
-        else:  # integral values (numpy, 0-dim tensors) as the peer's int(); 0 and 1 are greedy
-            beam_size = as_integer("beam_size", beam_size)
-            if beam_size < 0:
-                raise ValueError(f"beam_size: expected an integer >= 0, got {beam_size}")
-            check_beam_search(beam_size or None, None, None, self.num_quantizers,
-                              {"use_cosine_sim": self.layers[0].use_cosine_sim})
-        return beam_size if beam_size is not None and beam_size > 1 else None
+    def _channel_first(self, x: Tensor) -> bool:
+        return self.accept_image_fmap
 
     def _check_targets(self, indices: Tensor, tokens: Tensor) -> Tensor:
-        """indices (b, ..., q) -> (b, n, q) int64, checked."""
+        """indices (b, ..., q) for tokens (b, n, d) -> (b, n, q) int64, checked."""
         check_indices(indices, max(self.codebook_sizes))  # no -1: every stage needs its given code
         expected = (tokens.shape[0], tokens.shape[1], self.num_quantizers)
         if indices.numel() != tokens.shape[0] * tokens.shape[1] * self.num_quantizers or indices.shape[-1] != self.num_quantizers:
