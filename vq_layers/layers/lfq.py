@@ -3,7 +3,8 @@
 
 Each code dimension is quantized to its sign; the code index is the bit pattern (most
 significant bit first). The entropy loss is exact over all 2^d codes at O(N·d + 2^d) memory
-(kernels/lfq_entropy.py): no N x 2^d tensor, no probability clamping.
+(lfq_entropy_loss.py, over kernels/lfq_entropy.py's code mass): no N x 2^d tensor, no
+probability clamping.
 """
 
 from __future__ import annotations
