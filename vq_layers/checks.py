@@ -44,7 +44,8 @@ def as_integer(name: str, value) -> int:
 def check_indices(indices, codebook_size: int, name: str = "indices", allow_dropped: bool = False) -> None:
     """An integer tensor with every value in [0, codebook_size), or -1 (masked or dropped) when
     `allow_dropped` (one host sync; the value check is skipped when compiling)."""
-    if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+    if (not isinstance(indices, Tensor) or indices.is_floating_point() or indices.is_complex()
+            or indices.dtype == torch.bool):
         raise TypeError(f"{name}: expected an integer tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
     if indices.numel() and not torch.compiler.is_compiling():
         low, high = int(indices.min()), int(indices.max())

@@ -29,7 +29,8 @@ def code_statistics(x: Tensor, indices: Tensor, codebook_size: int, keep: Tensor
     if keep is not None:
         x = torch.where(keep.unsqueeze(-1), x, 0.0)
     flat = (indices + torch.arange(h, device=x.device).unsqueeze(-1) * codebook_size).reshape(-1)
-    stats = sums_by_index(flat, x.reshape(-1, d), weight.reshape(-1), h * codebook_size)  # (sums | counts): one all-reduce
+    # (sums | counts) in one tensor: one all-reduce
+    stats = sums_by_index(flat, x.reshape(-1, d), weight.reshape(-1), h * codebook_size)
     if sync:
         all_reduce_sum_(stats, group)
     stats = stats.reshape(h, codebook_size, d + 1)

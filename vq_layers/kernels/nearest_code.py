@@ -342,7 +342,8 @@ def _chosen_scores(x: Tensor, codebook: Tensor, indices: Tensor, l2: bool) -> Te
 
 @fp32_island
 def nearest_codes_per_token(x: Tensor, codebooks: Tensor, metric: str = "l2", k: int = 1,
-                            temperature: float = 0.0, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                            temperature: float = 0.0,
+                            generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Search against one codebook per row (an implicit neural codebook): x (h, n, d) or (n, d),
     codebooks (h, n, c, d) or (n, c, d) -> (indices (h, n, k) or (n, k) int64, scores fp32), best
     first, as `nearest_codes`. The codebooks are inherently n x c x d; the search adds at most one

@@ -107,7 +107,8 @@ class BinaryMapper(nn.Module):
 
     def _check_logits(self, logits) -> None:
         if not isinstance(logits, Tensor) or not logits.is_floating_point():
-            raise TypeError(f"logits: expected a floating point tensor, got {getattr(logits, 'dtype', type(logits).__name__)}")
+            got = getattr(logits, 'dtype', type(logits).__name__)
+            raise TypeError(f"logits: expected a floating point tensor, got {got}")
         if logits.ndim == 0 or logits.shape[-1] != self.bits:
             raise ValueError(f"logits: expected a last dim of bits={self.bits}, got shape {tuple(logits.shape)}")
 

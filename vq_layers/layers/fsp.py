@@ -163,7 +163,8 @@ class FSP(TokenQuantizer):
         levels = check_levels(levels)
         if act_name not in ACTIVATIONS:
             raise ValueError(f"act_name: expected one of {sorted(ACTIVATIONS)}, got {act_name!r}")
-        if isinstance(quantize_rate, bool) or not isinstance(quantize_rate, (int, float)) or not 0.0 <= quantize_rate <= 1.0:
+        if (isinstance(quantize_rate, bool) or not isinstance(quantize_rate, (int, float))
+                or not 0.0 <= quantize_rate <= 1.0):
             raise ValueError(f"quantize_rate: expected a probability in [0, 1], got {quantize_rate!r}")
         self.levels = levels
         self.codebook_dim = len(levels)

@@ -288,7 +288,8 @@ class HierarchicalVQ(nn.Module):
             return None
         draw = self.dropout_draws.next()  # 32 bits: whether to drop, then (rehashed) where
         drops = draw < round(self.nested_dropout * 2**32)
-        cutoff = self.nested_dropout_min_levels - 1 + mix32(draw ^ 0x5BD1E995) % (self.num_levels - self.nested_dropout_min_levels)
+        choices = self.num_levels - self.nested_dropout_min_levels
+        cutoff = self.nested_dropout_min_levels - 1 + mix32(draw ^ 0x5BD1E995) % choices
         if isinstance(draw, int):
             return cutoff if drops else None
         return torch.where(drops, cutoff, self.num_levels - 1)

@@ -207,7 +207,8 @@ class LatentQuantize(TokenQuantizer):
         """zhat (..., codebook_dim) -> indices (...) int64 of each dimension's nearest value; -1
         for a non-finite zhat (what forward outputs for non-finite input)."""
         if not isinstance(zhat, Tensor) or not zhat.is_floating_point():
-            raise TypeError(f"zhat: expected a floating point tensor, got {getattr(zhat, 'dtype', type(zhat).__name__)}")
+            got = getattr(zhat, 'dtype', type(zhat).__name__)
+            raise TypeError(f"zhat: expected a floating point tensor, got {got}")
         if zhat.ndim == 0 or zhat.shape[-1] != self.codebook_dim:
             raise ValueError(f"zhat: expected last dim codebook_dim={self.codebook_dim}, got {tuple(zhat.shape)}")
         _, positions = fp32_island(nearest_values)(zhat, self._values_f32())

@@ -19,11 +19,11 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_indices, check_positive_int
+from ..codebook_losses import masked_mse
 from ..lfq_entropy_loss import lfq_entropy
 from ..non_finite import NO_CODE, fill_tokens
 from ..precision import fp32_island, project
 from ..straight_through import straight_through
-from ..codebook_losses import masked_mse
 from .token_quantizer import Core, TokenQuantizer, check_keep_num_codebooks_dim
 
 Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])

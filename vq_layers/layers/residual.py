@@ -66,7 +66,8 @@ def last_kept_stage(module, seed=None):
     last = module.num_quantizers - 1
     if not (module.training and module.quantize_dropout and torch.is_grad_enabled()):
         return last
-    q, cutoff, multiple_of = module.num_quantizers, module.quantize_dropout_cutoff_index, module.quantize_dropout_multiple_of
+    q, cutoff = module.num_quantizers, module.quantize_dropout_cutoff_index
+    multiple_of = module.quantize_dropout_multiple_of
     if isinstance(seed, DropoutDraw):
         return dropout_depth(seed.value, q, cutoff, multiple_of)
     if seed is not None:
@@ -154,7 +155,8 @@ def stage_codes(indices: Tensor, lookups: list[Callable]) -> Tensor:
     lookups[k](valid indices (b, ...)) -> codes (b, ..., d) of stage k.
     """
     if indices.shape[-1] > len(lookups):
-        raise ValueError(f"indices: expected at most {len(lookups)} quantizers on the last axis, got {indices.shape[-1]}")
+        raise ValueError(f"indices: expected at most {len(lookups)} quantizers on the last axis, "
+                         f"got {indices.shape[-1]}")
     if indices.shape[-1] < len(lookups):  # coarse indices (quantize dropout): pad as dropped
         pad = indices.new_full((*indices.shape[:-1], len(lookups) - indices.shape[-1]), -1)
         indices = torch.cat([indices, pad], dim=-1)
@@ -296,7 +298,8 @@ class GroupedResidual(nn.Module):
     feature axis, everything else stacked on a leading group axis.
     """
 
-    def __init__(self, make_residual: Callable[..., nn.Module], dim: int, groups: int, accept_image_fmap: bool, **kwargs):
+    def __init__(self, make_residual: Callable[..., nn.Module], dim: int, groups: int, accept_image_fmap: bool,
+                 **kwargs):
         super().__init__()
         dim = check_positive_int("dim", dim)
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or dim % groups:
@@ -338,7 +341,8 @@ class GroupedResidual(nn.Module):
 
     def _check_groups(self, indices: Tensor) -> None:
         if indices.ndim == 0 or indices.shape[0] != self.groups:
-            raise ValueError(f"indices: expected a leading axis of groups={self.groups}, got shape {tuple(indices.shape)}")
+            raise ValueError(f"indices: expected a leading axis of groups={self.groups}, "
+                             f"got shape {tuple(indices.shape)}")
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         self._check_groups(indices)

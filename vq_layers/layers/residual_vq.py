@@ -3,6 +3,7 @@ residual the quantizers before it left, each with its own (or one shared) EMA co
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -258,10 +259,10 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
                 freeze_codebook: bool = False, rand_quantize_dropout_fixed_seed: int | None = None,
                 beam_size: int | None = None):
         updating = self.training and torch.is_grad_enabled() and not freeze_codebook and indices is None
+        beam = beam_width(beam_size, self.beam_size if self.training else self.eval_beam_size, self.num_quantizers,
+                          self.layers[0].use_cosine_sim)
         result = self.quantize_tokens(x, mask, refuses_non_finite=updating, seed=rand_quantize_dropout_fixed_seed,
-                                      temperature=sample_codebook_temp, freeze=freeze_codebook,
-                                      beam_size=beam_width(beam_size, self.beam_size if self.training else self.eval_beam_size,
-                                                           self.num_quantizers, self.layers[0].use_cosine_sim),
+                                      temperature=sample_codebook_temp, freeze=freeze_codebook, beam_size=beam,
                                       given=indices)
         if indices is not None:
             return result.out, result.losses
@@ -276,7 +277,7 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
         """indices (b, ..., q) for tokens (b, n, d) -> (b, n, q) int64, checked."""
         check_indices(indices, max(self.codebook_sizes))  # no -1: every stage needs its given code
         expected = (tokens.shape[0], tokens.shape[1], self.num_quantizers)
-        if indices.numel() != tokens.shape[0] * tokens.shape[1] * self.num_quantizers or indices.shape[-1] != self.num_quantizers:
+        if indices.numel() != math.prod(expected) or indices.shape[-1] != self.num_quantizers:
             raise ValueError(f"indices: expected one index per token and quantizer, (b, ..., q) = {expected}, "
                              f"got shape {tuple(indices.shape)}")
         for k, size in enumerate(self.codebook_sizes):
@@ -323,7 +324,8 @@ class GroupedResidualVQ(GroupsWarnOnce, GroupedResidual):
     """
 
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
-        super().__init__(partial(ResidualVQ, accept_image_fmap=accept_image_fmap), dim, groups, accept_image_fmap, **kwargs)
+        super().__init__(partial(ResidualVQ, accept_image_fmap=accept_image_fmap), dim, groups, accept_image_fmap,
+                         **kwargs)
         self._silence_groups()
 
     @property

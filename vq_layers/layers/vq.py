@@ -33,10 +33,10 @@ from ..non_finite import non_finite_tokens, without_codes
 from ..precision import fp32_island, project
 from ..usage import CodeUsage, code_usage
 from .code_search import check_search_extras, find_codes, per_token_codebooks, topk_layout, topk_quantized
-from .vq_updates import in_place_step, make_in_place_optimizer, undone_on_error, update_by_hand, update_in_place
 from .token_quantizer import Core, Layout, TokenQuantizer
 from .vq_gradients import GradientRoute
 from .vq_losses import LossBreakdown, VQLosses, trainable_loss
+from .vq_updates import in_place_step, make_in_place_optimizer, undone_on_error, update_by_hand, update_in_place
 
 
 class CodebookHealth(NamedTuple):
@@ -114,8 +114,9 @@ class CodebookQuantizer(nn.Module):
         self.use_cosine_sim, self.metric = use_cosine_sim, "dot" if use_cosine_sim else "l2"
         self.route = GradientRoute.from_options(
             straight_through=straight_through, rotation_trick=rotation_trick, directional_reparam=directional_reparam,
-            directional_reparam_variance=directional_reparam_variance, route_gradients_to_input=route_gradients_to_input,
-            sync_update_v=sync_update_v, learnable_codebook=learnable_codebook, codebook_dim=codebook_dim,
+            directional_reparam_variance=directional_reparam_variance,
+            route_gradients_to_input=route_gradients_to_input, sync_update_v=sync_update_v,
+            learnable_codebook=learnable_codebook, codebook_dim=codebook_dim,
             threshold_ema_dead_code=threshold_ema_dead_code, metric=self.metric)
         self.losses = VQLosses(self.metric, commitment_weight, commitment_use_cross_entropy_loss,
                                not directional_reparam, codebook_diversity_loss_weight, codebook_diversity_temperature,
@@ -422,9 +423,12 @@ class VectorQuantize(CodebookQuantizer, TokenQuantizer):
             freeze_codebook=freeze_codebook, kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
             sync_kmeans=sync_kmeans, use_cosine_sim=use_cosine_sim, threshold_ema_dead_code=threshold_ema_dead_code,
             commitment_weight=commitment_weight, commitment_use_cross_entropy_loss=commitment_use_cross_entropy_loss,
-            orthogonal_reg_weight=orthogonal_reg_weight, orthogonal_reg_active_codes_only=orthogonal_reg_active_codes_only,
-            orthogonal_reg_max_codes=orthogonal_reg_max_codes, codebook_diversity_loss_weight=codebook_diversity_loss_weight,
-            codebook_diversity_temperature=codebook_diversity_temperature, stochastic_sample_codes=stochastic_sample_codes,
+            orthogonal_reg_weight=orthogonal_reg_weight,
+            orthogonal_reg_active_codes_only=orthogonal_reg_active_codes_only,
+            orthogonal_reg_max_codes=orthogonal_reg_max_codes,
+            codebook_diversity_loss_weight=codebook_diversity_loss_weight,
+            codebook_diversity_temperature=codebook_diversity_temperature,
+            stochastic_sample_codes=stochastic_sample_codes,
             sample_codebook_temp=sample_codebook_temp, straight_through=straight_through, rotation_trick=rotation_trick,
             sync_codebook=sync_codebook, ema_update=ema_update, learnable_codebook=learnable_codebook,
             reset_cluster_size=reset_cluster_size, process_group=process_group, manual_ema_update=manual_ema_update,
@@ -432,7 +436,8 @@ class VectorQuantize(CodebookQuantizer, TokenQuantizer):
             affine_param_batch_decay=affine_param_batch_decay, affine_param_codebook_decay=affine_param_codebook_decay,
             sync_update_v=sync_update_v, in_place_codebook_optimizer=in_place_codebook_optimizer,
             manual_in_place_optimizer_update=manual_in_place_optimizer_update, directional_reparam=directional_reparam,
-            directional_reparam_variance=directional_reparam_variance, route_gradients_to_input=route_gradients_to_input)
+            directional_reparam_variance=directional_reparam_variance,
+            route_gradients_to_input=route_gradients_to_input)
         self.dim = dim
         self.channel_last, self.accept_image_fmap, self.accept_3d_fmap = channel_last, accept_image_fmap, accept_3d_fmap
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
@@ -440,7 +445,9 @@ class VectorQuantize(CodebookQuantizer, TokenQuantizer):
         self.has_projections = inner != dim
         if self.has_projections:
             project_in = nn.Linear(dim, inner)
-            self.project_in = nn.Sequential(project_in, nn.LayerNorm(inner)) if layernorm_after_project_in else project_in
+            if layernorm_after_project_in:
+                project_in = nn.Sequential(project_in, nn.LayerNorm(inner))
+            self.project_in = project_in
             self.project_out = nn.Linear(inner, dim)
         else:
             self.project_in, self.project_out = nn.Identity(), nn.Identity()
