@@ -103,7 +103,8 @@ COLUMNS = [
     ("tokens × codes × dim", lambda r: f"{r['tokens']} × {r['codes']} × {r['dim']}"),
     ("triton ms", lambda r: f"{1e3 * r['triton']['seconds']:.3g}" if "seconds" in r["triton"] else "—"),
     ("triton MiB", lambda r: f"{r['triton']['peak_mib_added']:.0f}" if "seconds" in r["triton"] else "—"),
-    ("= fp64", lambda r: f"{r['triton']['fp64_agreement']:.4f}" if r["triton"].get("fp64_agreement") is not None else "—"),
+    ("= fp64", lambda r: (f"{r['triton']['fp64_agreement']:.4f}"
+                          if r["triton"].get("fp64_agreement") is not None else "—")),
 ]
 
 

@@ -25,11 +25,11 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from dtype_matrix import dtype_matrix, run_cell
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from dtype_matrix import dtype_matrix, run_cell
 from reference import linear64, randn
 from vq_layers import LFQ, ResidualLFQ
 
@@ -406,7 +406,8 @@ SAMPLE_MASKS = {"TfT": [True, False, True], "fTT": [False, True, True], "all_fal
 
 
 # (b, d) with an all-True (b,) mask was already accepted, as a per-token mask (the same thing)
-@pytest.mark.parametrize("layout,samples", [(layout, samples) for layout in SAMPLE_MASK_LAYOUTS for samples in SAMPLE_MASKS
+@pytest.mark.parametrize("layout,samples", [(layout, samples)
+                                            for layout in SAMPLE_MASK_LAYOUTS for samples in SAMPLE_MASKS
                                             if (layout, samples) != ("single_token", "all_true")])
 def test_sample_mask_equals_running_the_kept_samples_alone(layout, samples):
     kwargs, shape = SAMPLE_MASK_LAYOUTS[layout]

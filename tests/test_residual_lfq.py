@@ -25,10 +25,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from dtype_matrix import Parts, dtype_matrix, run_cell
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dtype_matrix import Parts, dtype_matrix, run_cell
 from reference import brute_force_usage, call_structure, linear64, randn
 from vq_layers import GroupedResidualLFQ, ResidualLFQ
 
@@ -388,7 +388,8 @@ def test_grouped_sample_mask():
 
 def test_bad_sample_mask_raises_naming_the_shapes():
     layer = ResidualLFQ(dim=4, num_quantizers=2, codebook_size=2**4)
-    with pytest.raises(ValueError, match=r"mask: expected a bool tensor of shape \(2,\) or \(2, 5\).*got torch.bool \(5,\)"):
+    expected = r"mask: expected a bool tensor of shape \(2,\) or \(2, 5\).*got torch.bool \(5,\)"
+    with pytest.raises(ValueError, match=expected):
         layer(randn(2, 5, 4, seed=17), mask=torch.ones(5, dtype=torch.bool))
 
 
