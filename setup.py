@@ -14,6 +14,8 @@ setup(
             "pytest>=8",
             "pytest-timeout",
             "hypothesis>=6",
+            # the README's test command runs `ruff check .` first (rules in ruff.toml)
+            "ruff==0.17.6",
             # the examples' smoke tests and the drop-in parity tests need these
             "tqdm",
             "matplotlib",
