@@ -31,7 +31,7 @@ from einops import rearrange
 
 from dist_utils import run_in_processes
 from dtype_matrix import DTYPES, dtype_matrix, run_cell
-from reference import call_structure, randn
+from reference import call_structure, close, randn
 from vq_layers import HierarchicalVQ, VectorQuantize
 
 F64 = torch.float64
@@ -39,10 +39,6 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 # no k-means, no dead codes: the codebooks are the ones a test sets
 PLAIN = dict(kmeans_init=False, threshold_ema_dead_code=0, decay=0.8)
-
-
-def close(actual, expected, **tol):
-    torch.testing.assert_close(actual.detach().to(F64), expected.detach().to(F64), **tol)
 
 
 # ------------------------------------------------------------------------------------------

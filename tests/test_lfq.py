@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dtype_matrix import dtype_matrix, run_cell
-from reference import linear64, randn
+from reference import close, linear64, randn
 from vq_layers import LFQ, ResidualLFQ
 
 F64 = torch.float64
@@ -105,10 +105,6 @@ def reference(layer, x_tokens, T=100.0, mask=None):
         indices = indices.squeeze(-1)
     return dict(z=z, margin=margin, indices=indices, out=out, per_sample=per_sample, batch=batch,
                 commitment=commitment, aux=aux)
-
-
-def close(actual, expected, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(actual.detach().to(F64), expected.detach().to(F64), rtol=rtol, atol=atol)
 
 
 # ------------------------------------------------------------------------------------------

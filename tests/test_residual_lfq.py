@@ -29,7 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dtype_matrix import Parts, dtype_matrix, run_cell
-from reference import brute_force_usage, call_structure, linear64, randn
+from reference import brute_force_usage, call_structure, close, linear64, randn
 from vq_layers import GroupedResidualLFQ, ResidualLFQ
 
 F64 = torch.float64
@@ -102,10 +102,6 @@ def assert_indices_match(indices, ref, margin=1e-5, min_fraction=0.8):
         f"{int((indices[ok] != ref.indices[ok]).any(-1).sum())} tokens differ from the fp64 reference"
     )
     return ok
-
-
-def close(actual, expected, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(actual.detach().to(F64), expected.detach().to(F64), rtol=rtol, atol=atol)
 
 
 # ------------------------------------------------------------------------------------------

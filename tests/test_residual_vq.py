@@ -34,17 +34,13 @@ from hypothesis import strategies as st
 
 from dist_utils import run_in_processes
 from dtype_matrix import DTYPES, Parts, dtype_matrix, run_cell
-from reference import brute_force_usage, call_structure, linear64, randn
+from reference import brute_force_usage, call_structure, close, linear64, randn
 from test_compile import assert_compiled_matches_eager
 from vq_layers import GroupedResidualVQ, ResidualVQ
 
 F64 = torch.float64
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-def close(actual, expected, **tol):
-    torch.testing.assert_close(actual.detach().to(F64), expected.detach().to(F64), **tol)
 
 
 # ------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from dtype_matrix import DTYPES, dtype_matrix, run_cell
-from reference import randn
+from reference import close, randn
 from vq_layers import VectorQuantize
 from vq_reference import (
     F64,
@@ -33,7 +33,6 @@ from vq_reference import (
     buffers,
     check_indices,
     check_training_step,
-    close,
     codes_at,
     head_codebooks,
     smoothed64,

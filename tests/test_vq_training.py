@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_in_processes
-from reference import randn, rotation_vjp64
+from reference import close, randn, rotation_vjp64
 from vq_layers import VectorQuantize
 from vq_reference import (
     F64,
@@ -19,7 +19,6 @@ from vq_reference import (
     brute,
     buffers,
     check_indices,
-    close,
     codes_at,
     head_codebooks,
     spread_codebook,
