@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vq_layers", "vq_layers.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "einops>=0.8", "einx>=0.3"],
+    install_requires=["torch>=2.4", "einops>=0.8"],
     extras_require={
         "test": [
             "pytest>=8",
