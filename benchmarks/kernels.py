@@ -44,8 +44,8 @@ IMPLS = ["triton", "torch", "cdist+argmin", "matmul bound"]
 def step_fn(impl: str, op: str, tokens: int, codes: int, dim: int, device: str):
     import torch
 
-    from vq_layers.lfq_entropy_loss import lfq_entropy
     from vq_layers.kernels.nearest_code import nearest_code
+    from vq_layers.lfq_entropy_loss import lfq_entropy
 
     generator = torch.Generator(device=device).manual_seed(0)
     if op == "lfq_entropy":
