@@ -7,13 +7,18 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vq_layers", "vq_layers.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "einops>=0.8", "einx>=0.3"],
+    python_requires=">=3.10",  # torch 2.13's own floor
+    # torch 2.13 is the oldest release the test suite passes on: torch <= 2.6 cannot import vq_layers
+    # (torch.library.custom_op rejects its list[Tensor | None] annotations), and on 2.7-2.12 the
+    # torch.compile(fullgraph=True) tests fail inside dynamo
+    install_requires=["torch>=2.13", "einops>=0.8"],
     extras_require={
         "test": [
             "pytest>=8",
             "pytest-timeout",
             "hypothesis>=6",
+            # the README's test command runs `ruff check .` first (rules in ruff.toml)
+            "ruff==0.17.6",
             # the examples' smoke tests and the drop-in parity tests need these
             "tqdm",
             "matplotlib",

@@ -51,7 +51,8 @@ def describe_machine(device: str) -> str:
 
 
 def machine_slug(device: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", describe_machine(device).split(" (torch")[0].split(", torch")[0].lower()).strip("-")
+    machine = describe_machine(device).split(" (torch")[0].split(", torch")[0]
+    return re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")
 
 
 def peak_memory_mib(device: str) -> float:

@@ -44,8 +44,8 @@ IMPLS = ["triton", "torch", "cdist+argmin", "matmul bound"]
 def step_fn(impl: str, op: str, tokens: int, codes: int, dim: int, device: str):
     import torch
 
-    from vq_layers.lfq_entropy_loss import lfq_entropy
     from vq_layers.kernels.nearest_code import nearest_code
+    from vq_layers.lfq_entropy_loss import lfq_entropy
 
     generator = torch.Generator(device=device).manual_seed(0)
     if op == "lfq_entropy":
@@ -103,7 +103,8 @@ COLUMNS = [
     ("tokens × codes × dim", lambda r: f"{r['tokens']} × {r['codes']} × {r['dim']}"),
     ("triton ms", lambda r: f"{1e3 * r['triton']['seconds']:.3g}" if "seconds" in r["triton"] else "—"),
     ("triton MiB", lambda r: f"{r['triton']['peak_mib_added']:.0f}" if "seconds" in r["triton"] else "—"),
-    ("= fp64", lambda r: f"{r['triton']['fp64_agreement']:.4f}" if r["triton"].get("fp64_agreement") is not None else "—"),
+    ("= fp64", lambda r: (f"{r['triton']['fp64_agreement']:.4f}"
+                          if r["triton"].get("fp64_agreement") is not None else "—")),
 ]
 
 

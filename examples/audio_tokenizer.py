@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 # the command-line and printing helpers of the image example, which sits next to this one
 from train_tokenizer import OneLineParser, evaluate, fmt, positive, train_loop
-
 from vq_layers import FSQ, ResidualVQ, VectorQuantize
 
 SAMPLE_RATE = 16_000  # Hz

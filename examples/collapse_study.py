@@ -37,7 +37,6 @@ from train_tokenizer import (
     load_splits,
     positive,
 )
-
 from vq_layers import FSQ, LFQ, VectorQuantize
 
 CODEBOOK_SIZE = 1024

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+
 from train_tokenizer import (
     CODEBOOK_SIZES,
     LATENT_DIM,

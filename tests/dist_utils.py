@@ -12,8 +12,8 @@ importable module (test modules are, under pytest's default import mode).
 from __future__ import annotations
 
 import os
-import sys
 import socket
+import sys
 import time
 from datetime import timedelta
 

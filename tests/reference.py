@@ -10,6 +10,13 @@ import torch
 F64 = torch.float64
 
 
+def close(actual, expected, *, rtol=1e-5, atol=1e-6, msg=None):
+    """torch.testing.assert_close with both sides in fp64 (their dtypes need not match; the
+    tolerances apply to the values), by default at the fp32-accuracy tolerances most checks use.
+    rtol=0, atol=0 asks for equal values."""
+    torch.testing.assert_close(actual.detach().to(F64), expected.detach().to(F64), rtol=rtol, atol=atol, msg=msg)
+
+
 def randn(*shape, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g) * scale

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from test_examples import finish
 
 ROOT = Path(__file__).resolve().parents[1]

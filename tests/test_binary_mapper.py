@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+
 from dtype_matrix import dtype_matrix, run_cell
 from reference import F64, randn
-
 from vq_layers import BinaryMapper
 
 BITS = 4

@@ -90,7 +90,8 @@ def assert_inductor_matches_eager(make, x, steps=3, kwargs=None, fullgraph=True)
             assert len(got[0]) == len(want[0])
             for i, (g, w) in enumerate(zip(got[0], want[0])):
                 if w.is_floating_point():
-                    torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}, output {i}: {m}")
+                    torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5,
+                                               msg=lambda m: f"step {step}, output {i}: {m}")
                 else:
                     assert torch.equal(g, w), f"step {step}, output {i}: indices differ"
             assert_grads_close(got[1], want[1], f"step {step}: input gradient")
@@ -186,7 +187,8 @@ CONFIGS = {
     "rvq_beam_search": (rvq(beam_size=2), SEQ, {}),
     "rvq_diveq": (rvq(diveq=True), SEQ, {}),
     "rvq_per_stage_sizes": (lambda: ResidualVQ(dim=8, codebook_size=(16, 8, 4)), SEQ, {}),
-    "hierarchical_image": (lambda: HierarchicalVQ(dim=8, codebook_size=16, scales=[1, 2, (2, 3)], accept_image_fmap=True),
+    "hierarchical_image": (lambda: HierarchicalVQ(dim=8, codebook_size=16, scales=[1, 2, (2, 3)],
+                                                  accept_image_fmap=True),
                            randn(2, 8, 4, 6, seed=8), {}),
     "lfq_token_mask": (lambda: LFQ(dim=8, codebook_size=2**4), SEQ, {"mask": MASK}),
     "vq_projection_bf16_autocast": (lambda: Autocast(VectorQuantize(dim=8, codebook_dim=4, codebook_size=16,

@@ -27,12 +27,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dist_utils import run_in_processes
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 import vq_layers.distributed
+from dist_utils import run_in_processes
 from vq_layers import (
     FSQ,
     LFQ,
@@ -104,7 +104,8 @@ def _assert_close_state(state, reference, what: str, tol: float = 1e-5) -> None:
     assert state.keys() == reference.keys(), what
     for name, t in state.items():
         if t.is_floating_point():
-            torch.testing.assert_close(t, reference[name], rtol=tol, atol=tol, msg=lambda m, name=name: f"{what}: {name}: {m}")
+            torch.testing.assert_close(t, reference[name], rtol=tol, atol=tol,
+                                       msg=lambda m, name=name: f"{what}: {name}: {m}")
         else:
             assert torch.equal(t, reference[name]), f"{what}: {name}"
 
@@ -149,8 +150,8 @@ class _CollectiveLog(list):
             entries = [None] * dist.get_world_size(self._lockstep)
             self._all_gather_object(entries, entry, group=self._lockstep)
             if any(e != entries[0] for e in entries):
-                raise AssertionError(f"collectives differ across ranks after {self.last_marker()} and {len(self)} entries: "
-                                     f"the ranks call {entries}")
+                raise AssertionError(f"collectives differ across ranks after {self.last_marker()} and "
+                                     f"{len(self)} entries: the ranks call {entries}")
         self.append(entry)
 
     def mark(self, *what) -> None:

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from dtype_matrix import CPU_AUTOCASTS, Cell, dtype_matrix, run_cell, run_non_finite_cell
 from torch import nn
 
+from dtype_matrix import CPU_AUTOCASTS, Cell, dtype_matrix, run_cell, run_non_finite_cell
 from vq_layers.non_finite import mark_losses, mark_non_finite, non_finite_tokens
 from vq_layers.precision import Fp32BuffersModule, fp32_island, project
 

@@ -6,9 +6,9 @@ import pickle
 
 import pytest
 import torch
+
 from dtype_matrix import Parts, dtype_matrix, run_cell
 from reference import F64, linear64, randn
-
 from vq_layers import FSP
 
 LEVELS = [8, 5, 4]
@@ -44,7 +44,8 @@ def reference(z, levels, act, need_inv_act, eps=FP32_EPS):
     midpoint = (level + 0.5) / L
     codes = INV64[act](midpoint.clamp(eps, 1 - eps)) if need_inv_act else (midpoint - 0.5) * SQRT12
     basis = torch.tensor([math.prod(levels[:i]) for i in range(len(levels))], dtype=F64)
-    margin = (position - torch.minimum(position.round().clamp(min=1), L - 1)).abs().amin(-1)  # to the nearest inner bin edge
+    # to the nearest inner bin edge
+    margin = (position - torch.minimum(position.round().clamp(min=1), L - 1)).abs().amin(-1)
     return codes, (level * basis).sum(-1).long(), level.long(), margin
 
 

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-from dtype_matrix import DTYPES, dtype_matrix, run_cell
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dtype_matrix import DTYPES, dtype_matrix, run_cell
 from vq_layers import FSQ
 
 LEVELS = [8, 5, 5, 5]

@@ -18,8 +18,8 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import gpu_check  # noqa: E402
 import vq_layers.kernels.triton_nearest_code as triton_search  # noqa: E402
+from benchmarks import gpu_check  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

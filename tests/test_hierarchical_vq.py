@@ -27,11 +27,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from einops import rearrange
+
 from dist_utils import run_in_processes
 from dtype_matrix import DTYPES, dtype_matrix, run_cell
-from einops import rearrange
-from reference import call_structure, randn
-
+from reference import call_structure, close, randn
 from vq_layers import HierarchicalVQ, VectorQuantize
 
 F64 = torch.float64
@@ -39,10 +39,6 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 # no k-means, no dead codes: the codebooks are the ones a test sets
 PLAIN = dict(kmeans_init=False, threshold_ema_dead_code=0, decay=0.8)
-
-
-def close(actual, expected, **tol):
-    torch.testing.assert_close(actual.detach().to(F64), expected.detach().to(F64), **tol)
 
 
 # ------------------------------------------------------------------------------------------
@@ -243,7 +239,9 @@ def test_decoding_the_indices_reproduces_the_eval_forward(layout, channel_first,
     assert decoded.dtype == torch.float32 and decoded.shape == x.shape
     as_bf16 = layer.get_output_from_indices(indices, full_shape=full, dtype=torch.bfloat16)
     if layout == "2d_coarse":  # no level at full size: the indices cannot tell the masked positions
-        assert keep is None or not (out[~keep.unsqueeze(1).expand_as(out)] == as_bf16[~keep.unsqueeze(1).expand_as(out)]).all()
+        if keep is not None:
+            dropped = ~keep.unsqueeze(1).expand_as(out)
+            assert not (out[dropped] == as_bf16[dropped]).all()
         kept = torch.ones_like(out, dtype=torch.bool) if keep is None else keep.unsqueeze(1).expand_as(out)
         decoded, as_bf16, out = decoded[kept], as_bf16[kept], out[kept]
     else:  # the last level is full size: the default full shape, masked positions zero
@@ -590,7 +588,8 @@ def _dist_worker(rank, world):
         for name, value in layer.state_dict().items():
             assert _gathered_equal(value), f"{name} differs across ranks"
             torch.testing.assert_close(value, single_state[name], rtol=1e-5, atol=1e-6, msg=name)
-        assert not torch.equal(layer.get_vq(0)._codebook.embed_avg, HierarchicalVQ(**kwargs).get_vq(0)._codebook.embed_avg)
+        untrained = HierarchicalVQ(**kwargs).get_vq(0)._codebook.embed_avg
+        assert not torch.equal(layer.get_vq(0)._codebook.embed_avg, untrained)
     # 2. k-means init, dead codes and nested dropout from per-rank random states: alike on every rank
     torch.manual_seed(0)  # the same weights (DDP would broadcast the phi convolution)
     layer = HierarchicalVQ(dim=3, codebook_size=8, scales=[1, 2, 5], nested_dropout=0.7, kmeans_iters=2).train()

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+
 from dist_utils import run_in_processes
 from dtype_matrix import dtype_matrix, run_cell
 from reference import F64, linear64, randn
-
 from vq_layers import LatentQuantize
 
 LEVELS = [5, 4, 3]

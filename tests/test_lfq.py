@@ -25,12 +25,12 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from dtype_matrix import dtype_matrix, run_cell
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from reference import linear64, randn
+from dtype_matrix import dtype_matrix, run_cell
+from reference import close, linear64, randn
 from vq_layers import LFQ, ResidualLFQ
 
 F64 = torch.float64
@@ -105,10 +105,6 @@ def reference(layer, x_tokens, T=100.0, mask=None):
         indices = indices.squeeze(-1)
     return dict(z=z, margin=margin, indices=indices, out=out, per_sample=per_sample, batch=batch,
                 commitment=commitment, aux=aux)
-
-
-def close(actual, expected, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(actual.detach().to(F64), expected.detach().to(F64), rtol=rtol, atol=atol)
 
 
 # ------------------------------------------------------------------------------------------
@@ -406,7 +402,8 @@ SAMPLE_MASKS = {"TfT": [True, False, True], "fTT": [False, True, True], "all_fal
 
 
 # (b, d) with an all-True (b,) mask was already accepted, as a per-token mask (the same thing)
-@pytest.mark.parametrize("layout,samples", [(layout, samples) for layout in SAMPLE_MASK_LAYOUTS for samples in SAMPLE_MASKS
+@pytest.mark.parametrize("layout,samples", [(layout, samples)
+                                            for layout in SAMPLE_MASK_LAYOUTS for samples in SAMPLE_MASKS
                                             if (layout, samples) != ("single_token", "all_true")])
 def test_sample_mask_equals_running_the_kept_samples_alone(layout, samples):
     kwargs, shape = SAMPLE_MASK_LAYOUTS[layout]

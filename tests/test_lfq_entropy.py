@@ -382,9 +382,10 @@ def test_code_mass(d, temperature, mode):
         (grad,) = torch.autograd.grad((mass * w.float()).sum(), l32)
     (grad_ref,) = torch.autograd.grad((ref * w).sum(), l64)
     with torch.no_grad():
-        p, bits = brute_logp(logits.double()).exp(), bits64(d)
-        l = logits.double()
-        terms = torch.sigmoid(-l) * ((p * w.abs()) @ bits) + torch.sigmoid(l) * ((p * w.abs()) @ (1 - bits))
+        logits64 = logits.double()
+        p, bits = brute_logp(logits64).exp(), bits64(d)
+        pw = p * w.abs()
+        terms = torch.sigmoid(-logits64) * (pw @ bits) + torch.sigmoid(logits64) * (pw @ (1 - bits))
     assert (grad.double() - grad_ref).abs().max() <= TOL * terms.max()
 
 

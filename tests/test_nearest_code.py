@@ -394,8 +394,9 @@ def test_score_accurate_next_to_the_code(offset):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "known limitation, BLAS-dependent (so not strict): identical codes do not always tie: x . c comes from one BLAS call (einsum -> bmm) per "
-    "tile whose rounding depends on the code's column position in the call (remainder columns "
+    "known limitation, BLAS-dependent (so not strict): identical codes do not always tie: "
+    "x . c comes from one BLAS call (einsum -> bmm) per tile whose rounding depends on the code's "
+    "column position in the call (remainder columns "
     "are summed differently), so a later copy of the best code can score an ulp lower and win. "
     "Here (AVX2, 1 thread), default tile, 64 rows of k identical codes: k = 5-7 pick index 4, "
     "k = 9-11 index 8; one query row against k = 50 codes with copies at 3 and 48/49: 48/49 in "

@@ -18,20 +18,20 @@ from typing import Callable
 
 import pytest
 import torch
-from dtype_matrix import CPU_AUTOCASTS, Parts, dtype_matrix, run_non_finite_cell
-from reference import randn
 from torch import Tensor, nn
 
+from dtype_matrix import CPU_AUTOCASTS, Parts, dtype_matrix, run_non_finite_cell
+from reference import randn
 from vq_layers import (
     FSP,
     FSQ,
+    LFQ,
     BinaryMapper,
     GroupedResidualFSQ,
     GroupedResidualLFQ,
     GroupedResidualVQ,
     HierarchicalVQ,
     LatentQuantize,
-    LFQ,
     RandomProjectionQuantizer,
     ResidualFSQ,
     ResidualLFQ,

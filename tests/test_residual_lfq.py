@@ -25,11 +25,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from dtype_matrix import Parts, dtype_matrix, run_cell
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference import brute_force_usage, call_structure, linear64, randn
+from dtype_matrix import Parts, dtype_matrix, run_cell
+from reference import brute_force_usage, call_structure, close, linear64, randn
 from vq_layers import GroupedResidualLFQ, ResidualLFQ
 
 F64 = torch.float64
@@ -102,10 +102,6 @@ def assert_indices_match(indices, ref, margin=1e-5, min_fraction=0.8):
         f"{int((indices[ok] != ref.indices[ok]).any(-1).sum())} tokens differ from the fp64 reference"
     )
     return ok
-
-
-def close(actual, expected, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(actual.detach().to(F64), expected.detach().to(F64), rtol=rtol, atol=atol)
 
 
 # ------------------------------------------------------------------------------------------
@@ -388,7 +384,8 @@ def test_grouped_sample_mask():
 
 def test_bad_sample_mask_raises_naming_the_shapes():
     layer = ResidualLFQ(dim=4, num_quantizers=2, codebook_size=2**4)
-    with pytest.raises(ValueError, match=r"mask: expected a bool tensor of shape \(2,\) or \(2, 5\).*got torch.bool \(5,\)"):
+    expected = r"mask: expected a bool tensor of shape \(2,\) or \(2, 5\).*got torch.bool \(5,\)"
+    with pytest.raises(ValueError, match=expected):
         layer(randn(2, 5, 4, seed=17), mask=torch.ones(5, dtype=torch.bool))
 
 

@@ -34,17 +34,13 @@ from hypothesis import strategies as st
 
 from dist_utils import run_in_processes
 from dtype_matrix import DTYPES, Parts, dtype_matrix, run_cell
-from reference import brute_force_usage, call_structure, linear64, randn
+from reference import brute_force_usage, call_structure, close, linear64, randn
 from test_compile import assert_compiled_matches_eager
 from vq_layers import GroupedResidualVQ, ResidualVQ
 
 F64 = torch.float64
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-def close(actual, expected, **tol):
-    torch.testing.assert_close(actual.detach().to(F64), expected.detach().to(F64), **tol)
 
 
 # ------------------------------------------------------------------------------------------
@@ -762,7 +758,8 @@ def test_same_codes_and_outputs_as_peer(dim, masked):
     p_out, p_idx, p_losses = peer(x, mask=mask)
     o_out, o_idx, o_losses = ours(x.clone().requires_grad_(True), mask=mask)
     assert torch.equal(o_idx[kept], p_idx.long()[kept])
-    if not ours.has_projections or mask is None:  # the peer's masked commitment loss is documented as wrong with projections
+    # the peer's masked commitment loss is documented as wrong with projections
+    if not ours.has_projections or mask is None:
         close(o_losses, p_losses, rtol=1e-5, atol=1e-7)
     peer_state = peer.state_dict()
     for name, buf in ours.state_dict().items():
@@ -773,7 +770,8 @@ def test_drop_in_signatures_and_unprovided_keywords():
     peer_module = pytest.importorskip("vector_quantize_pytorch")
     unprovided = set()
     for name in ("ResidualVQ", "GroupedResidualVQ"):
-        ours, peer = {"ResidualVQ": ResidualVQ, "GroupedResidualVQ": GroupedResidualVQ}[name], getattr(peer_module, name)
+        ours = {"ResidualVQ": ResidualVQ, "GroupedResidualVQ": GroupedResidualVQ}[name]
+        peer = getattr(peer_module, name)
         for method in ("__init__", "forward", "get_output_from_indices", "get_codes_from_indices"):
             theirs = {p.name for p in inspect.signature(getattr(peer, method)).parameters.values()
                       if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - unprovided

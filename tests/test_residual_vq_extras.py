@@ -10,10 +10,10 @@ import itertools
 import pytest
 import torch
 import torch.distributed as dist
+
 from dist_utils import run_in_processes
 from dtype_matrix import Parts, dtype_matrix, run_cell
 from reference import randn
-
 from vq_layers import GroupedResidualVQ, ResidualVQ
 from vq_layers.layers.beam_search import beam_search
 
@@ -219,9 +219,11 @@ def test_beam_search_training_updates_along_the_chosen_path():
     residual = x[0].to(F64)
     for k, layer in enumerate(rvq.layers):
         chosen = path[:, k]
-        torch.testing.assert_close(losses[k].to(F64), (residual - before[k].to(F64)[chosen]).square().mean(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(losses[k].to(F64), (residual - before[k].to(F64)[chosen]).square().mean(),
+                                   rtol=1e-5, atol=1e-7)
         for j in chosen.unique():
-            torch.testing.assert_close(layer.codebook.detach()[j].to(F64), residual[chosen == j].mean(0), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(layer.codebook.detach()[j].to(F64), residual[chosen == j].mean(0),
+                                       rtol=1e-5, atol=1e-6)
         residual = residual - before[k].to(F64)[chosen]
     assert torch.equal(out, sum(before[k][path[:, k]] for k in range(2))[None])
 
@@ -312,7 +314,8 @@ def test_diveq_on_the_sum_of_stages():
     torch.manual_seed(4)
     rvq = ResidualVQ(dim=3, num_quantizers=2, codebook_size=6, diveq=True).train()
     assert rvq.quant_grad_frac == 1.0
-    assert all(layer.learnable_codebook and not layer.ema_update and layer.commitment_weight == 0 for layer in rvq.layers)
+    assert all(layer.learnable_codebook and not layer.ema_update and layer.commitment_weight == 0
+               for layer in rvq.layers)
     x = randn(2, 5, 3, seed=12).requires_grad_()
     before = [c.clone() for c in codebooks_of(rvq)]
     out, indices, losses = rvq(x)

@@ -27,8 +27,6 @@ import test_lfq_entropy as lfq_suite  # noqa: E402
 import test_nearest_code as search_suite  # noqa: E402
 import test_vq as vq_suite  # noqa: E402
 import test_vq_training as vq_training_suite  # noqa: E402
-import vq_layers.kernels.triton_lfq_entropy as triton_lfq  # noqa: E402
-import vq_layers.kernels.triton_nearest_code as triton_search  # noqa: E402
 from kernel_launches import count_launches  # noqa: E402
 from test_nearest_code import assert_matches_brute_force, brute64, gen, randn, sampled_distribution_check  # noqa: E402
 from vq_layers import LFQ, ResidualVQ, VectorQuantize  # noqa: E402
@@ -213,7 +211,8 @@ for _prefix, _suite in (("search", search_suite), ("lfq", lfq_suite), ("vq_layer
     for _name, _test in vars(_suite).items():
         if not (_name.startswith("test_") and callable(_test)) or _name in NOT_RERUN:
             continue
-        if _suite in (vq_suite, vq_training_suite, lfq_layer_suite) and any(part in _name for part in LAYER_SUITES_SKIP):
+        if (_suite in (vq_suite, vq_training_suite, lfq_layer_suite)
+                and any(part in _name for part in LAYER_SUITES_SKIP)):
             continue
         globals()[f"test_{_prefix}_suite_{_name[5:]}"] = _test
 del _prefix, _suite, _name, _test

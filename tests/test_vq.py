@@ -23,23 +23,22 @@ import pytest
 import torch
 
 from dtype_matrix import DTYPES, dtype_matrix, run_cell
-from reference import randn
+from reference import close, randn
 from vq_layers import VectorQuantize
 from vq_reference import (
     F64,
-    close,
+    as_bnh,
+    assert_buffers_equal,
+    brute,
+    buffers,
+    check_indices,
+    check_training_step,
+    codes_at,
+    head_codebooks,
+    smoothed64,
+    spread_codebook,
     tokens_of,
     z64,
-    head_codebooks,
-    brute,
-    as_bnh,
-    codes_at,
-    buffers,
-    assert_buffers_equal,
-    smoothed64,
-    check_training_step,
-    spread_codebook,
-    check_indices,
 )
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -292,7 +291,8 @@ OUT_CONFIGS = {
     "plain": (dict(dim=6, codebook_size=16), (2, 9, 6)),
     "proj": (dict(dim=7, codebook_size=16, codebook_dim=3), (2, 9, 7)),
     "heads_proj": (dict(dim=7, codebook_size=16, heads=2, codebook_dim=3), (2, 9, 7)),
-    "heads_separate": (dict(dim=6, codebook_size=16, heads=2, codebook_dim=3, separate_codebook_per_head=True), (2, 9, 6)),
+    "heads_separate": (dict(dim=6, codebook_size=16, heads=2, codebook_dim=3, separate_codebook_per_head=True),
+                       (2, 9, 6)),
     "image_heads": (dict(dim=6, codebook_size=16, heads=2, codebook_dim=3, accept_image_fmap=True), (2, 6, 3, 4)),
     "image_proj": (dict(dim=5, codebook_size=16, codebook_dim=3, accept_image_fmap=True), (2, 5, 3, 4)),
     "channel_first": (dict(dim=6, codebook_size=16, channel_last=False), (2, 6, 9)),

@@ -24,15 +24,11 @@ import torch.distributed as dist
 
 from dist_utils import run_in_processes
 from dtype_matrix import dtype_matrix, run_cell
-from reference import randn
+from reference import close, randn
 from vq_layers import VectorQuantize
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-def close(actual, expected, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(actual.detach().to(F64), expected.detach().to(F64), rtol=rtol, atol=atol)
 
 
 def state(layer):

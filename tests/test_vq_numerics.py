@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import vq_layers.kernels.code_softmax as cs_mod
 import vq_layers.kernels.nearest_code as nc
-from reference import randn, rotation_vjp64
+from reference import close, randn, rotation_vjp64
 from vq_layers.ema import code_statistics, ema_update_, normalized_codebook
 from vq_layers.kernels.code_softmax import code_cross_entropy, code_probs_sum, soft_codes
 from vq_layers.kmeans import kmeans, sample_rows
@@ -29,10 +29,6 @@ from vq_layers.rotation_trick import rotation_trick
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-def close(actual, expected, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(actual.detach().to(F64), expected.detach().to(F64), rtol=rtol, atol=atol)
 
 
 def onehot64(indices, k):

@@ -5,26 +5,24 @@ docstring describes them)."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from dist_utils import run_in_processes
-from reference import randn, rotation_vjp64
+from reference import close, randn, rotation_vjp64
 from vq_layers import VectorQuantize
 from vq_reference import (
     F64,
-    close,
-    z64,
-    head_codebooks,
-    brute,
     as_bnh,
-    codes_at,
-    buffers,
     assert_buffers_equal,
-    spread_codebook,
+    brute,
+    buffers,
     check_indices,
+    codes_at,
+    head_codebooks,
+    spread_codebook,
+    z64,
 )
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")

@@ -7,14 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference import linear64, randn
+from reference import close, linear64, randn
 
 F64 = torch.float64
 NEAR_TIE = 1e-5
-
-
-def close(actual, expected, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(actual.detach().to(F64), expected.detach().to(F64), rtol=rtol, atol=atol)
 
 
 def tokens_of(layer, x):
