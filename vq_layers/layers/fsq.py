@@ -223,7 +223,7 @@ class FSQ(TokenQuantizer):
         """indices (...) -> level index per code dimension (..., d), int64 (-1 for index -1)."""
         return indices_to_digits(indices, self._basis, self._levels, self.codebook_size)
 
-    def _indices_to_raw_codes(self, indices: Tensor) -> Tensor:
+    def indices_to_raw_codes(self, indices: Tensor) -> Tensor:
         """indices (...) -> codes (..., d) in fp32, before rotation and projection; zeros for -1."""
         level = self.indices_to_level_indices(indices)
         return fill_tokens(self._level_to_code(level.to(torch.float32)), level[..., 0] == NO_CODE, 0.0)
@@ -245,10 +245,10 @@ class FSQ(TokenQuantizer):
         (no code) decodes as the other layers decode it: a codebook's -1 contributes zeros, and
         a token whose every index is -1 decodes to zeros.
         """
-        return self._decode(indices, lambda i: self._rotate_back(self._indices_to_raw_codes(i)))
+        return self._decode(indices, lambda i: self._rotate_back(self.indices_to_raw_codes(i)))
 
     @property
     def implicit_codebook(self) -> Tensor:
         """All codebook_size codes (codebook_size, len(levels)), fp32, built on demand."""
         self._check_buildable("implicit_codebook")
-        return self._indices_to_raw_codes(torch.arange(self.codebook_size, device=self._levels.device))
+        return self.indices_to_raw_codes(torch.arange(self.codebook_size, device=self._levels.device))

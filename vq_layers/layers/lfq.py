@@ -266,7 +266,7 @@ class LFQ(TokenQuantizer):
         ret = Return(result.out, result.indices, aux_loss)
         return (ret, breakdown) if return_loss_breakdown else ret
 
-    def _indices_to_raw_codes(self, indices: Tensor) -> Tensor:
+    def indices_to_raw_codes(self, indices: Tensor) -> Tensor:
         """indices (...) -> codes (..., d), fp32, rotated back, before projection; zeros for -1."""
         check_indices(indices, self.codebook_size, allow_dropped=True)
         codes = self._bits_to_codes((indices.long().unsqueeze(-1) & self.bit_values) != 0)
@@ -279,7 +279,7 @@ class LFQ(TokenQuantizer):
         layers decode it: a codebook's -1 contributes zeros, and a token whose every index is -1
         decodes to zeros.
         """
-        return self._decode(indices, self._indices_to_raw_codes, project_out)
+        return self._decode(indices, self.indices_to_raw_codes, project_out)
 
     @property
     def codebook(self) -> Tensor:

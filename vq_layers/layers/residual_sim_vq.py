@@ -60,7 +60,7 @@ class ResidualSimVQ(ResidualQuantizer):
         self.codebook_size = self.layers[0].codebook_size
 
     def _synced_owners(self, stages: bool = True) -> list:
-        return super()._synced_owners() + [layer for layer in self.layers if stages and layer._sync()]
+        return super()._synced_owners() + [owner for layer in self.layers if stages for owner in layer.synced_owners()]
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_quantizers={self.num_quantizers}, codebook_size={self.codebook_size}, "
@@ -74,7 +74,7 @@ class ResidualSimVQ(ResidualQuantizer):
     def _stage(self, k: int, residual: Tensor, active, keep: None) -> tuple[Tensor, Tensor, Tensor]:
         # a dropped stage's outputs and loss are masked by run_stages
         layer = self.layers[k]
-        return layer._quantize(residual, codebook=layer.codebook)
+        return layer.quantize(residual, codebook=layer.codebook)
 
     def _stage_parameters(self, k: int) -> list:
         return list(self.layers[k].parameters())

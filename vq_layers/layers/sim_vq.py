@@ -112,6 +112,10 @@ class SimVQ(TokenQuantizer):
     def synced_state(self) -> list[Tensor]:
         return [self.frozen_codebook]
 
+    def synced_owners(self) -> list:
+        """What a first synced training step broadcasts for this layer (as a ResidualSimVQ stage too)."""
+        return [self] if self._sync() else []
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, frozen_codebook_dim={self.frozen_codebook_dim}, "
                 f"rotation_trick={self.rotation_trick}, commitment_weight={self.commitment_weight}, "
@@ -131,7 +135,7 @@ class SimVQ(TokenQuantizer):
         return codebook
 
     @fp32_island
-    def _quantize(self, z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def quantize(self, z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """z (b, n, dim), the implicit codebook (K, dim), both fp32 here
         -> (quantized (b, n, dim) fp32, indices (b, n) int64, commit loss fp32)."""
         b, n, d = z.shape
@@ -151,9 +155,8 @@ class SimVQ(TokenQuantizer):
         return quantized.reshape(b, n, d), indices.reshape(b, n), loss
 
     def _core(self, z: Tensor, keep: None = None) -> Core:
-        if self._sync():
-            broadcast_once_([self], self.process_group, z.device)
-        quantized, indices, loss = self._quantize(z, self.codebook)
+        broadcast_once_(self.synced_owners(), self.process_group, z.device)
+        quantized, indices, loss = self.quantize(z, self.codebook)
         return Core(quantized, indices.unsqueeze(-1), loss)
 
     def forward(self, x: Tensor):
