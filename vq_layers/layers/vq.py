@@ -34,7 +34,7 @@ from ..precision import fp32_island, project
 from ..usage import CodeUsage, code_usage
 from .code_search import check_search_extras, find_codes, per_token_codebooks, topk_layout, topk_quantized
 from .token_quantizer import Core, Layout, TokenQuantizer
-from .vq_gradients import GradientRoute
+from .vq_gradients import GradientRoute, resolve_rotation_trick
 from .vq_losses import LossBreakdown, VQLosses, trainable_loss
 from .vq_updates import in_place_step, make_in_place_optimizer, undone_on_error, update_by_hand, update_in_place
 
@@ -122,8 +122,12 @@ class CodebookQuantizer(nn.Module):
                                not directional_reparam, codebook_diversity_loss_weight, codebook_diversity_temperature,
                                orthogonal_reg_weight, orthogonal_reg_active_codes_only, orthogonal_reg_max_codes)
         # the options as given (the peer's attribute names); `route` and `losses` act on them
-        self.straight_through, self.rotation_trick = straight_through, self.route.estimator == "rotation"
-        self.directional_reparam = bool(directional_reparam)
+        self.straight_through = straight_through
+        self.rotation_trick = resolve_rotation_trick(rotation_trick, straight_through, directional_reparam,
+                                                     codebook_dim)
+        self.directional_reparam, self.directional_reparam_variance = bool(directional_reparam), float(
+            directional_reparam_variance)
+        self.route_gradients_to_input, self.sync_update_v = bool(route_gradients_to_input), float(sync_update_v)
         self.commitment_weight, self.orthogonal_reg_weight = commitment_weight, orthogonal_reg_weight
         self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
         self.codebook_diversity_loss_weight = codebook_diversity_loss_weight

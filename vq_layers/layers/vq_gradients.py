@@ -41,8 +41,7 @@ class GradientRoute:
                      learnable_codebook: bool, codebook_dim: int, threshold_ema_dead_code: float,
                      metric: str) -> GradientRoute:
         """The layer's keyword arguments (vector-quantize-pytorch's) -> the route, or a clear error."""
-        if rotation_trick is None:  # the default estimator, where a rotation exists (d > 1)
-            rotation_trick = not straight_through and not directional_reparam and codebook_dim > 1
+        rotation_trick = resolve_rotation_trick(rotation_trick, straight_through, directional_reparam, codebook_dim)
         if rotation_trick and straight_through:
             raise ValueError("straight_through, rotation_trick: choose one gradient estimator, got both True")
         check_directional_reparam(directional_reparam, directional_reparam_variance, straight_through,
@@ -79,6 +78,15 @@ class GradientRoute:
         if self.estimator == "rotation" and search.requires_grad:
             return rotation_trick(search, codes.detach())
         return straight_through(codes, search)
+
+
+def resolve_rotation_trick(rotation_trick: bool | None, straight_through: bool, directional_reparam: bool,
+                           codebook_dim: int) -> bool:
+    """rotation_trick=None: the default estimator wherever a rotation exists (d > 1) and no other
+    estimator was asked for."""
+    if rotation_trick is None:
+        return not straight_through and not directional_reparam and codebook_dim > 1
+    return bool(rotation_trick)
 
 
 def per_token_soft_codes(search: Tensor, per_token: Tensor, metric: str, scale: float) -> Tensor:
