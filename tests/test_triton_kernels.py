@@ -24,6 +24,7 @@ pytest.importorskip("triton")  # the test extra installs it (Linux); the kernels
 
 import test_lfq as lfq_layer_suite  # noqa: E402
 import test_lfq_entropy as lfq_suite  # noqa: E402
+import test_lfq_masks as lfq_mask_suite  # noqa: E402
 import test_nearest_code as search_suite  # noqa: E402
 import test_vq as vq_suite  # noqa: E402
 import test_vq_training as vq_training_suite  # noqa: E402
@@ -207,11 +208,12 @@ NOT_RERUN = {
 LAYER_SUITES_SKIP = ("dtype_matrix", "distributed", "compile")
 
 for _prefix, _suite in (("search", search_suite), ("lfq", lfq_suite), ("vq_layer", vq_suite),
-                        ("vq_training", vq_training_suite), ("lfq_layer", lfq_layer_suite)):
+                        ("vq_training", vq_training_suite), ("lfq_layer", lfq_layer_suite),
+                        ("lfq_masks", lfq_mask_suite)):
     for _name, _test in vars(_suite).items():
         if not (_name.startswith("test_") and callable(_test)) or _name in NOT_RERUN:
             continue
-        if (_suite in (vq_suite, vq_training_suite, lfq_layer_suite)
+        if (_suite in (vq_suite, vq_training_suite, lfq_layer_suite, lfq_mask_suite)
                 and any(part in _name for part in LAYER_SUITES_SKIP)):
             continue
         globals()[f"test_{_prefix}_suite_{_name[5:]}"] = _test
