@@ -51,19 +51,26 @@ COMMIT_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("name", list(COMMIT_CONFIGS))
-def test_commitment_loss(name, masked):
+def commitment_step(name, masked, seed, **kwargs):
+    """One training step of a COMMIT_CONFIGS layer -> (x, keep, loss, breakdown, x64, z64, the
+    step's codebooks (h, k, d), the fp64 brute-force indices)."""
     torch.manual_seed(0)
-    layer = spread_codebook(VectorQuantize(**COMMIT_CONFIGS[name], commitment_weight=0.7)).train()
-    x = randn(3, 10, layer.dim, seed=37).requires_grad_(True)
-    keep = (torch.rand(3, 10, generator=torch.Generator().manual_seed(38)) > 0.3) if masked else None
+    layer = spread_codebook(VectorQuantize(**COMMIT_CONFIGS[name], **kwargs)).train()
+    x = randn(3, 10, layer.dim, seed=seed).requires_grad_(True)
+    keep = (torch.rand(3, 10, generator=torch.Generator().manual_seed(seed + 1)) > 0.3) if masked else None
     cbs = head_codebooks(layer).clone()
     _, _, loss, breakdown = layer(x, mask=keep, return_loss_breakdown=True)
     x64 = x.detach().to(F64).requires_grad_(True)
     z = z64(layer, x64)
     idx, clear = brute(layer, z.detach(), cbs)
     assert clear.all()
+    return layer, x, keep, loss, breakdown, x64, z, cbs, idx
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("name", list(COMMIT_CONFIGS))
+def test_commitment_loss(name, masked):
+    layer, x, keep, loss, breakdown, x64, z, cbs, idx = commitment_step(name, masked, 37, commitment_weight=0.7)
     zk, ck = kept_or_all(z, keep), kept_or_all(codes_at(cbs, idx), keep)
     expected = (zk - ck).square().mean()
     close(breakdown.commitment, expected)
@@ -75,16 +82,8 @@ def test_commitment_loss(name, masked):
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("name", list(COMMIT_CONFIGS))
 def test_cross_entropy_commitment_loss(name, masked):
-    torch.manual_seed(0)
-    layer = spread_codebook(VectorQuantize(**COMMIT_CONFIGS[name], commitment_use_cross_entropy_loss=True)).train()
-    x = randn(3, 10, layer.dim, seed=39).requires_grad_(True)
-    keep = (torch.rand(3, 10, generator=torch.Generator().manual_seed(40)) > 0.3) if masked else None
-    cbs = head_codebooks(layer).clone()
-    _, _, loss, breakdown = layer(x, mask=keep, return_loss_breakdown=True)
-    x64 = x.detach().to(F64).requires_grad_(True)
-    z = z64(layer, x64)
-    idx, clear = brute(layer, z.detach(), cbs)
-    assert clear.all()
+    layer, x, keep, loss, breakdown, x64, z, cbs, idx = commitment_step(name, masked, 39,
+                                                                        commitment_use_cross_entropy_loss=True)
     logp = logits64(kept_or_all(z, keep), cbs, layer.use_cosine_sim).log_softmax(-1)
     expected = -logp.gather(-1, kept_or_all(idx, keep).unsqueeze(-1)).mean()
     close(breakdown.commitment, expected)
