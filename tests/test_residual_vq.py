@@ -23,7 +23,6 @@ import copy
 import inspect
 import math
 import random
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -35,136 +34,27 @@ from hypothesis import strategies as st
 from dist_utils import run_in_processes
 from dtype_matrix import DTYPES, Parts, dtype_matrix, run_cell
 from reference import brute_force_usage, call_structure, close, linear64, randn
+from rvq_reference import (
+    assert_buffers_equal,
+    assert_indices_match,
+    assert_stagewise_argmin,
+    books64,
+    codebook_state,
+    ema64,
+    nearest64,
+    project_in64,
+    project_out64,
+    reference,
+    reference_layer,
+    set_codebooks,
+    teacher_forced_ce64,
+)
 from test_compile import assert_compiled_matches_eager
 from vq_layers import GroupedResidualVQ, ResidualVQ
 
 F64 = torch.float64
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-# ------------------------------------------------------------------------------------------
-# fp64 reference
-
-
-def nearest64(r, codebook):
-    """r (..., d), codebook (K, d), both fp64 -> brute-force argmin (...), near-tie flag (...)."""
-    d2 = (r.unsqueeze(-2) - codebook).square().sum(-1)
-    two = d2.topk(2, dim=-1, largest=False).values
-    scale = r.square().sum(-1) + codebook.square().sum(-1).max()
-    return d2.argmin(-1), (two[..., 1] - two[..., 0]) <= 1e-5 * scale
-
-
-def books64(rvq):
-    return [layer.codebook.detach().to(F64).clone() for layer in rvq.layers]
-
-
-def project_in64(rvq, tokens):
-    return linear64(rvq.project_in, tokens) if rvq.has_projections else tokens.detach().to(F64)
-
-
-def project_out64(rvq, v):
-    return linear64(rvq.project_out, v) if rvq.has_projections else v
-
-
-def reference(z, books, kept=None):
-    """fp64 residual VQ of projected tokens z (..., d) with codebooks books[k] (K, d); stages
-    >= kept are dropped (index -1, zero code)."""
-    z = z.detach().to(F64)
-    kept = len(books) if kept is None else kept
-    residual, out = z, torch.zeros_like(z)
-    codes, indices, residuals = [], [], []
-    near_tie = torch.zeros(z.shape[:-1], dtype=torch.bool)
-    for k, codebook in enumerate(books):
-        if k >= kept:
-            codes.append(torch.zeros_like(z))
-            indices.append(torch.full(z.shape[:-1], -1, dtype=torch.long))
-            continue
-        residuals.append(residual)
-        idx, tie = nearest64(residual, codebook)
-        near_tie |= tie
-        code = codebook[idx]
-        residual, out = residual - code, out + code
-        codes.append(code)
-        indices.append(idx)
-    return SimpleNamespace(z=z, out=out, codes=torch.stack(codes), indices=torch.stack(indices, dim=-1),
-                           near_tie=near_tie, residuals=residuals)
-
-
-def reference_layer(rvq, tokens, books=None, kept=None):
-    """Reference of a ResidualVQ on tokens (..., dim): its projections in fp64, its codebooks
-    (or the given ones, e.g. a copy saved before a training step)."""
-    ref = reference(project_in64(rvq, tokens), books64(rvq) if books is None else books, kept)
-    ref.projected_out = project_out64(rvq, ref.out)
-    return ref
-
-
-def assert_indices_match(indices, ref, min_fraction=0.5):
-    ok = ~ref.near_tie
-    assert ok.float().mean() >= min_fraction, "too many near-ties for a meaningful check"
-    assert indices.dtype == torch.long
-    bad = (indices[ok] != ref.indices[ok]).any(-1)
-    assert not bad.any(), f"{int(bad.sum())} tokens differ from the fp64 reference"
-    return ok
-
-
-def assert_stagewise_argmin(indices, z, books):
-    """The residual property on the layer's own choices: stage k's index is the fp64 argmin of
-    z minus the codes the layer chose in stages < k (except near-ties); -1 stages add nothing."""
-    residual = z.detach().to(F64)
-    checked = 0
-    for k, codebook in enumerate(books):
-        idx = indices[..., k]
-        used = idx >= 0
-        ref, tie = nearest64(residual, codebook)
-        good = used & ~tie
-        assert torch.equal(idx[good], ref[good]), f"stage {k}: not the argmin of the residual"
-        checked += int(good.sum())
-        residual = residual - torch.where(used.unsqueeze(-1), codebook[idx.clamp(min=0)], 0.0)
-    return checked
-
-
-def ema64(cluster_size, embed_avg, vectors, indices, decay, eps):
-    """One EMA step, fp64 with one-hot matrices: -> cluster_size (K,), embed_avg (K, d), embed (K, d)."""
-    k = cluster_size.shape[-1]
-    onehot = F.one_hot(indices, k).to(F64)  # (N, K)
-    counts, sums = onehot.sum(0), onehot.t() @ vectors.to(F64)
-    cs = decay * cluster_size.to(F64) + (1 - decay) * counts
-    ea = decay * embed_avg.to(F64) + (1 - decay) * sums
-    total = cs.sum()
-    smoothed = (cs + eps) / (total + k * eps) * total
-    return cs, ea, ea / smoothed.unsqueeze(-1)
-
-
-def teacher_forced_ce64(z, books, given, keep=None):
-    """Sum over stages of the mean (over kept tokens) cross-entropy of softmax(-||r_k - c||) to the
-    given code, r_k = z - (the given codes of stages < k). z (..., d) fp64 (may require grad)."""
-    residual, total = z, z.new_zeros(())
-    for k, codebook in enumerate(books):
-        g = given[..., k]
-        logits = -(residual.unsqueeze(-2) - codebook).square().sum(-1).sqrt()
-        nll = -logits.log_softmax(-1).gather(-1, g.unsqueeze(-1)).squeeze(-1)
-        total = total + (nll.mean() if keep is None else nll[keep].mean())
-        residual = residual - codebook[g]
-    return total
-
-
-def set_codebooks(rvq, seed, scale=1.0, ratio=0.5):
-    """Codebooks at a geometric series of scales, as a trained residual quantizer has them."""
-    layers = rvq.layers[:1] if rvq.shared_codebook else rvq.layers
-    for k, layer in enumerate(layers):
-        layer.codebook = randn(*layer.codebook.shape, seed=seed + k, scale=scale * ratio**k)
-    return rvq
-
-
-def codebook_state(rvq):
-    return {name: buf.detach().clone() for name, buf in rvq.named_buffers()}
-
-
-def assert_buffers_equal(rvq, saved):
-    for name, buf in rvq.named_buffers():
-        assert torch.equal(buf, saved[name]), f"buffer {name} changed"
-
 
 # ------------------------------------------------------------------------------------------
 # the residual property, against the fp64 reference
@@ -1042,120 +932,6 @@ def test_code_usage_matches_brute_force(dropout):
         assert math.isclose(float(usage.perplexity[k]), ppl, rel_tol=1e-5)
         assert math.isclose(float(usage.usage[k]), frac, rel_tol=1e-6)
         assert int(usage.codes_used[k]) == used
-
-
-# ------------------------------------------------------------------------------------------
-# GroupedResidualVQ
-
-
-@pytest.mark.parametrize("dim", [8, 16], ids=["no_proj", "proj"])
-def test_grouped_equals_per_group_residual_vq(dim):
-    q, groups = 3, 2
-    kwargs = dict(codebook_dim=4, num_quantizers=q, codebook_size=16, decay=0.8)
-    torch.manual_seed(0)
-    grouped = GroupedResidualVQ(dim=dim, groups=groups, **kwargs)
-    singles = []
-    for g in range(groups):
-        single = ResidualVQ(dim=dim // groups, **kwargs)
-        single.load_state_dict(grouped.rvqs[g].state_dict())
-        singles.append(single)
-    x = randn(2, 12, dim, seed=51)
-    for train in (False, True):
-        grouped.train(train)
-        xg = x.clone().requires_grad_(train)
-        out, indices, losses, all_codes = grouped(xg, return_all_codes=True)
-        assert out.shape == x.shape and indices.shape == (groups, 2, 12, q)
-        assert losses.shape == (groups, q) and all_codes.shape == (groups, q, 2, 12, 4)
-        for g, chunk in enumerate(x.clone().requires_grad_(train).chunk(groups, dim=-1)):
-            single_ref = copy.deepcopy(singles[g]).eval() if train else singles[g]
-            s_out, s_idx, s_losses, s_codes = singles[g].train(train)(chunk, return_all_codes=True)
-            sl = slice(g * dim // groups, (g + 1) * dim // groups)
-            assert torch.equal(out[..., sl], s_out) and torch.equal(indices[g], s_idx)
-            close(losses[g], s_losses, rtol=1e-6, atol=0)
-            assert torch.equal(all_codes[g], s_codes)
-            ref = reference_layer(single_ref, chunk)
-            assert_indices_match(indices[g], ref)
-        if not train:
-            assert torch.equal(grouped.get_output_from_indices(indices), out)
-            assert torch.equal(grouped.get_codes_from_indices(indices), all_codes)
-    for g in range(groups):  # the training step updated each group as its own ResidualVQ
-        single_state = singles[g].state_dict()
-        for name, buf in grouped.rvqs[g].state_dict().items():
-            close(buf.float(), single_state[name].float(), rtol=1e-6, atol=1e-7, msg=name)
-
-
-def test_grouped_accept_image_fmap():
-    q, groups = 2, 2
-    torch.manual_seed(0)
-    grouped = GroupedResidualVQ(dim=8, groups=groups, codebook_dim=3, num_quantizers=q, codebook_size=16,
-                                accept_image_fmap=True).eval()
-    x = randn(2, 8, 3, 5, seed=52)  # (b, d, h, w)
-    mask = randn(2, 3, 5, seed=53) > 0
-    out, indices, losses = grouped(x)
-    assert out.shape == x.shape and indices.shape == (groups, 2, 3, 5, q) and losses.shape == (groups, q)
-    assert torch.equal(grouped.get_output_from_indices(indices), out)
-    tokens = x.permute(0, 2, 3, 1)
-    for g in range(groups):
-        rvq = grouped.rvqs[g]
-        ref = reference_layer(rvq, tokens[..., 4 * g:4 * g + 4])
-        ok = assert_indices_match(indices[g], ref)
-        close(out.permute(0, 2, 3, 1)[..., 4 * g:4 * g + 4][ok], ref.projected_out[ok], rtol=1e-5, atol=1e-5)
-    out, indices, _ = grouped(x, mask=mask)
-    assert (indices[:, ~mask] == -1).all() and (out.permute(0, 2, 3, 1)[~mask] == 0).all()
-
-
-@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
-def test_grouped_forward_with_indices_returns_summed_cross_entropy(masked):
-    q, groups, k = 3, 2, 8
-    torch.manual_seed(0)
-    grouped = GroupedResidualVQ(dim=10, groups=groups, codebook_dim=3, num_quantizers=q, codebook_size=k).eval()
-    x = randn(2, 9, 10, seed=54)
-    given_indices = torch.randint(0, k, (groups, 2, 9, q), generator=torch.Generator().manual_seed(55))
-    keep = randn(2, 9, seed=56) > -0.3 if masked else None
-    out, ce = grouped(x, indices=given_indices, mask=keep)
-    assert ce.shape == () and ce.dtype == torch.float32
-    expected = sum(
-        teacher_forced_ce64(linear64(rvq.project_in, chunk), books64(rvq), given_indices[g], keep)
-        for g, (rvq, chunk) in enumerate(zip(grouped.rvqs, x.chunk(groups, dim=-1))))
-    close(ce, expected, rtol=1e-5, atol=1e-6)
-    decoded = grouped.get_output_from_indices(given_indices)
-    kept = torch.ones(2, 9, dtype=torch.bool) if keep is None else keep
-    assert torch.equal(out[kept], decoded[kept]) and (out[~kept] == 0).all()
-    with pytest.raises(ValueError, match="indices"):
-        grouped(x, indices=given_indices[:1])
-
-
-def test_grouped_quantize_dropout_same_depth_for_all_groups():
-    grouped = GroupedResidualVQ(dim=12, groups=3, num_quantizers=5, codebook_size=8, quantize_dropout=True).train()
-    x = randn(2, 6, 12, seed=57).requires_grad_(True)
-    depths = set()
-    for seed in range(16):
-        before = copy.deepcopy(grouped)
-        torch.manual_seed(seed)
-        out, indices, losses = grouped(x)
-        dropped = (indices == -1).sum(-1)  # (g, b, n)
-        assert (dropped == dropped[0, 0, 0]).all(), f"groups dropped different stages: {dropped[:, 0, 0]}"
-        kept = 5 - int(dropped[0, 0, 0])
-        depths.add(kept)
-        assert (losses[:, kept:] == 0).all() and (losses[:, :kept] > 0).all()
-        assert torch.equal(before.get_output_from_indices(indices), out)  # the pre-step codes exactly
-    assert len(depths) >= 3, depths
-
-
-@pytest.mark.parametrize("groups", [3, 0, -2, 2.0, True])
-def test_grouped_bad_groups_raise(groups):
-    with pytest.raises(ValueError, match="groups"):
-        GroupedResidualVQ(dim=8, groups=groups, num_quantizers=2, codebook_size=8)
-
-
-def test_grouped_bad_input_raises():
-    grouped = GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=8)
-    with pytest.raises(ValueError, match="dim"):
-        grouped(randn(2, 5, 6))
-    with pytest.raises(ValueError, match="groups=2"):
-        grouped.get_output_from_indices(torch.zeros(1, 2, 5, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match="mask"):
-        grouped(randn(2, 5, 8), mask=torch.ones(2, 6, dtype=torch.bool))
 
 
 # ------------------------------------------------------------------------------------------
