@@ -61,6 +61,21 @@ def use_triton(device: torch.device, backend: str | None = None) -> bool:
     return True
 
 
+SYNC_FREE_ENV = "VQ_LAYERS_SYNC_FREE"
+
+
+def sync_free(device: torch.device) -> bool:
+    """Whether ops on `device` take their host-sync-free paths (static shapes, nothing read back).
+
+    On an accelerator always: a sync stalls its queue and breaks CUDA graphs, and the data-
+    dependent alternative (LFQ's sparse-exact entropy, which partitions the tokens) is there no
+    faster. On the CPU a sync costs nothing, and those paths run unless VQ_LAYERS_SYNC_FREE=1 (read at
+    every call): tests and benchmarks set it to count, on the CPU, what a GPU step does."""
+    if device.type != "cpu":
+        return True
+    return os.environ.get(SYNC_FREE_ENV, "0") not in ("", "0")
+
+
 def split_blocks(programs: int, blocks: int, device: torch.device) -> tuple[int, int]:
     """Launch geometry shared by the kernels: when `programs` alone would leave the GPU idle, the
     `blocks` each of them walks are split over several programs (a few per SM), whose partial
