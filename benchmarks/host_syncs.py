@@ -3,7 +3,7 @@
     python -m benchmarks.host_syncs            # writes benchmarks/results/host-syncs.{json,md}
 
 A host sync is an op whose result the host must wait for: a value read back (`.item()`,
-`bool(t)`, `.tolist()`), or an output whose shape depends on the data (`nonzero`, `unique`,
+`bool(t)`, `.tolist()`, `.cpu()`), or an output whose shape depends on the data (`nonzero`, `unique`,
 `masked_select`, boolean-mask indexing, `bincount`, `repeat_interleave` without a size). Each
 stalls a GPU pipeline and breaks CUDA graphs. A `TorchDispatchMode` sees every op one step
 dispatches, backward included, whatever the device, so the counts taken on the CPU are those of
@@ -42,6 +42,11 @@ SYNC_OPS = {
 INDEXING_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 
 
+# reads that bypass the dispatcher for CPU tensors (on a GPU each is a copy to the host): the
+# counter wraps these methods while it is active
+READ_METHODS = ("tolist", "numpy", "cpu")
+
+
 class DispatchCount(TorchDispatchMode):
     """Counts the host syncs (`syncs`: op name and, with `where`, the caller's stack) and the
     ops that do work (`ops`, `by_op`) dispatched while it is active."""
@@ -52,12 +57,31 @@ class DispatchCount(TorchDispatchMode):
         self.ops = 0
         self.by_op: Counter = Counter()
         self.where = where
+        self._methods = {}
+
+    def _sync(self, name: str) -> None:
+        self.syncs.append((name, "".join(traceback.format_stack(limit=15)[:-2]) if self.where else ""))
+
+    def __enter__(self):
+        for name in READ_METHODS:
+            original = self._methods[name] = getattr(torch.Tensor, name)
+
+            def read(tensor, *args, _original=original, _name=name, **kwargs):
+                self._sync(f"Tensor.{_name}")
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, read)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._methods.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in SYNC_OPS or (func in INDEXING_OPS and any(
                 t is not None and t.dtype in (torch.bool, torch.uint8) for t in args[1])):
-            stack = "".join(traceback.format_stack(limit=14)[:-1]) if self.where else ""
-            self.syncs.append((str(func), stack))
+            self._sync(str(func))
         if not func.is_view:
             self.ops += 1
             self.by_op[str(func)] += 1
@@ -126,7 +150,7 @@ CASES = [
     Case("ResidualSimVQ 4 stages", lambda lib: _lib(lib).ResidualSimVQ(
         dim=64, codebook_size=512, num_quantizers=4)),
     Case("LatentQuantize", lambda lib: _lib(lib).LatentQuantize(
-        dim=64, levels=[5, 5, 5, 5])),
+        dim=64, levels=[5, 5, 5, 5]), shape=(4, 64, 256)),
     Case("FSP", lambda lib: _lib(lib).FSP(dim=64, levels=[8, 5, 5, 5]), peer=False),
     Case("HierarchicalVQ", lambda lib: _lib(lib).HierarchicalVQ(
         dim=64, codebook_size=512, scales=[1, 4, 16, 64], channel_first=False, nested_dropout=0.5),
@@ -153,9 +177,10 @@ def _backward(result) -> None:
         total.backward()
 
 
-def count(case: Case, lib: str, train: bool = True, where: bool = False, warmup: int = 2) -> DispatchCount:
+def count(case: Case, lib: str, train: bool = True, where: bool = False, warmup: int = 4) -> DispatchCount:
     """The syncs and ops of one step (train: forward + backward; eval: forward under no_grad)
-    after `warmup` steps (k-means init and the kernels' first-call checks happen there)."""
+    after `warmup` steps: one-time work happens there (k-means init of every stage, also of
+    those quantize dropout skipped at first; the kernels' first-call checks)."""
     torch.manual_seed(0)
     layer = case.make(lib).train(train)
     x = torch.randn(*case.shape, requires_grad=train)
@@ -209,7 +234,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-NOTE = ("Each cell: host syncs / ops that do work, in one step after two warm-up steps, input (4, 256, 64) "
+NOTE = ("Each cell: host syncs / ops that do work, in one step after four warm-up steps, input (4, 256, 64) "
         "fp32 (train: forward and backward of the output's and losses' means; eval: forward under no_grad). "
         "vq_layers on the path CUDA takes (VQ_LAYERS_SYNC_FREE=1).")
 

@@ -48,7 +48,7 @@ def check_indices(indices, codebook_size: int, name: str = "indices", allow_drop
             or indices.dtype == torch.bool):
         raise TypeError(f"{name}: expected an integer tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
     if indices.numel() and not torch.compiler.is_compiling():
-        low, high = int(indices.min()), int(indices.max())
+        low, high = torch.stack(torch.aminmax(indices)).tolist()  # (one read back, not two)
         lowest = -1 if allow_dropped else 0
         if low < lowest or high >= codebook_size:
             dropped = " (or -1 for masked or dropped)" if allow_dropped else ""

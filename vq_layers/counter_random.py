@@ -49,16 +49,29 @@ class CounterDraws:
         self.seed = draw_seed("cpu", bits=24)
         self.step = torch.zeros((), dtype=torch.long)
         self._state_broadcast = False
+        self._host = None  # (seed, step) as Python ints, with the tensors' state they mirror
 
     def synced_state(self) -> list[Tensor]:
         return [self.seed]
 
     def to_(self, device) -> None:
         """Moves the stream (a module whose device draws use it calls this from its _apply)."""
-        self.seed, self.step = self.seed.to(device), self.step.to(device)
+        self.seed, self.step, self._host = self.seed.to(device), self.step.to(device), None
 
     def next(self):
-        """The next draw: a Python int when eager, a CPU int64 tensor under torch.compile."""
-        value = counter_hash(self.seed, self.step)
+        """The next draw: a Python int when eager, a CPU int64 tensor under torch.compile.
+
+        Eagerly the draw is hashed from Python ints mirroring the tensors, read back only when
+        something else wrote them (a compiled step, the first synced step's broadcast): a step
+        reads nothing back, which would be a host sync for a stream on a device."""
+        if torch.compiler.is_compiling():
+            value = counter_hash(self.seed, self.step)
+            self.step.add_(1)
+            return value
+        state = (self.seed._version, self.step._version, self._state_broadcast)
+        if self._host is None or self._host[1] != state:
+            self._host = ((int(self.seed), int(self.step)), state)
+        seed, step = self._host[0]
         self.step.add_(1)
-        return value if torch.compiler.is_compiling() else int(value)
+        self._host = ((seed, step + 1), (self.seed._version, self.step._version, self._state_broadcast))
+        return counter_hash(seed, step)

@@ -66,18 +66,20 @@ NON_FINITE = ("{}: non-finite values (NaN or Inf) on this rank or another; the c
 NON_FINITE_INPUT = NON_FINITE.format("input")
 
 
-def check_finite(x: Tensor, message: str, group=None, sync: bool = True) -> None:
-    """Raises ValueError(message) when `x` holds a NaN or Inf on any rank of the group (this
-    one alone when not `sync`); every rank raises alike.
+def check_finite(x: Tensor | list[Tensor], message: str, group=None, sync: bool = True) -> None:
+    """Raises ValueError(message) when `x` (a tensor, or several judged in one read) holds a
+    NaN or Inf on any rank of the group (this one alone when not `sync`); every rank raises alike.
 
     Under torch.compile without sync, for CPU tensors, the check is an assert inside the graph
     (no host sync, no graph break): it raises RuntimeError with the same message, before the
     graph's buffer writes take effect. On CUDA that assert is a device-side assert, which would
     poison the process's CUDA context instead of raising: there the check stays a host sync (a
     graph break under torch.compile)."""
-    if torch.compiler.is_compiling() and not sync and x.device.type == "cpu":
-        torch._assert_async(torch.isfinite(x).all(), message)
-    elif any_rank(~torch.isfinite(x).all(), group, sync):
+    parts = [x] if isinstance(x, Tensor) else x
+    finite = torch.stack([torch.isfinite(part).all() for part in parts]).all()
+    if torch.compiler.is_compiling() and not sync and parts[0].device.type == "cpu":
+        torch._assert_async(finite, message)
+    elif any_rank(~finite, group, sync):
         raise ValueError(message)
 
 

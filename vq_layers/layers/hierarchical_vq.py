@@ -300,9 +300,14 @@ class HierarchicalVQ(nn.Module):
         owners = [owner for vq in (self.vqs or [self.vq]) for owner in vq.synced_owners()]
         if self.nested_dropout > 0 and is_distributed(self.process_group):
             owners.append(self.dropout_draws)
-        data = fmap if keep is None else torch.where(keep.unsqueeze(1), fmap, 0.0)
         broadcast_once_(owners, self.process_group, fmap.device,
-                        before=lambda: check_finite(data, NON_FINITE_INPUT, self.process_group, True))
+                        before=lambda: check_finite(self._kept(fmap, keep), NON_FINITE_INPUT, self.process_group,
+                                                    True))
+
+    @staticmethod
+    def _kept(fmap: Tensor, keep: Tensor | None) -> Tensor:
+        """fmap (b, d, ...s) with the masked positions zeroed: their padding counts nowhere."""
+        return fmap if keep is None else torch.where(keep.unsqueeze(1), fmap, 0.0)
 
     # the layer
 
@@ -317,8 +322,9 @@ class HierarchicalVQ(nn.Module):
             check_non_negative("sample_codebook_temp", sample_codebook_temp)
         full_shape = tuple(fmap.shape[2:])
         updating = self.training and torch.is_grad_enabled()
-        if updating:
+        if updating:  # once for the call: every level's tokens are pooled residuals, fmap less finite codes
             self._broadcast_initial_state(fmap, keep)
+            check_finite(self._kept(fmap, keep), NON_FINITE_INPUT, self.process_group, self.get_vq(0)._sync())
         cutoff = self.sample_nested_cutoff()
         last_kept = self.num_levels - 1 if cutoff is None else cutoff
         masked = isinstance(last_kept, Tensor)  # a compiled draw: the kept prefix by masks
@@ -334,7 +340,7 @@ class HierarchicalVQ(nn.Module):
             vq = self.get_vq(k)
             temperature = vq.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
             result = vq.quantize(tokens, cells, Step(temperature, updating, updating and not self.shared_codebook,
-                                                     vq.ema_update))
+                                                     vq.ema_update, checked=True))
             results.append(result)
             # a cell whose pooled residual is not finite has no code; its NaN reaches, through
             # the refinement, every position and finer cell that depends on it

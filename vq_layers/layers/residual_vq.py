@@ -172,9 +172,12 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
 
     @fp32_island
     def _residual_quantize(self, z: Tensor, keep: Tensor | None, temperature: float | None, freeze: bool,
-                           last_kept: int, beam_size: int | None = None):
-        """z (b, n, d) fp32 -> quantized (b, n, d), indices (b, n, q), losses (q,), stage codes (q, b, n, d)."""
+                           last_kept: int, beam_size: int | None = None, checked: bool = False):
+        """z (b, n, d) fp32 -> quantized (b, n, d), indices (b, n, q), losses (q,), stage codes (q, b, n, d).
+        `checked`: the caller refused non-finite z already."""
         updating = self.training and torch.is_grad_enabled() and not freeze
+        if updating and not checked:  # once for the call: each stage's residual is z less finite codes
+            check_finite(z, NON_FINITE_INPUT, self.process_group, self.layers[0]._sync())
         results = []
         path = None  # (b*n, stages kept): the beam search's path, quantized along below
         if beam_size is not None and updating:
@@ -195,7 +198,7 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
                 stage_keep = active.expand(residual.shape[:2]) if keep is None else keep & active
             result = layer.quantize(residual, stage_keep, Step(temp, updating, updating and not self.shared_codebook,
                                                                layer.ema_update, freeze, transform=transform,
-                                                               chosen=chosen))
+                                                               chosen=chosen, checked=True))
             results.append(result)
             so_far[0] = so_far[0] + result.quantized
             return result.quantized, result.indices[..., 0], result.loss
@@ -239,7 +242,7 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
 
     @fp32_island
     def _core(self, z: Tensor, keep: Tensor | None, seed=None, temperature: float | None = None, freeze: bool = False,
-              beam_size: int | None = None, given: Tensor | None = None) -> Core:
+              beam_size: int | None = None, given: Tensor | None = None, checked: bool = False) -> Core:
         """z (b, n, d) fp32 -> the stages' sum, indices (b, n, q), losses (q,), the stages' codes
         (q, b, n, d); with `given` indices: each stage's cross-entropy to its given code, summed."""
         if given is not None:
@@ -251,19 +254,21 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
             return Core(quantized, targets, ce)
         self._broadcast_initial_state(z, stages=not freeze)
         last_kept = last_kept_stage(self, seed)
-        quantized, indices, losses, codes = self._residual_quantize(z, keep, temperature, freeze, last_kept, beam_size)
+        quantized, indices, losses, codes = self._residual_quantize(z, keep, temperature, freeze, last_kept, beam_size,
+                                                                    checked)
         return Core(quantized, indices, losses, codes)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, indices: Tensor | None = None,
                 return_all_codes: bool = False, sample_codebook_temp: float | None = None,
                 freeze_codebook: bool = False, rand_quantize_dropout_fixed_seed: int | None = None,
-                beam_size: int | None = None):
+                beam_size: int | None = None, *, _input_checked: bool = False):
+        # (_input_checked: GroupedResidualVQ refused non-finite input for all groups in one read)
         updating = self.training and torch.is_grad_enabled() and not freeze_codebook and indices is None
         beam = beam_width(beam_size, self.beam_size if self.training else self.eval_beam_size, self.num_quantizers,
                           self.layers[0].use_cosine_sim)
         result = self.quantize_tokens(x, mask, refuses_non_finite=updating, seed=rand_quantize_dropout_fixed_seed,
                                       temperature=sample_codebook_temp, freeze=freeze_codebook, beam_size=beam,
-                                      given=indices)
+                                      given=indices, checked=_input_checked)
         if indices is not None:
             return result.out, result.losses
         if not return_all_codes:
@@ -340,8 +345,23 @@ class GroupedResidualVQ(GroupsWarnOnce, GroupedResidual):
                 beam_size: int | None = None):
         if indices is None:
             return super().forward(x, return_all_codes=return_all_codes, sample_codebook_temp=sample_codebook_temp,
-                                   freeze_codebook=freeze_codebook, mask=mask, beam_size=beam_size)
+                                   freeze_codebook=freeze_codebook, mask=mask, beam_size=beam_size,
+                                   _input_checked=self._check_groups_finite(x, mask, freeze_codebook))
         self._check_groups(indices)
         chunks = self._spread_non_finite(x, mask).chunk(self.groups, dim=self.split_dim)
         outs = [rvq(chunk, mask=mask, indices=i) for rvq, chunk, i in zip(self.rvqs, chunks, indices)]
         return cat([q for q, _ in outs], dim=self.split_dim), sum(ce for _, ce in outs)
+
+    def _check_groups_finite(self, x: Tensor, mask: Tensor | None, freeze: bool) -> bool:
+        """A training step refuses non-finite input before any group's statistics change: every
+        group's projected input judged in one read (one host sync, not one per group) -> whether
+        it was (the groups then need not)."""
+        if not (self.training and torch.is_grad_enabled() and not freeze) or x.ndim < 2 \
+                or x.shape[self.split_dim] != self.dim:  # (a wrong shape is the groups' to refuse)
+            return False
+        with torch.no_grad():
+            chunks = x.chunk(self.groups, dim=self.split_dim)
+            inputs = [rvq._tokens_in(chunk, mask)[3] for rvq, chunk in zip(self.rvqs, chunks)]
+        first = self.rvqs[0]
+        check_finite(inputs, NON_FINITE_INPUT, first.process_group, first.layers[0]._sync())
+        return True

@@ -109,10 +109,9 @@ class TokenQuantizer(Fp32BuffersModule):
                         refuses_non_finite: bool = False, **options) -> Quantization:
         """The skeleton; `options` go to `_core`. `refuses_non_finite`: the core raises on a
         non-finite token (an updating step: docs/precision.md), so there is nothing to mark."""
-        tokens, layout = self._layout(x)
-        keep = self._keep(mask, lens, tokens, layout)
+        tokens, layout, keep, z = self._tokens_in(x, mask, lens)
         bad = None if refuses_non_finite else non_finite_tokens(tokens, keep)
-        core = self._core(project(self.project_in, without_padding(tokens, keep)), keep, **options)
+        core = self._core(z, keep, **options)
         out = project(self.project_out, core.quantized)
         if keep is not None:
             masked = torch.zeros_like(out) if self.return_zeros_for_masked_padding else tokens.to(out.dtype)
@@ -124,6 +123,13 @@ class TokenQuantizer(Fp32BuffersModule):
         if layout.single:
             out, indices = out[:, 0], indices[:, 0]
         return Quantization(out, indices, mark_all(core.losses, bad), core.extra, keep, bad)
+
+    def _tokens_in(self, x: Tensor, mask: Tensor | None = None, lens: Tensor | None = None):
+        """x -> (tokens (b, n, dim), Layout, keep (b, n) or None, z: the kept tokens through
+        project_in, (b, n, inner): what `_core` quantizes)."""
+        tokens, layout = self._layout(x)
+        keep = self._keep(mask, lens, tokens, layout)
+        return tokens, layout, keep, project(self.project_in, without_padding(tokens, keep))
 
     def _keep(self, mask, lens, tokens: Tensor, layout: Layout) -> Tensor | None:
         """The mask (b, n) bool (True = keep), from `mask` or sequence `lens`, or None."""

@@ -59,6 +59,9 @@ class Step(NamedTuple):
     transform: Callable | None = None  # codebook_transform_fn
     chosen: Tensor | None = None  # (g, m) take these codes, no search (a beam search's path)
     targets: Tensor | None = None  # (g, m) given codes: the loss is the cross-entropy to them
+    # the caller has refused non-finite input for the whole call (checked once, one host sync):
+    # this step's vectors derive from it by finite codes, so it need not read them back again
+    checked: bool = False
 
 
 class Quantized(NamedTuple):
@@ -162,7 +165,7 @@ class CodebookQuantizer(nn.Module):
         sync = self._sync()
         zero = search.new_zeros(())
         # 1. before anything changes: refusals, the first synced step's broadcast, k-means init
-        init_token = self._prepare(search, kept, sync) if step.updating else zero
+        init_token = self._prepare(search, kept, sync, step.checked) if step.updating else zero
         if step.commit:
             self._codebook.update_affine_(search, kept, self._sync_affine(), self.process_group)
         # 2. the in-place optimizer moves the codebook; the search sees the moved codes
@@ -208,12 +211,13 @@ class CodebookQuantizer(nn.Module):
         loss = trainable_loss(loss + init_token, self.training)
         return Quantized(quantized, shown, loss, LossBreakdown(*terms, inplace), search.detach(), found.indices, kept)
 
-    def _prepare(self, search: Tensor, kept: Tensor | None, sync: bool) -> Tensor:
+    def _prepare(self, search: Tensor, kept: Tensor | None, sync: bool, checked: bool = False) -> Tensor:
         """An updating step's first acts, all before any state changes: the refusals (an unsafe
-        optimizer, non-finite input), at the first synced step the first rank's state, k-means
-        init -> a zero that carries init's run-time op into a compiled graph."""
+        optimizer, non-finite input unless `checked`), at the first synced step the first rank's
+        state, k-means init -> a zero that carries init's run-time op into a compiled graph."""
         check_in_place_optimizer(self.in_place_codebook_optimizer)
-        check_finite(search, NON_FINITE_INPUT, self.process_group, sync)
+        if not checked:
+            check_finite(search, NON_FINITE_INPUT, self.process_group, sync)
         if sync:
             self._codebook.broadcast_state_(self.process_group, once=True)
         if not self._codebook.needs_init():
