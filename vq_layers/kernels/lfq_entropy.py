@@ -337,15 +337,22 @@ class BinaryEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits):
-        ctx.save_for_backward(logits)
-        return torch.sigmoid(logits) * F.softplus(-logits) + torch.sigmoid(-logits) * F.softplus(logits)
+        # symmetric in l; with a = |l|: softplus(-a) + a sigmoid(-a), two non-negative terms
+        # (sigmoid(l) softplus(-l) + sigmoid(-l) softplus(l), with softplus(a) = softplus(-a) + a)
+        magnitude = logits.abs()
+        unlikely = torch.sigmoid(-magnitude)
+        ctx.save_for_backward(logits, unlikely)
+        return F.softplus(-magnitude) + magnitude * unlikely
 
     @staticmethod
     def backward(ctx, grad):
-        (logits,) = ctx.saved_tensors
-        return -grad * logits * torch.sigmoid(logits) * torch.sigmoid(-logits)
+        logits, unlikely = ctx.saved_tensors  # sigmoid(l) sigmoid(-l) = s (1 - s), s = sigmoid(-|l|)
+        if torch.is_grad_enabled():  # double backward: recomputed, so that autograd sees s depend on l
+            unlikely = torch.sigmoid(-logits.abs())
+        return (grad * logits) * (unlikely * (unlikely - 1))
 
 
 def binary_entropy(logits: Tensor) -> Tensor:
-    """Entropy of Bernoulli(sigmoid(l)), elementwise: sigmoid(l) softplus(-l) + sigmoid(-l) softplus(l)."""
+    """Entropy of Bernoulli(sigmoid(l)), elementwise: sigmoid(l) softplus(-l) + sigmoid(-l) softplus(l)
+    = softplus(-|l|) + |l| sigmoid(-|l|)."""
     return BinaryEntropy.apply(logits)
