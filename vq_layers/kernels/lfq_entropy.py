@@ -44,8 +44,10 @@ CONFIDENT_LOGIT = 30.0
 # enumeration (gather/scatter) is no cheaper than the dense matmul over all 2^d codes
 MAX_SPARSE_BITS = 12
 SPARSE_CODES_FRACTION_LOG2 = 3
-# on the CPU, codebooks of up to this many bits take the dense path for every token (measured faster)
-CPU_DENSE_MAX_BITS = 0
+# on the CPU, every token takes the dense path up to this many (token, codebook, code) triples:
+# there it is faster at any temperature (2 cores; beyond, at inv_temperature 100, its exp gives
+# subnormal probabilities, which slow the CPU's matmul 4-5x, and the sparse path wins)
+CPU_DENSE_MAX_PAIRS = 2**21
 # at most this many (token, code) pairs exist at once: 16 MiB of fp32 per tile
 TILE_ELEMENTS = 2**22
 
@@ -252,9 +254,11 @@ def _mass(logits: Tensor, groups, grad_mass: Tensor | None = None, torch_only: b
 
 def _all_dense(logits: Tensor) -> bool:
     """Whether every token takes the dense path: always where ops must not sync (the sparse path's
-    partition is data-dependent), and on the CPU up to CPU_DENSE_MAX_BITS bits, where it was
-    measured faster than the sparse-exact enumeration (docs/kernels.md)."""
-    return sync_free(logits.device) or logits.shape[-1] <= CPU_DENSE_MAX_BITS
+    partition is data-dependent), and on the CPU for at most CPU_DENSE_MAX_PAIRS (token,
+    codebook, code) triples, where it was measured faster than the sparse-exact enumeration at
+    any temperature (docs/kernels.md). Static shapes only: no look at the data."""
+    n, c, d = logits.shape
+    return sync_free(logits.device) or n * c * 2**d <= CPU_DENSE_MAX_PAIRS
 
 
 def _mass_per_codebook(logits: Tensor, keep: Tensor | None = None) -> Tensor:
