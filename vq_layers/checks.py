@@ -41,13 +41,14 @@ def as_integer(name: str, value) -> int:
         raise ValueError(f"{name}: expected an integer, got {value!r}") from None
 
 
-def check_indices(indices, codebook_size: int, name: str = "indices", allow_dropped: bool = False) -> None:
+def check_indices(indices, codebook_size: int, name: str = "indices", allow_dropped: bool = False,
+                  values: bool = True) -> None:
     """An integer tensor with every value in [0, codebook_size), or -1 (masked or dropped) when
-    `allow_dropped` (one host sync; the value check is skipped when compiling)."""
+    `allow_dropped` (host syncs; the value check is skipped when compiling, and without `values`)."""
     if (not isinstance(indices, Tensor) or indices.is_floating_point() or indices.is_complex()
             or indices.dtype == torch.bool):
         raise TypeError(f"{name}: expected an integer tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
-    if indices.numel() and not torch.compiler.is_compiling():
+    if values and indices.numel() and not torch.compiler.is_compiling():
         low, high = int(indices.min()), int(indices.max())
         lowest = -1 if allow_dropped else 0
         if low < lowest or high >= codebook_size:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..checks import check_indices, check_positive_int
 from ..codebook_losses import masked_mse
+from ..kernels.backend import sync_free
 from ..lfq_entropy_loss import lfq_entropy
 from ..non_finite import NO_CODE, fill_tokens
 from ..precision import fp32_island, project
@@ -269,9 +270,15 @@ class LFQ(TokenQuantizer):
         return (ret, breakdown) if return_loss_breakdown else ret
 
     def indices_to_raw_codes(self, indices: Tensor) -> Tensor:
-        """indices (...) -> codes (..., d), fp32, rotated back, before projection; zeros for -1."""
-        check_indices(indices, self.codebook_size, allow_dropped=True)
+        """indices (...) -> codes (..., d), fp32, rotated back, before projection; zeros for -1.
+
+        Out-of-range indices raise, except on the sync-free path (kernels/backend.py: CUDA), where
+        reading the range back would be a host sync: there they decode to NaN codes."""
+        unchecked = sync_free(indices.device)
+        check_indices(indices, self.codebook_size, allow_dropped=True, values=not unchecked)
         codes = self._bits_to_codes((indices.long().unsqueeze(-1) & self.bit_values) != 0)
+        if unchecked:
+            codes = fill_tokens(codes, (indices < NO_CODE) | (indices >= self.codebook_size), float("nan"))
         return self._rotate_back(fill_tokens(codes, indices == NO_CODE, 0.0))
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
