@@ -764,3 +764,16 @@ def test_review_regressions():
     assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
     assert layer.activation.weight.grad is not None
     assert LFQ(dim=8).dtype == torch.float32
+
+
+def test_out_of_range_indices_decode_to_nan_on_the_sync_free_path(monkeypatch):
+    """Where reading the range back would be a host sync (CUDA; VQ_LAYERS_SYNC_FREE=1 on the
+    CPU), an out-of-range index decodes to NaN codes instead of raising; -1 still to zeros."""
+    layer = LFQ(dim=4, codebook_size=16)
+    indices = torch.tensor([[3, 16, -1, -2]])
+    with pytest.raises(ValueError, match="indices"):
+        layer.indices_to_codes(indices)
+    monkeypatch.setenv("VQ_LAYERS_SYNC_FREE", "1")
+    codes = layer.indices_to_codes(indices)
+    assert torch.equal(codes[0, 0], torch.tensor([-1.0, -1.0, 1.0, 1.0]))
+    assert codes[0, 1].isnan().all() and codes[0, 3].isnan().all() and (codes[0, 2] == 0).all()
