@@ -1,8 +1,14 @@
-"""Host syncs per step, counted by a dispatch mode (benchmarks/host_syncs.py), on the path CUDA
-takes (VQ_LAYERS_SYNC_FREE=1): at most one per training step of any top-level layer (the refusal
-of non-finite input, where the step writes statistics), none in eval forwards or decoding.
+"""Host syncs and op counts of one step, on the path CUDA tensors take (VQ_LAYERS_SYNC_FREE=1
+makes CPU tensors take it), counted by benchmarks/host_syncs.py's dispatch mode.
 
-A count is not a timing: it is the same on every machine, so it belongs in the suite."""
+A host sync (`.item()`, `nonzero`, boolean-mask indexing, ...) stalls a GPU's queue and breaks
+CUDA graphs; the number of ops that do work is roughly the number of kernel launches, a step's
+fixed cost at small sizes. The limits (docs/design.md, "Host syncs"): at most one sync per
+training step of any top-level layer (the refusal of non-finite input, where the step writes
+statistics), none for layers without statistics, none in eval forwards; decoding reads its
+indices' range back once, to raise on a bad one. A count is not a timing: it is the same on
+every machine, so it belongs in the suite. The cases are benchmarks.host_syncs.CASES.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +19,28 @@ from benchmarks.host_syncs import CASES, DispatchCount, count
 from tests.reference import randn
 from vq_layers import GroupedResidualVQ, HierarchicalVQ
 
+# families without codebook statistics: nothing to refuse, so no read at all
+STATELESS = ("LFQ", "ResidualLFQ", "GroupedResidualLFQ", "FSQ", "ResidualFSQ", "GroupedResidualFSQ", "FSP")
+# training-step ops at most this multiple of the peer's (measured in the same test)
+OPS_RATIO = {"LFQ 2^8": 2.0, "LFQ 2^10": 2.0, "LFQ 2^14": 2.0}
 OURS = {case.name: case for case in CASES}
 
 
+def cases(keep=lambda case: True) -> list:
+    return [pytest.param(case, id=case.name) for case in CASES if keep(case)]
+
+
+def train_syncs_allowed(case) -> int:
+    return 0 if case.name.split(" ")[0] in STATELESS else 1
+
+
 @pytest.fixture(autouse=True)
-def cuda_paths(monkeypatch):
+def cuda_path(monkeypatch):
     monkeypatch.setenv("VQ_LAYERS_SYNC_FREE", "1")
+
+
+def where(counted: DispatchCount) -> str:
+    return "".join(f"{op}\n{stack}" for op, stack in counted.syncs)
 
 
 def test_the_counter_sees_reads_data_dependent_shapes_and_the_backward():
@@ -64,6 +86,48 @@ def test_the_counted_step_comes_after_k_means_init():
     for _ in range(4):
         layer(x, mask=torch.ones(case.shape[:2], dtype=torch.bool))[0].sum().backward()
     assert _initialized(layer)
+
+
+@pytest.mark.parametrize("case", cases())
+def test_training_step_syncs(case):
+    """Whatever the configuration (k-means init, dead codes, quantize dropout, masks, heads,
+    shared codebooks, groups, LFQ at any size): at most the one refusal read."""
+    counted = count(case, "vq_layers", train=True, where=True)
+    assert len(counted.syncs) <= train_syncs_allowed(case), where(counted)
+
+
+@pytest.mark.parametrize("case", cases())
+def test_no_sync_in_eval_step(case):
+    counted = count(case, "vq_layers", train=False, where=True)
+    assert not counted.syncs, where(counted)
+
+
+@pytest.mark.parametrize("case", cases(lambda case: case.name in OPS_RATIO))
+def test_training_ops_against_the_peer(case):
+    pytest.importorskip("vector_quantize_pytorch")
+    ours, peer = count(case, "vq_layers").ops, count(case, "vector-quantize-pytorch").ops
+    assert ours <= OPS_RATIO[case.name] * peer, (ours, peer)
+
+
+def _decoder(layer, case):
+    if case.name == "HierarchicalVQ":
+        return lambda indices: layer.get_output_from_indices(indices, case.shape[1:2])
+    return getattr(layer, "indices_to_codes", None) or layer.get_output_from_indices
+
+
+@pytest.mark.parametrize("case", cases(lambda case: case.name != "RandomProjectionQuantizer"))
+def test_decoding_reads_once(case):
+    """Decoding reads the indices' range back once (all stages, levels or groups at a time), so
+    that a bad index raises ValueError rather than reaching a gather; nothing else."""
+    torch.manual_seed(0)
+    layer = case.make("vq_layers").eval()
+    with torch.no_grad():
+        indices = layer(torch.randn(*case.shape))[1]
+        decode = _decoder(layer, case)
+        decode(indices)  # warm-up
+        with DispatchCount(where=True) as counted:
+            decode(indices)
+    assert counted.ops and len(counted.syncs) <= 1, where(counted)
 
 
 def test_grouped_residual_vq_refuses_non_finite_input_in_any_group_before_any_group_changes():

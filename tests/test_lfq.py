@@ -764,3 +764,4 @@ def test_review_regressions():
     assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
     assert layer.activation.weight.grad is not None
     assert LFQ(dim=8).dtype == torch.float32
+

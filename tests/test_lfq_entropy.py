@@ -48,6 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import vq_layers.kernels.lfq_entropy as lfq
+from benchmarks.host_syncs import DispatchCount
 from dist_utils import run_in_processes
 from vq_layers.kernels.lfq_entropy import code_mass
 from vq_layers.lfq_entropy_loss import lfq_entropy
@@ -194,14 +195,17 @@ def path_spy():
         lfq._dense_mass, lfq._sparse_mass = dense, sparse
 
 
+# the per-token choice (what the CPU does beyond CPU_DENSE_MAX_PAIRS; small test batches would
+# otherwise be all dense)
+PARTITIONED = {"CPU_DENSE_MAX_PAIRS": 0}
 # all-dense: max_sparse = min(-1, ...) = -1 < any token's count of uncertain bits.
-ALL_DENSE = {"MAX_SPARSE_BITS": -1}
+ALL_DENSE = {**PARTITIONED, "MAX_SPARSE_BITS": -1}
 # all-sparse: max_sparse = min(64, d - 0) = d >= any token's count of uncertain bits.
-ALL_SPARSE = {"MAX_SPARSE_BITS": 64, "SPARSE_CODES_FRACTION_LOG2": 0}
-# tiny tiles: dense chunks of 100 // 2^(d - d//2) tokens (1..50), sparse of 100 // 2^u.
+ALL_SPARSE = {**PARTITIONED, "MAX_SPARSE_BITS": 64, "SPARSE_CODES_FRACTION_LOG2": 0}
+# tiny tiles: dense chunks of 100 // (c (2^(d//2) + 2^(d - d//2))) tokens (at least 1), sparse of 100 // 2^u.
 TINY_TILES = {"TILE_ELEMENTS": 100}
-MODES = {"default": {}, "all_dense": ALL_DENSE, "all_sparse": ALL_SPARSE, "tiny_tiles": TINY_TILES,
-         "one_token_tiles": {"TILE_ELEMENTS": 1}}
+MODES = {"default": {}, "partitioned": PARTITIONED, "all_dense": ALL_DENSE, "all_sparse": ALL_SPARSE,
+         "tiny_tiles": TINY_TILES, "one_token_tiles": {"TILE_ELEMENTS": 1}}
 
 
 def grid_tokens(d: int) -> int:
@@ -212,16 +216,18 @@ def grid_tokens(d: int) -> int:
 # 1. values and gradients against the fp64 brute force
 
 
+@pytest.mark.parametrize("mode", ["default", "partitioned"])  # small batches: all dense by default
 @pytest.mark.parametrize("c", [1, 3])
 @pytest.mark.parametrize("d", BITS)
 @pytest.mark.parametrize("temperature", TEMPERATURES)
-def test_matches_brute_force(temperature, d, c):
+def test_matches_brute_force(temperature, d, c, mode):
     # the first seed whose batch has an uncertain bit (|l| < 30; at T = 1000 and few bits a batch
     # may have none: that all-confident case is test_all_confident_batch_gradient's)
     seed = d * 10 + c
     while not ((logits := normal_logits(grid_tokens(d), c, d, temperature, seed)).abs() < 30).any():
         seed += 1000
-    check_against_reference(logits)
+    with constants(**MODES[mode]):
+        check_against_reference(logits)
 
 
 @pytest.mark.parametrize("mode", ["all_dense", "all_sparse", "tiny_tiles", "one_token_tiles"])
@@ -271,7 +277,7 @@ def mixed_batches(draw):
         0.5 + 2.5 * torch.rand(c, generator=g))
     logits = torch.where(is_uncertain, small, confident)
     tiles = draw(st.sampled_from([{}, {"TILE_ELEMENTS": 1}, {"TILE_ELEMENTS": 100}]))
-    return logits, tiles
+    return logits, {**PARTITIONED, **tiles}
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -353,6 +359,47 @@ def test_all_confident_batch_dense_is_exact():
     """The same batch through the dense path: fp32 resolves these 1e-14 gradients to 1e-7."""
     with constants(**ALL_DENSE):
         check_against_reference(_all_confident_logits())
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_sync_free_path_matches_sparse_path_and_fp64(temperature, masked, monkeypatch):
+    """VQ_LAYERS_SYNC_FREE=1 (what CUDA tensors do): every token dense, both codebooks batched,
+    dropped tokens as zero weights, no host sync; the same masses, entropies and gradients as the
+    sparse-exact path and as the fp64 brute force over the kept tokens."""
+    n, c, d = 48, 2, 7
+    logits = normal_logits(n, c, d, temperature, seed=11)
+    logits[0, 0, :2] = torch.tensor([0.5, -1.5])  # some uncertain bits at every temperature
+    keep = torch.arange(n) % 3 != 1 if masked else None
+
+    def run():
+        l32 = logits.clone().requires_grad_()
+        with DispatchCount() as counted:
+            per_sample, codebook = lfq_entropy(l32, keep=keep)
+            (grad,) = torch.autograd.grad(per_sample - 0.7 * codebook, l32)
+            mass = code_mass(logits, keep)
+        return (per_sample, codebook, mass, grad), counted.syncs
+
+    with constants(**ALL_SPARSE), path_spy() as seen:
+        sparse, _ = run()
+    assert seen["sparse"] > 0 and seen["dense"] == 0
+    monkeypatch.setenv("VQ_LAYERS_SYNC_FREE", "1")
+    with constants(**PARTITIONED), path_spy() as seen:  # the sync-free path wins over the CPU's choice
+        free, syncs = run()
+    assert seen["sparse"] == 0 and seen["dense"] > 0 and syncs == []
+    for ours, theirs in zip(free, sparse):
+        torch.testing.assert_close(ours, theirs, rtol=TOL, atol=TOL * theirs.abs().max().item())
+    kept = logits if keep is None else logits[keep]
+    l64 = kept.double().requires_grad_()
+    ref_ps, ref_cb, ref_mass = brute_force(l64)
+    assert_values(free[0], free[1], ref_ps, ref_cb)
+    torch.testing.assert_close(free[2].double(), ref_mass, rtol=0, atol=TOL * ref_mass.abs().max().item())
+    (ref_grad,) = torch.autograd.grad(ref_ps - 0.7 * ref_cb, l64)
+    grad = free[3] if keep is None else free[3][keep]
+    s_ps, s_cb = grad_scales(kept)
+    assert (grad.double() - ref_grad).abs().max() <= TOL * (s_ps + 0.7 * s_cb)
+    if keep is not None:
+        assert (free[3][~keep] == 0).all()
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,15 +41,29 @@ def as_integer(name: str, value) -> int:
         raise ValueError(f"{name}: expected an integer, got {value!r}") from None
 
 
-def check_indices(indices, codebook_size: int, name: str = "indices", allow_dropped: bool = False) -> None:
+def check_indices(indices, codebook_size: int, name: str = "indices", allow_dropped: bool = False,
+                  values: bool = True) -> None:
     """An integer tensor with every value in [0, codebook_size), or -1 (masked or dropped) when
-    `allow_dropped` (one host sync; the value check is skipped when compiling)."""
+    `allow_dropped`. The values are read back (one host sync), unless compiling or not `values`
+    (a caller that checked them already)."""
     if (not isinstance(indices, Tensor) or indices.is_floating_point() or indices.is_complex()
             or indices.dtype == torch.bool):
         raise TypeError(f"{name}: expected an integer tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
-    if indices.numel() and not torch.compiler.is_compiling():
-        low, high = torch.stack(torch.aminmax(indices)).tolist()  # (one read back, not two)
-        lowest = -1 if allow_dropped else 0
+    if values:
+        check_index_ranges([(indices, codebook_size, name)], allow_dropped)
+
+
+def check_index_ranges(parts: list, allow_dropped: bool = True) -> None:
+    """(indices, codebook_size, name) triples of integer tensors (typed already: check_indices)
+    -> ValueError naming the first whose values leave [0, codebook_size) (or -1 when
+    `allow_dropped`). One read back for all of them (a decoder's stages, levels or groups: one
+    host sync per call); none when compiling."""
+    parts = [part for part in parts if part[0].numel()]
+    if not parts or torch.compiler.is_compiling():
+        return
+    ranges = torch.stack([torch.stack(torch.aminmax(indices)).to(parts[0][0].device) for indices, _, _ in parts])
+    lowest = -1 if allow_dropped else 0
+    for (low, high), (_, codebook_size, name) in zip(ranges.tolist(), parts):
         if low < lowest or high >= codebook_size:
             dropped = " (or -1 for masked or dropped)" if allow_dropped else ""
             raise ValueError(f"{name}: expected values in [0, {codebook_size}){dropped}, got values in [{low}, {high}]")

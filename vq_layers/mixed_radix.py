@@ -36,10 +36,11 @@ def digits_to_indices(digits: Tensor, basis: Tensor) -> Tensor:
     return (digits.long() * basis).sum(dim=-1)
 
 
-def indices_to_digits(indices: Tensor, basis: Tensor, levels: Tensor, codebook_size: int) -> Tensor:
+def indices_to_digits(indices: Tensor, basis: Tensor, levels: Tensor, codebook_size: int,
+                      checked: bool = False) -> Tensor:
     """Indices (...) in [0, codebook_size), or -1 (no code: masked, dropped or non-finite input)
     -> digit per dimension (..., d), int64, every digit -1 for index -1; TypeError or ValueError
-    (naming `indices`) for a non-integer tensor or a value out of range."""
-    check_indices(indices, codebook_size, allow_dropped=True)
+    (naming `indices`) for a non-integer tensor or a value out of range (unless `checked`)."""
+    check_indices(indices, codebook_size, allow_dropped=True, values=not checked)
     indices = indices.long().unsqueeze(-1)
     return fill_tokens(indices.clamp(min=0) // basis % levels, indices[..., 0] == NO_CODE, NO_CODE)

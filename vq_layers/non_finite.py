@@ -50,7 +50,13 @@ def mark_losses(loss: Tensor, bad: Tensor | None) -> Tensor:
     GradScaler deciding whether to take one) sees it."""
     if bad is None:
         return loss
-    return loss * loss.new_ones(()).masked_fill(bad.any(), float("nan"))
+    return loss * nan_if_any(bad).to(loss.dtype)
+
+
+def nan_if_any(bad: Tensor) -> Tensor:
+    """An fp32 scalar: 1, or NaN when any token is bad (`mark_losses`' factor, computed once for
+    several losses)."""
+    return torch.ones((), device=bad.device).masked_fill(bad.any(), float("nan"))
 
 
 def without_codes(result, bad: Tensor):

@@ -26,6 +26,7 @@ non-positive terms with 0/1 weights, free of the cancellation that l·b - sum so
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import self_check
-from .backend import run
+from .backend import run, sync_free
 
 # sigmoid(-30) = 9.4e-14: a bit with |l| >= 30 puts at most that fraction of the token's mass on
 # its unlikely side. Fixing all such bits (d <= 64 of them) drops at most 64 * 9.4e-14 = 6e-12 of
@@ -43,6 +44,10 @@ CONFIDENT_LOGIT = 30.0
 # enumeration (gather/scatter) is no cheaper than the dense matmul over all 2^d codes
 MAX_SPARSE_BITS = 12
 SPARSE_CODES_FRACTION_LOG2 = 3
+# on the CPU, every token takes the dense path up to this many (token, codebook, code) triples:
+# there it is faster at any temperature (2 cores; beyond, at inv_temperature 100, its exp gives
+# subnormal probabilities, which slow the CPU's matmul 4-5x, and the sparse path wins)
+CPU_DENSE_MAX_PAIRS = 2**21
 # at most this many (token, code) pairs exist at once: 16 MiB of fp32 per tile
 TILE_ELEMENTS = 2**22
 
@@ -68,12 +73,6 @@ def _both_sides(bits: Tensor) -> Tensor:
     return torch.cat([bits, 1 - bits], dim=-1)
 
 
-def _half_probs(logits: Tensor) -> Tensor:
-    """p(corner | token) over the 2^h corners of h bits: (n, h) -> (n, 2^h), no cancellation."""
-    bits = code_bits(0, 2 ** logits.shape[-1], logits.shape[-1], logits.device)
-    return torch.exp(_bit_logprobs(logits) @ _both_sides(bits).T)
-
-
 def _grad_from_bit_sums(logits: Tensor, set_sum: Tensor, clear_sum: Tensor) -> Tensor:
     """d/dlogits of sum_k w_nk where w_nk = p(k | n) c_nk (c held fixed), from the sums of w over
     the codes with each bit set and clear.
@@ -90,45 +89,91 @@ def _bits_grad(logits: Tensor, weighted: Tensor) -> Tensor:
     return _grad_from_bit_sums(logits, weighted @ bits, weighted @ (1 - bits))
 
 
-def _triton_dense_mass(logits: Tensor, grad_mass: Tensor | None) -> Tensor:
+@functools.lru_cache(maxsize=None)
+def _half_tables(d: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Constants of the dense path for d bits, split into high (d // 2) and low halves:
+
+    - signs (2,) = [-1, 1]: l[..., None] * signs = [-l, l] per bit, interleaved (d, 2);
+    - to_logp (2d, H + L), H = 2^high, L = 2^low: softplus([-l, l]) @ to_logp = the log-
+      probabilities of the H corners of the high bits, then of the L corners of the low bits:
+      -softplus(-l_i) = logsigmoid(l_i) where corner bit i is set, -softplus(l_i) where clear;
+    - to_sums (H + L, 2d): w @ to_sums = [sum of w over the corners with bit i set, minus the
+      sum over those with bit i clear] per bit (interleaved), for w over the H then L corners.
+    """
+    high = d // 2
+    blocks = []
+    for first, width in ((0, high), (high, d - high)):  # one block per half: its corners' bits
+        bits = torch.zeros(2**width, d, 2)
+        bits[:, first:first + width, 0] = code_bits(0, 2**width, width, "cpu")
+        bits[:, first:first + width, 1] = 1 - bits[:, first:first + width, 0]
+        blocks.append(bits.reshape(2**width, 2 * d))
+    both = torch.cat(blocks)  # (H + L, 2d): 1 where the corner has that side of the bit
+    signs = torch.tensor([-1.0, 1.0])
+    return signs.to(device), (-both.T).contiguous().to(device), (both * -signs.repeat(d)).to(device)
+
+
+def _half_probs(logits: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+    """p(corner | token) over the corners of each half of the bits: (n, c, d) -> (n, c, H + L)
+    (0 for tokens with keep False), and [-l, l] (n, c, d, 2)."""
+    signs, to_logp, _ = _half_tables(logits.shape[-1], logits.device)
+    both = logits.unsqueeze(-1) * signs
+    probs = torch.exp(F.softplus(both).flatten(-2) @ to_logp)  # sums of non-positive terms: no cancellation
+    return (probs if keep is None else torch.where(keep[:, None, None], probs, 0.0)), both
+
+
+def _triton_dense_mass(logits: Tensor, grad_mass: Tensor | None, keep: Tensor | None = None) -> Tensor:
+    """As `_dense_mass`, for one codebook's logits (n, d): the Triton kernels."""
     from . import triton_lfq_entropy
     pos, neg = logsigmoid(logits), logsigmoid(-logits)
+    if keep is not None:  # a dropped token: every corner's log-probability ~ -d * 1e30, so p = 0
+        pos, neg = (torch.where(keep[:, None], t, -1e30) for t in (pos, neg))
     if grad_mass is None:
         return triton_lfq_entropy.code_mass(pos, neg)
     return _grad_from_bit_sums(logits, *triton_lfq_entropy.bit_sums(pos, neg, grad_mass))
 
 
-def _dense_mass(logits: Tensor, grad_mass: Tensor | None = None, torch_only: bool = False) -> Tensor:
-    """Forward: sum_n p(k | n) over all 2^d codes (2^d,). Backward (grad_mass given): d/dlogits.
+def _dense_mass(logits: Tensor, keep: Tensor | None = None, grad_mass: Tensor | None = None,
+                torch_only: bool = False) -> Tensor:
+    """Forward: sum over the kept tokens of p(k | n), (n, c, d) -> (c, 2^d). Backward
+    (grad_mass (c, 2^d) given): d/dlogits (n, c, d), zero for the dropped tokens.
 
     p(k | n) factorizes over the high and low halves of the bits: p = A[n, k_high] B[n, k_low],
-    so the mass is one matmul A^T B, (2^(d/2), n) @ (n, 2^(d/2)), with no (n, 2^d) tensor. Tokens
-    go in chunks of at most TILE_ELEMENTS / 2^(d/2); the backward recomputes A and B per chunk.
-    The Triton kernels take it where they run, unless `torch_only` (torch ops, which autograd can
-    differentiate: double backward).
+    so a codebook's mass is one matmul A^T B, (H, n) @ (n, L), with no (n, 2^d) tensor; all
+    codebooks in one batched matmul. Tokens go in chunks of at most TILE_ELEMENTS / (c (H + L))
+    (one chunk at tokenizer sizes); the backward recomputes A and B per chunk. Every token takes
+    the same ops (no data-dependent branch: no host sync). The Triton kernels take it where they
+    run, unless `torch_only` (torch ops, which autograd can differentiate: double backward).
     """
     if not torch_only:  # on the GPU: the whole (n, 2^d) matrix in registers, tile by tile
-        return run(logits.device, None, lambda: _triton_dense_mass(logits, grad_mass),
-                   lambda: _dense_mass(logits, grad_mass, torch_only=True),
+        def triton_fn():
+            return torch.stack([_triton_dense_mass(logits[:, j], None if grad_mass is None else grad_mass[j], keep)
+                                for j in range(logits.shape[1])], dim=0 if grad_mass is None else 1)
+        return run(logits.device, None, triton_fn, lambda: _dense_mass(logits, keep, grad_mass, torch_only=True),
                    (self_check.lfq_key(logits), lambda: self_check.check_lfq_entropy(logits.device, logits.shape[-1])))
-    n, d = logits.shape
-    high = d // 2
-    token_chunk = max(1, TILE_ELEMENTS // 2 ** (d - high))
+    n, c, d = logits.shape
+    high, low = 2 ** (d // 2), 2 ** (d - d // 2)
+    token_chunk = max(1, TILE_ELEMENTS // (c * (high + low)))
     if grad_mass is not None:
-        grad_mass = grad_mass.reshape(2**high, 2 ** (d - high))  # [k_high, k_low]
-        out = torch.zeros_like(logits)
-    else:
-        out = logits.new_zeros(2**high, 2 ** (d - high))
+        grad_mass = grad_mass.reshape(c, high, low)
+        _, _, to_sums = _half_tables(d, logits.device)
+    mass, grads = None, []
     for t in range(0, n, token_chunk):
         rows = slice(t, t + token_chunk)
-        chunk_high, chunk_low = logits[rows, :high], logits[rows, high:]
-        a, b = _half_probs(chunk_high), _half_probs(chunk_low)
+        probs, both = _half_probs(logits[rows], None if keep is None else keep[rows])
+        a, b = probs[..., :high], probs[..., high:]  # (n, c, H), (n, c, L)
         if grad_mass is None:
-            out += a.T @ b
+            part = torch.einsum("nch,ncl->chl", a, b)
+            mass = part if mass is None else mass.add_(part)
             continue
-        out[rows, :high] = _bits_grad(chunk_high, a * (b @ grad_mass.T))
-        out[rows, high:] = _bits_grad(chunk_low, b * (a @ grad_mass))
-    return out.reshape(-1) if grad_mass is None else out
+        # w = p(k | n) g_k summed over the other half's corners, per corner of each half
+        weighted = probs * torch.cat([torch.einsum("ncl,chl->nch", b, grad_mass),
+                                      torch.einsum("nch,chl->ncl", a, grad_mass)], dim=-1)
+        sums = (weighted @ to_sums).unflatten(-1, (d, 2))  # [set sum, -clear sum] per bit
+        # sigmoid(-l) * set sum - sigmoid(l) * clear sum
+        grads.append((torch.sigmoid(both) * sums).sum(-1))
+    if grad_mass is not None:
+        return grads[0] if len(grads) == 1 else torch.cat(grads) if grads else torch.zeros_like(logits)
+    return logits.new_zeros(c, high * low) if mass is None else mass.reshape(c, high * low)
 
 
 def _sparse_mass(logits: Tensor, u: int, grad_mass: Tensor | None = None) -> Tensor:
@@ -195,8 +240,11 @@ def _mass(logits: Tensor, groups, grad_mass: Tensor | None = None, torch_only: b
     else:
         out = torch.zeros_like(logits)
     for tokens, u in groups:
-        part = (_dense_mass(logits[tokens], grad_mass, torch_only) if u is None
-                else _sparse_mass(logits[tokens], u, grad_mass))
+        if u is None:  # one codebook's dense tokens
+            part = _dense_mass(logits[tokens, None], None, None if grad_mass is None else grad_mass[None], torch_only)
+            part = part[0] if grad_mass is None else part[:, 0]
+        else:
+            part = _sparse_mass(logits[tokens], u, grad_mass)
         if grad_mass is None:
             out += part
         else:
@@ -204,7 +252,18 @@ def _mass(logits: Tensor, groups, grad_mass: Tensor | None = None, torch_only: b
     return out
 
 
+def _all_dense(logits: Tensor) -> bool:
+    """Whether every token takes the dense path: always where ops must not sync (the sparse path's
+    partition is data-dependent), and on the CPU for at most CPU_DENSE_MAX_PAIRS (token,
+    codebook, code) triples, where it was measured faster than the sparse-exact enumeration at
+    any temperature (docs/kernels.md). Static shapes only: no look at the data."""
+    n, c, d = logits.shape
+    return sync_free(logits.device) or n * c * 2**d <= CPU_DENSE_MAX_PAIRS
+
+
 def _mass_per_codebook(logits: Tensor, keep: Tensor | None = None) -> Tensor:
+    if _all_dense(logits):
+        return _dense_mass(logits, keep)
     return torch.stack([_mass(logits[:, c], _partition(logits[:, c], keep)) for c in range(logits.shape[1])])
 
 
@@ -214,6 +273,8 @@ def _mass_gradient(logits: Tensor, mass: Tensor, grad_mass: Tensor, keep: Tensor
     # centring it on its mass-weighted mean removes most cancellation from the sums below
     centre = (grad_mass * mass).sum(-1, keepdim=True) / mass.sum(-1, keepdim=True).clamp(min=1e-30)
     grad_mass = grad_mass - centre
+    if _all_dense(logits):
+        return _dense_mass(logits, keep, grad_mass, torch_only)
     # the partition is recomputed (cheap: one pass over the logits) rather than carried from the forward
     return torch.stack([_mass(logits[:, c], _partition(logits[:, c], keep), grad_mass[c].contiguous(), torch_only)
                         for c in range(logits.shape[1])], dim=1)
@@ -280,15 +341,22 @@ class BinaryEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits):
-        ctx.save_for_backward(logits)
-        return torch.sigmoid(logits) * F.softplus(-logits) + torch.sigmoid(-logits) * F.softplus(logits)
+        # symmetric in l; with a = |l|: softplus(-a) + a sigmoid(-a), two non-negative terms
+        # (sigmoid(l) softplus(-l) + sigmoid(-l) softplus(l), with softplus(a) = softplus(-a) + a)
+        magnitude = logits.abs()
+        unlikely = torch.sigmoid(-magnitude)
+        ctx.save_for_backward(logits, unlikely)
+        return F.softplus(-magnitude) + magnitude * unlikely
 
     @staticmethod
     def backward(ctx, grad):
-        (logits,) = ctx.saved_tensors
-        return -grad * logits * torch.sigmoid(logits) * torch.sigmoid(-logits)
+        logits, unlikely = ctx.saved_tensors  # sigmoid(l) sigmoid(-l) = s (1 - s), s = sigmoid(-|l|)
+        if torch.is_grad_enabled():  # double backward: recomputed, so that autograd sees s depend on l
+            unlikely = torch.sigmoid(-logits.abs())
+        return (grad * logits) * (unlikely * (unlikely - 1))
 
 
 def binary_entropy(logits: Tensor) -> Tensor:
-    """Entropy of Bernoulli(sigmoid(l)), elementwise: sigmoid(l) softplus(-l) + sigmoid(-l) softplus(l)."""
+    """Entropy of Bernoulli(sigmoid(l)), elementwise: sigmoid(l) softplus(-l) + sigmoid(-l) softplus(l)
+    = softplus(-|l|) + |l| sigmoid(-|l|)."""
     return BinaryEntropy.apply(logits)

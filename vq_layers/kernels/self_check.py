@@ -337,11 +337,11 @@ def check_lfq_entropy(device: torch.device, d: int) -> str | None:
     from .lfq_entropy import _dense_mass, _triton_dense_mass
 
     logits = lfq_problem(d, device, tokens=160 if device.type == "cuda" else 32)
-    mass = _dense_mass(logits, torch_only=True)
+    mass = _dense_mass(logits[:, None], torch_only=True)[0]
     generator = torch.Generator(device=device).manual_seed(3)
     grad_mass = torch.randn(2**d, generator=generator, device=device)
     grad_mass = grad_mass - (grad_mass * mass).sum() / mass.sum()  # centred, as the op's backward does
-    grad = _dense_mass(logits, grad_mass, torch_only=True)
+    grad = _dense_mass(logits[:, None], None, grad_mass[None], torch_only=True)[:, 0]
     mass_error = ((_triton_dense_mass(logits, None) - mass).abs().max() / mass.abs().max()).item()
     grad_error = ((_triton_dense_mass(logits, grad_mass) - grad).abs().max() / grad.abs().max().clamp(min=1e-30)).item()
     if mass_error <= LFQ_TOLERANCE and grad_error <= LFQ_TOLERANCE:  # False for NaN too

@@ -219,13 +219,14 @@ class FSQ(TokenQuantizer):
 
     # indices <-> codes
 
-    def indices_to_level_indices(self, indices: Tensor) -> Tensor:
+    def indices_to_level_indices(self, indices: Tensor, checked: bool = False) -> Tensor:
         """indices (...) -> level index per code dimension (..., d), int64 (-1 for index -1)."""
-        return indices_to_digits(indices, self._basis, self._levels, self.codebook_size)
+        return indices_to_digits(indices, self._basis, self._levels, self.codebook_size, checked)
 
-    def indices_to_raw_codes(self, indices: Tensor) -> Tensor:
-        """indices (...) -> codes (..., d) in fp32, before rotation and projection; zeros for -1."""
-        level = self.indices_to_level_indices(indices)
+    def indices_to_raw_codes(self, indices: Tensor, checked: bool = False) -> Tensor:
+        """indices (...) -> codes (..., d) in fp32, before rotation and projection; zeros for -1.
+        `checked`: the caller read their range already (a residual layer: all stages at once)."""
+        level = self.indices_to_level_indices(indices, checked)
         return fill_tokens(self._level_to_code(level.to(torch.float32)), level[..., 0] == NO_CODE, 0.0)
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:

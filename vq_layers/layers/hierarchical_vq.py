@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_indices, check_non_negative, check_positive_int
+from ..checks import check_index_ranges, check_indices, check_non_negative, check_positive_int
 from ..counter_random import CounterDraws, mix32
 from ..distributed import NON_FINITE_INPUT, broadcast_once_, check_finite, is_distributed
 from ..layout import check_mask, from_tokens, indices_from_tokens, lens_to_mask
@@ -389,14 +389,17 @@ class HierarchicalVQ(nn.Module):
                                                                                        self.spatial_dims)
         batch = None
         for k, (level, level_shape) in enumerate(zip(indices, self.level_shapes)):
-            check_indices(level, self.codebook_sizes[k], name=f"indices[{k}]", allow_dropped=True)
+            check_indices(level, self.codebook_sizes[k], name=f"indices[{k}]", allow_dropped=True, values=False)
             batch = level.shape[0] if batch is None and level.ndim > 0 else batch
             if tuple(level.shape) != (batch, *level_shape):
                 raise ValueError(f"indices[{k}]: expected shape (b, *{level_shape}) = {(batch, *level_shape)}, got "
                                  f"{tuple(level.shape)}")
+        check_index_ranges([(level, size, f"indices[{k}]") for k, (level, size) in
+                            enumerate(zip(indices, self.codebook_sizes))])  # (one read for all levels)
         reconstruction = None
         for k, (level, level_shape) in enumerate(zip(indices, self.level_shapes)):
-            codes = self.get_vq(k).get_output_from_indices(level.reshape(batch, math.prod(level_shape)))
+            codes = self.get_vq(k).get_output_from_indices(level.reshape(batch, math.prod(level_shape)),
+                                                           _checked=True)
             q = self._refine(k, from_tokens(codes.float(), level_shape, True), full_shape)
             reconstruction = q if reconstruction is None else reconstruction + q
         if self.level_shapes[-1] == full_shape:

@@ -217,7 +217,8 @@ class LFQ(TokenQuantizer):
 
     def _bits_to_codes(self, bits: Tensor) -> Tensor:
         """bits (..., d) in {0, 1} -> codes (..., d) = +-code_value, fp32."""
-        return (bits.to(torch.float32) * 2 - 1) * self.code_value
+        value = self.code_value
+        return bits.to(torch.float32) * (2 * value) - value  # exact: 2v - v = v
 
     @fp32_island
     def _core(self, z: Tensor, keep: Tensor | None, inv_temperature: float) -> Core:
@@ -239,7 +240,7 @@ class LFQ(TokenQuantizer):
             indices = indices.masked_fill(~keep.unsqueeze(-1), NO_CODE)
         codes = self._bits_to_codes(bits)
         zero = z.new_zeros(())
-        per_sample = batch = commitment = zero
+        per_sample = batch = commitment = aux_loss = zero
         if self.training:
             quantized = straight_through(codes, project(self.activation, z))  # its params may be bf16
             kept = rearrange(keep, "b n -> (b n)") if keep is not None else None
@@ -248,15 +249,16 @@ class LFQ(TokenQuantizer):
             # the global batch's entropy when gradients flow; under no_grad this rank's alone, so
             # that no_grad forwards (a GAN's discriminator step) issue no collective
             per_sample, batch = lfq_entropy(logits, self.process_group, sync=torch.is_grad_enabled(), keep=kept)
+            entropy_loss = per_sample - self.diversity_gamma * batch
+            if self.experimental_softplus_entropy_loss:
+                entropy_loss = F.softplus(entropy_loss + self.entropy_loss_offset)
+            aux_loss = entropy_loss * self.entropy_loss_weight
             if self.commitment_loss_weight > 0:
                 commitment, _ = masked_mse(rearrange(z, "b n c d -> b n (c d)"),
                                            rearrange(codes, "b n c d -> b n (c d)"), keep)
-        else:
+                aux_loss = aux_loss + commitment * self.commitment_loss_weight
+        else:  # no losses in eval (zeros, as the peer's)
             quantized = codes
-        entropy_loss = per_sample - self.diversity_gamma * batch
-        if self.training and self.experimental_softplus_entropy_loss:
-            entropy_loss = F.softplus(entropy_loss + self.entropy_loss_offset)
-        aux_loss = entropy_loss * self.entropy_loss_weight + commitment * self.commitment_loss_weight
         quantized = rearrange(self._rotate_back(quantized), "b n c d -> b n (c d)")
         return Core(quantized, indices, (aux_loss, LossBreakdown(per_sample, batch, commitment)))
 
@@ -266,9 +268,10 @@ class LFQ(TokenQuantizer):
         ret = Return(result.out, result.indices, aux_loss)
         return (ret, breakdown) if return_loss_breakdown else ret
 
-    def indices_to_raw_codes(self, indices: Tensor) -> Tensor:
-        """indices (...) -> codes (..., d), fp32, rotated back, before projection; zeros for -1."""
-        check_indices(indices, self.codebook_size, allow_dropped=True)
+    def indices_to_raw_codes(self, indices: Tensor, checked: bool = False) -> Tensor:
+        """indices (...) -> codes (..., d), fp32, rotated back, before projection; zeros for -1.
+        `checked`: the caller read their range already (a residual layer: all stages at once)."""
+        check_indices(indices, self.codebook_size, allow_dropped=True, values=not checked)
         codes = self._bits_to_codes((indices.long().unsqueeze(-1) & self.bit_values) != 0)
         return self._rotate_back(fill_tokens(codes, indices == NO_CODE, 0.0))
 

@@ -12,7 +12,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_positive_int
+from ..checks import check_index_ranges, check_indices, check_positive_int
 from ..counter_random import CounterDraws
 from ..distributed import broadcast_once_, is_distributed
 from ..non_finite import NO_CODE, fill_tokens, mark_non_finite, non_finite_tokens
@@ -149,14 +149,20 @@ def run_stages(x: Tensor, stages: list[Callable], last_kept, quant_grad_frac: fl
     return quantized, torch.stack(all_indices, dim=-1), torch.stack(outputs), extras
 
 
-def stage_codes(indices: Tensor, lookups: list[Callable]) -> Tensor:
+def stage_codes(indices: Tensor, lookups: list[Callable], sizes: list[int] | None = None) -> Tensor:
     """indices (b, ..., q'), q' <= q, -1 = dropped -> codes (q, b, ..., d); missing stages dropped.
 
-    lookups[k](valid indices (b, ...)) -> codes (b, ..., d) of stage k.
+    lookups[k](valid indices (b, ...)) -> codes (b, ..., d) of stage k. With `sizes` (each
+    stage's codebook size), every stage's indices are checked first, in one read (the lookups
+    need not read them again); None: the caller checked them.
     """
     if indices.shape[-1] > len(lookups):
         raise ValueError(f"indices: expected at most {len(lookups)} quantizers on the last axis, "
                          f"got {indices.shape[-1]}")
+    if sizes is not None:
+        check_indices(indices, max(sizes), allow_dropped=True, values=False)
+        check_index_ranges([(indices[..., k], size, f"indices[..., {k}]")
+                            for k, size in zip(range(indices.shape[-1]), sizes)])
     if indices.shape[-1] < len(lookups):  # coarse indices (quantize dropout): pad as dropped
         pad = indices.new_full((*indices.shape[:-1], len(lookups) - indices.shape[-1]), -1)
         indices = torch.cat([indices, pad], dim=-1)
@@ -263,23 +269,31 @@ class ResidualQuantizer(TokenQuantizer):
         """Whether indices as forward returns them decode channel-first (as its output was)."""
         return self._channel_first(indices)
 
-    def _stage_codes(self, indices: Tensor) -> Tensor:
-        return stage_codes(indices, [partial(self._lookup_stage, k) for k in range(self.num_quantizers)])
+    @property
+    def stage_sizes(self) -> list[int]:
+        """Each stage's codebook size."""
+        return [self.codebook_size] * self.num_quantizers
 
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+    def _stage_codes(self, indices: Tensor, checked: bool = False) -> Tensor:
+        """`checked`: the caller read the indices' range already (GroupedResidual: all groups at once)."""
+        return stage_codes(indices, [partial(self._lookup_stage, k) for k in range(self.num_quantizers)],
+                           None if checked else self.stage_sizes)
+
+    def get_codes_from_indices(self, indices: Tensor, *, _checked: bool = False) -> Tensor:
         """indices as forward returns them, -1 for dropped -> each stage's codes (q, b, ..., d) fp32.
 
         Fewer quantizers than num_quantizers (coarse indices) count the missing ones as dropped.
         """
-        return self._stage_codes(self._q_last(indices))
+        return self._stage_codes(self._q_last(indices), _checked)
 
-    def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None, *,
+                                _checked: bool = False) -> Tensor:
         """indices as forward returns them -> the output forward gave (bitwise, in eval).
 
         float32 (the projection's dtype with projections) unless `dtype` is given. A token all
         of whose indices are -1 (masked, or non-finite input) decodes to zeros.
         """
-        out = project(self.project_out, sum_stages(self.get_codes_from_indices(indices)))
+        out = project(self.project_out, sum_stages(self.get_codes_from_indices(indices, _checked=_checked)))
         out = fill_tokens(out, (self._q_last(indices) == NO_CODE).all(-1), 0.0)
         out = out if dtype is None else out.to(dtype)
         return rearrange(out, "b ... d -> b d ...") if self._channel_first_output(indices) else out
@@ -345,10 +359,20 @@ class GroupedResidual(nn.Module):
                              f"got shape {tuple(indices.shape)}")
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        self._check_groups(indices)
-        return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)])
+        self._check_group_indices(indices)
+        return torch.stack([rvq.get_codes_from_indices(i, _checked=True) for rvq, i in zip(self.rvqs, indices)])
 
     def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        self._check_groups(indices)
-        outs = [rvq.get_output_from_indices(i, dtype) for rvq, i in zip(self.rvqs, indices)]
+        self._check_group_indices(indices)
+        outs = [rvq.get_output_from_indices(i, dtype, _checked=True) for rvq, i in zip(self.rvqs, indices)]
         return cat(outs, dim=self.split_dim)
+
+    def _check_group_indices(self, indices: Tensor) -> None:
+        """Every group's indices (g, b, ..., q') against each stage's size, in one read."""
+        self._check_groups(indices)
+        sizes = self.rvqs[0].stage_sizes
+        check_indices(indices, max(sizes), allow_dropped=True, values=False)
+        if indices.ndim < 3 or indices.shape[-1] > len(sizes):
+            return  # (the groups refuse the shape)
+        check_index_ranges([(indices[..., k], size, f"indices[..., {k}]") for k, size in
+                            zip(range(indices.shape[-1]), sizes)])

@@ -191,7 +191,7 @@ class ResidualFSQ(ResidualQuantizer):
         return codes * self.scales[k], indices
 
     def _lookup_stage(self, k: int, indices: Tensor) -> Tensor:
-        return self.layers[k].indices_to_raw_codes(indices) * self.scales[k]
+        return self.layers[k].indices_to_raw_codes(indices, checked=True) * self.scales[k]
 
     def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None):
         result = self.quantize_tokens(x, seed=rand_quantize_dropout_fixed_seed)

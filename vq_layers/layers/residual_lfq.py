@@ -75,7 +75,7 @@ class ResidualLFQ(ResidualQuantizer):
         return (*ret, self._all_codes(result)) if return_all_codes else ret
 
     def _lookup_stage(self, k: int, indices: Tensor) -> Tensor:
-        return self.layers[k].indices_to_raw_codes(indices)
+        return self.layers[k].indices_to_raw_codes(indices, checked=True)
 
 
 class GroupedResidualLFQ(GroupedResidual):

@@ -90,7 +90,7 @@ class ResidualSimVQ(ResidualQuantizer):
         return rearrange(codes, "q b ... d -> q b d ...") if self.channel_first and codes.ndim > 3 else codes
 
     def _checked_codes(self, indices: Tensor) -> Tensor:
-        check_indices(indices, self.codebook_size, allow_dropped=True)
+        check_indices(indices, self.codebook_size, allow_dropped=True, values=False)  # (values: stage_codes)
         if indices.ndim < 2:
             raise ValueError(f"indices: expected (b, ..., q), got shape {tuple(indices.shape)}")
         return self._stage_codes(indices.long())

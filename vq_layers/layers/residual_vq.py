@@ -289,22 +289,26 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
             check_indices(indices[..., k], size, f"indices[..., {k}]")
         return indices.long().reshape(expected)
 
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+    @property
+    def stage_sizes(self) -> list[int]:
+        return list(self.codebook_sizes)
+
+    def get_codes_from_indices(self, indices: Tensor, *, _checked: bool = False) -> Tensor:
         """indices (b, ..., q'), q' <= q, -1 = dropped or masked -> each stage's codes (q, b, ..., d) fp32."""
-        check_indices(indices, max(self.codebook_sizes), allow_dropped=True)
+        check_indices(indices, max(self.codebook_sizes), allow_dropped=True, values=False)
         if indices.ndim < 2:
             raise ValueError(f"indices: expected (b, ..., q), got shape {tuple(indices.shape)}")
-        return super().get_codes_from_indices(indices)
+        return super().get_codes_from_indices(indices, _checked=_checked)
 
     def _lookup_stage(self, k: int, indices: Tensor) -> Tensor:
-        check_indices(indices, self.codebook_sizes[k], f"indices[..., {k}]")
+        """Valid indices (b, ...) of stage k (checked by stage_codes) -> its codes (b, ..., d)."""
         return self.layers[k].lookup(indices.unsqueeze(-1))
 
-    def _stage_codes(self, indices: Tensor) -> Tensor:
+    def _stage_codes(self, indices: Tensor, checked: bool = False) -> Tensor:
         """With implicit codebooks, stage k's code is its network's transform of the base code,
         conditioned on the codes before it (one code per token: no per-token codebook)."""
         if self.mlps is None:
-            return super()._stage_codes(indices)
+            return super()._stage_codes(indices, checked)
         so_far = []
 
         def lookup(k, stage_indices):
@@ -314,7 +318,8 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
             so_far.append(codes)
             return codes
 
-        return stage_codes(indices, [partial(lookup, k) for k in range(self.num_quantizers)])
+        return stage_codes(indices, [partial(lookup, k) for k in range(self.num_quantizers)],
+                           None if checked else self.stage_sizes)
 
     def _channel_first_output(self, indices: Tensor) -> bool:
         return self.accept_image_fmap

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..checks import MAX_MATERIALIZED_ELEMENTS, check_codebook_axis
 from ..layout import check_mask, from_tokens, indices_from_tokens, lens_to_mask, to_tokens, without_padding
-from ..non_finite import NO_CODE, fill_tokens, mark_losses, mark_non_finite, non_finite_tokens
+from ..non_finite import NO_CODE, fill_tokens, mark_non_finite, nan_if_any, non_finite_tokens
 from ..precision import Fp32BuffersModule, project
 from ..usage import CodeUsage, code_usage
 
@@ -54,14 +54,17 @@ class Quantization(NamedTuple):
     bad: Tensor | None  # (b, n) the non-finite tokens, None when the core refused them
 
 
-def mark_all(losses, bad: Tensor | None):
+def mark_all(losses, bad: Tensor | None, factor: Tensor | None = None):
     """Every loss in a core's `losses` (a tensor, or a tuple, NamedTuple or dict of them, nested
-    as deep as need be) NaN when a token is bad."""
+    as deep as need be) NaN when a token is bad: times one `factor` (`nan_if_any(bad)`)."""
+    if bad is None:
+        return losses
+    factor = nan_if_any(bad) if factor is None else factor
     if isinstance(losses, Tensor):
-        return mark_losses(losses, bad)
+        return losses * factor.to(losses.dtype)
     if isinstance(losses, dict):
-        return {name: mark_all(loss, bad) for name, loss in losses.items()}
-    marked = [mark_all(loss, bad) for loss in losses]
+        return {name: mark_all(loss, bad, factor) for name, loss in losses.items()}
+    marked = [mark_all(loss, bad, factor) for loss in losses]
     return type(losses)(*marked) if hasattr(losses, "_fields") else type(losses)(marked)
 
 

@@ -318,9 +318,10 @@ class CodebookQuantizer(nn.Module):
             idx = idx.masked_fill(~keep.unsqueeze(-1), -1)
         return self._per_codebook(rearrange(idx, "b n h -> h (b n)"))
 
-    def _check_code_indices(self, indices: Tensor) -> Tensor:
-        """indices (b, ...[, heads]) integer in [-1, codebook_size) -> (b, ..., heads)."""
-        check_indices(indices, self.codebook_size, allow_dropped=True)
+    def _check_code_indices(self, indices: Tensor, checked: bool = False) -> Tensor:
+        """indices (b, ...[, heads]) integer in [-1, codebook_size) -> (b, ..., heads); `checked`:
+        the caller read their range already (HierarchicalVQ: all levels at once)."""
+        check_indices(indices, self.codebook_size, allow_dropped=True, values=not checked)
         if self.heads > 1 and (indices.ndim < 2 or indices.shape[-1] != self.heads):
             raise ValueError(f"indices: expected a last axis of heads={self.heads}, got shape {tuple(indices.shape)}")
         return indices.long() if self.heads > 1 else indices.long().unsqueeze(-1)
@@ -561,13 +562,14 @@ class VectorQuantize(CodebookQuantizer, TokenQuantizer):
         codes = self.lookup(self._check_code_indices(indices))
         return rearrange(codes, "b ... d -> b d ...") if self._channel_first_output(codes) else codes
 
-    def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    def get_output_from_indices(self, indices: Tensor, dtype: torch.dtype | None = None, *,
+                                _checked: bool = False) -> Tensor:
         """indices as forward returns them -> the output forward gave (bitwise, in eval).
 
         float32 (the projection's dtype with projections) unless `dtype` is given; positions with
         index -1 (masked) are zeros.
         """
-        idx = self._check_code_indices(indices)
+        idx = self._check_code_indices(indices, _checked)
         out = project(self.project_out, self.lookup(idx))
         out = out.masked_fill((idx[..., :1] < 0), 0.0)
         out = out if dtype is None else out.to(dtype)
