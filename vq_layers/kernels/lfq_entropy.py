@@ -50,6 +50,12 @@ SPARSE_CODES_FRACTION_LOG2 = 3
 CPU_DENSE_MAX_PAIRS = 2**21
 # at most this many (token, code) pairs exist at once: 16 MiB of fp32 per tile
 TILE_ELEMENTS = 2**22
+# exp and softplus of an argument below -87 (a result below 1.6e-38, near the smallest normal
+# fp32 number, 1.18e-38: subnormal or zero) take a slow path on the CPU, ~50x slower. The dense
+# path keeps their arguments at or above it and sets what lies below to zero: only the
+# subnormal band of probabilities (below 1.7e-38) changes, to 0.
+EXP_FLOOR = -87.0
+P_FLOOR = 1.7e-38
 
 
 def code_bits(start: int, stop: int, d: int, device) -> Tensor:
@@ -117,7 +123,9 @@ def _half_probs(logits: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
     (0 for tokens with keep False), and [-l, l] (n, c, d, 2)."""
     signs, to_logp, _ = _half_tables(logits.shape[-1], logits.device)
     both = logits.unsqueeze(-1) * signs
-    probs = torch.exp(F.softplus(both).flatten(-2) @ to_logp)  # sums of non-positive terms: no cancellation
+    # sums of non-positive terms (no cancellation); softplus(x < -87) < 1.6e-38 adds nothing to them
+    logp = F.softplus(both.clamp(min=EXP_FLOOR)).flatten(-2) @ to_logp
+    probs = F.threshold(torch.exp(logp.clamp(min=EXP_FLOOR)), P_FLOOR, 0.0)
     return (probs if keep is None else torch.where(keep[:, None, None], probs, 0.0)), both
 
 
@@ -341,18 +349,19 @@ class BinaryEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits):
-        # symmetric in l; with a = |l|: softplus(-a) + a sigmoid(-a), two non-negative terms
-        # (sigmoid(l) softplus(-l) + sigmoid(-l) softplus(l), with softplus(a) = softplus(-a) + a)
-        magnitude = logits.abs()
-        unlikely = torch.sigmoid(-magnitude)
+        # symmetric in l; with a = |l| and s = sigmoid(-a): softplus(-a) + a s = -log1p(-s) + a s,
+        # two non-negative terms (sigmoid(l) softplus(-l) + sigmoid(-l) softplus(l), with
+        # softplus(a) = softplus(-a) + a). Past a = 87, s < 1.7e-38 is taken as 0 (EXP_FLOOR).
+        magnitude = logits.abs().clamp(max=-EXP_FLOOR)
+        unlikely = F.threshold(torch.sigmoid(-magnitude), P_FLOOR, 0.0)
         ctx.save_for_backward(logits, unlikely)
-        return F.softplus(-magnitude) + magnitude * unlikely
+        return magnitude * unlikely - torch.log1p(-unlikely)
 
     @staticmethod
     def backward(ctx, grad):
         logits, unlikely = ctx.saved_tensors  # sigmoid(l) sigmoid(-l) = s (1 - s), s = sigmoid(-|l|)
         if torch.is_grad_enabled():  # double backward: recomputed, so that autograd sees s depend on l
-            unlikely = torch.sigmoid(-logits.abs())
+            unlikely = F.threshold(torch.sigmoid(-logits.abs().clamp(max=-EXP_FLOOR)), P_FLOOR, 0.0)
         return (grad * logits) * (unlikely * (unlikely - 1))
 
 
