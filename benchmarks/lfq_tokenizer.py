@@ -31,9 +31,10 @@ CONFIGS = [  # (codebook_size, num_codebooks, dim, tokens, spherical)
     (2**10, 2, 64, 1024, True),
     (2**10, 1, 10, 1024, True),
 ]
-IMPLS = ["vq_layers", PEER]
+IMPLS = ["vq_layers", PEER, "sign-only bound"]
 MIN_REPEATS = 40
-NOTE = "(× = the peer's time or added peak RSS over vq_layers'; > 1 means vq_layers is faster or leaner)"
+NOTE = ("(× = that implementation's time or added peak RSS over vq_layers'; > 1 means vq_layers is faster or "
+        "leaner. The sign-only bound: the same projections and a straight-through sign, no entropy)")
 
 
 def peer_gib(*config) -> None:
@@ -45,11 +46,24 @@ def measure_one(codebook_size: int, num_codebooks: int, dim: int, tokens: int, s
     """Runs inside the subprocess."""
     import torch
 
+    torch.manual_seed(0)
+    if impl == "sign-only bound":
+        bits = (codebook_size.bit_length() - 1) * num_codebooks
+        project = [torch.nn.Linear(dim, bits), torch.nn.Linear(bits, dim)] if dim != bits else []
+        layer = torch.nn.Sequential(*project).to(device)
+
+        def step(x):
+            z = layer[0](x) if project else x
+            out = z + (torch.where(z > 0, 1.0, -1.0) - z).detach()
+            (layer[1](out) if project else out).square().mean().backward()
+            layer.zero_grad(set_to_none=True)
+
+        x = torch.randn(1, tokens, dim, device=device, requires_grad=True)
+        return time_steps(step, x, max(repeats, MIN_REPEATS), device)
     if impl == "vq_layers":
         from vq_layers import LFQ
     else:
         from vector_quantize_pytorch import LFQ
-    torch.manual_seed(0)
     layer = LFQ(dim=dim, codebook_size=codebook_size, num_codebooks=num_codebooks, spherical=spherical,
                 entropy_loss_weight=0.1).to(device).train()
 

@@ -13,9 +13,10 @@ against codebook size, log-log, one line per implementation per layer). <out> de
 benchmarks/results/. Each measurement runs in its own subprocess (benchmarks.common.run_isolated).
 
 Sections (full suite):
-  VectorQuantize 8192 codes and ResidualVQ 8 x 1024, dim 256, 16384 tokens
+  VectorQuantize 1024 and 8192 codes and ResidualVQ 8 x 1024, dim 256, 16384 tokens
   VectorQuantize sweep 1k, 4k, 16k, 64k, 256k codes, dim 256, 4096 tokens
   LFQ sweep 2^10, 2^12, .. 2^18 codes, 4096 tokens, inv_temperature 100; LFQ 2^18 at 16384 tokens
+  LFQ at tokenizer sizes: 2^8-2^10 codes, 256-1024 tokens (benchmarks.lfq_tokenizer)
   FSQ 2^10 .. 2^16 codes (the paper's levels), dim 256, 16384 tokens
 The sweeps use 4096 tokens so the whole suite stays under 10 minutes on 2 idle CPU cores: a
 VectorQuantize step at 256k codes x 4096 tokens is already ~10^9 distances.
@@ -33,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import fsq, lfq, vq
+from benchmarks import fsq, lfq, lfq_tokenizer, vq
 from benchmarks.common import PEER, RESULTS, describe_machine, machine_slug, measure_rows, render
 
 
@@ -63,6 +64,7 @@ def sections(mode: str) -> list[Section]:
             Section("vq_sweep", "VectorQuantize codebook sweep", vq, [vq_config(k, 256, dim=32) for k in (64, 256)],
                     plot="VectorQuantize"),
             Section("lfq_sweep", "LFQ codebook sweep", lfq, [lfq_config(2**k, 256) for k in (6, 8)], plot="LFQ"),
+            Section("lfq_tokenizer", "LFQ at tokenizer sizes", lfq_tokenizer, lfq_tokenizer.CONFIGS[:1]),
             Section("fsq", "FSQ", fsq, [fsq.config(k, dim=32, tokens=256) for k in (2**8, 2**10)], plot="FSQ"),
         ]
     quick = mode == "quick"
@@ -71,12 +73,15 @@ def sections(mode: str) -> list[Section]:
     fsq_sweep = [2**10, 2**16] if quick else fsq.SIZES
     return [
         Section("vq", "VectorQuantize and ResidualVQ, dim 256, 16384 tokens", vq,
-                [] if quick else [vq_config(8192, 16384), vq_config(1024, 16384, "ResidualVQ", 8)]),
+                [] if quick else [vq_config(1024, 16384), vq_config(8192, 16384),
+                                  vq_config(1024, 16384, "ResidualVQ", 8)]),
         Section("vq_sweep", "VectorQuantize codebook-size sweep, dim 256, 4096 tokens", vq,
                 [vq_config(k, 4096) for k in vq_sweep], plot="VectorQuantize"),
         Section("lfq_sweep", "LFQ codebook-size sweep, 4096 tokens, inv_temperature 100", lfq,
                 [lfq_config(2**k, 4096) for k in lfq_sweep], plot="LFQ"),
         Section("lfq", "LFQ at 16384 tokens", lfq, [] if quick else [lfq_config(2**18, 16384)]),
+        Section("lfq_tokenizer", "LFQ at tokenizer sizes (2^8-2^10 codes, 256-1024 tokens)", lfq_tokenizer,
+                [c for c in lfq_tokenizer.CONFIGS if not quick or c[3] <= 256]),
         Section("fsq", "FSQ, dim 256, 16384 tokens (levels from FSQ.levels_for)", fsq,
                 [fsq.config(k) for k in fsq_sweep], plot="FSQ"),
     ]
