@@ -147,3 +147,18 @@ def test_kmeans_init_leaves_the_state_without_a_kept_row_in_every_codebook():
     assert initted and int(cluster_size.sum()) == 32
     for h in range(2):  # the statistics are the last assignment's: every row counted once
         torch.testing.assert_close(embed_avg[h].sum(0), x[h].sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_a_broadcast_of_initted_is_read_again():
+    """The first synced step's broadcast writes `initted` through .data (no version bump): a
+    rank that knew its codebook initialized (a checkpoint) must then read the first rank's
+    value, or it would skip the k-means init (and its collectives) the other ranks run."""
+    from vq_layers.distributed import broadcast_once_
+
+    vq = VectorQuantize(dim=4, codebook_size=8, kmeans_init=True).train()
+    vq(randn(2, 6, 4).requires_grad_(True))[0].sum().backward()  # initializes: known on the host
+    codebook = vq._codebook
+    assert not codebook.needs_init()
+    codebook.initted.data.fill_(False)  # what the broadcast does with the first rank's False
+    broadcast_once_([codebook])  # (one process: nothing to copy, but the flag is set as on every rank)
+    assert codebook.needs_init()

@@ -95,7 +95,7 @@ class Codebook(Fp32BuffersModule):
         self.sample_draws = CounterDraws()
         # dead codes replaced by the last update (health statistic; not state)
         self.dead_codes_replaced = torch.zeros((), dtype=torch.long)
-        self._state_broadcast = False  # per process: has a synced step made the ranks' state one?
+        self._broadcast = False  # per process: has a synced step made the ranks' state one?
         self._know_initted(not kmeans_init)  # `initted` known True on the host (see needs_init)
         register_runtime_owner(self)
 
@@ -165,6 +165,18 @@ class Codebook(Fp32BuffersModule):
             self._know_initted(bool(self.initted))
         return not self._known_initted
 
+    @property
+    def _state_broadcast(self) -> bool:
+        """distributed.broadcast_once_'s flag. Setting it (after the broadcast) also forgets
+        whether `initted` is known: the broadcast wrote it through .data, which bumps no
+        version, so needs_init must read the first rank's value (once)."""
+        return self._broadcast
+
+    @_state_broadcast.setter
+    def _state_broadcast(self, value: bool) -> None:
+        self._broadcast = value
+        self._known_initted = False
+
     def _know_initted(self, value: bool) -> None:
         self._known_initted, self._initted_version = value, self.initted._version
 
@@ -210,7 +222,7 @@ class Codebook(Fp32BuffersModule):
             broadcast_once_([self], group)
         else:
             broadcast_tensors_(self.synced_state(), first_rank(group), group)
-        # (`initted` changed version: needs_init reads it again)
+            self._known_initted = False  # (as the flag's setter: needs_init reads `initted` again)
 
     @torch.no_grad()
     def set_codes_(self, codes: Tensor) -> None:
