@@ -34,6 +34,7 @@ from ..precision import fp32_island, project
 from ..usage import CodeUsage, code_usage
 from .code_search import check_search_extras, find_codes, per_token_codebooks, topk_layout, topk_quantized
 from .token_quantizer import Core, Layout, TokenQuantizer
+from .vq_fused import routed_codes
 from .vq_gradients import GradientRoute, resolve_rotation_trick
 from .vq_losses import LossBreakdown, VQLosses, trainable_loss
 from .vq_updates import in_place_step, make_in_place_optimizer, undone_on_error, update_by_hand, update_in_place
@@ -182,21 +183,30 @@ class CodebookQuantizer(nn.Module):
                 self.losses, self.route if self.training else None, search, codebook, found, kept, step.temperature,
                 step.freeze, codes_learn, sync, self.process_group, b, n)
             return Quantized(quantized, shown, loss + init_token, breakdown, search.detach(), found.indices, kept)
-        # 4. the losses
+        # 4. the losses; with the usual estimators, the output and the commitment error in one
+        # autograd Function that keeps only the vectors, indices and codebook (vq_fused.py)
+        fused = self.route.fused(step.temperature, step.freeze, per_token) if (
+            self.training and step.targets is None and not codes_learn and self.losses.fusable) else None
+        if fused is not None:
+            quantized, squared_error = routed_codes(
+                search, found.codes, codebook if step.updating else snapshot(codebook.detach()), found.indices,
+                kept, fused == "rotation")
         if step.targets is not None:  # cross-entropy of x's code distribution to the given codes
             commitment = code_cross_entropy(search, codebook, step.targets, self.metric)
             terms, loss = (commitment, zero, zero), commitment
         else:
             terms = self.losses.terms(search, codebook, found.codes, found.indices, kept, codes_learn, sync,
-                                      self.process_group) if self.training else (zero, zero, zero)
+                                      self.process_group, None if fused is None else squared_error) \
+                if self.training else (zero, zero, zero)
             loss = self.losses.total(*terms)
         # 5. the statistics (EMA, dead codes) from this step's vectors and codes
         if step.commit:
             self._codebook.update_(search.detach(), found.indices, kept, step.ema_update, sync, self.process_group,
                                    step.ema_update_weight, step.accum_ema_update)
         # 6. the output: the codes in value, gradients routed to the input (and codes)
-        quantized = self.route(search, found.codes, codebook, step.temperature, step.freeze, found.per_token) \
-            if self.training else found.codes.detach()
+        if fused is None:
+            quantized = self.route(search, found.codes, codebook, step.temperature, step.freeze, found.per_token) \
+                if self.training else found.codes.detach()
         shown = found.indices
         if keep is not None:
             quantized = torch.where(kept.unsqueeze(-1), quantized, 0.0)
