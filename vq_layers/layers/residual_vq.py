@@ -172,8 +172,9 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
 
     @fp32_island
     def _residual_quantize(self, z: Tensor, keep: Tensor | None, temperature: float | None, freeze: bool,
-                           last_kept: int, beam_size: int | None = None):
-        """z (b, n, d) fp32 -> quantized (b, n, d), indices (b, n, q), losses (q,), stage codes (q, b, n, d)."""
+                           last_kept: int, beam_size: int | None = None, all_codes: bool = True):
+        """z (b, n, d) fp32 -> quantized (b, n, d), indices (b, n, q), losses (q,), stage codes (q, b, n, d)
+        (None unless `all_codes`)."""
         updating = self.training and torch.is_grad_enabled() and not freeze
         results = []
         path = None  # (b*n, stages kept): the beam search's path, quantized along below
@@ -184,7 +185,8 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
             # (k-means init runs on a greedy step first)
             path = residual_beam_path(self.layers, self.mlps, z, beam_size, last_kept, self.beam_score_weights,
                                       self.beam_keep_greedy)
-        so_far = [torch.zeros_like(z)]  # the reconstruction: implicit codebooks are conditioned on it
+        # the reconstruction so far: implicit codebooks are conditioned on it
+        so_far = [None if self.mlps is None else torch.zeros_like(z)]
 
         def stage(k, layer, residual, active):
             temp = layer.sample_codebook_temp if temperature is None else temperature
@@ -196,13 +198,16 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
             result = layer.quantize(residual, stage_keep, Step(temp, updating, updating and not self.shared_codebook,
                                                                layer.ema_update, freeze, transform=transform,
                                                                chosen=chosen))
-            results.append(result)
-            so_far[0] = so_far[0] + result.quantized
+            if self.shared_codebook:  # what commit_statistics reads (not the N x d output)
+                results.append(result._replace(quantized=None))
+            if self.mlps is not None:
+                so_far[0] = so_far[0] + result.quantized
             return result.quantized, result.indices[..., 0], result.loss
 
         stages = [partial(stage, k, layer) for k, layer in enumerate(self.layers)]
         quantized, indices, codes, extras = run_stages(z, stages, last_kept, self.quant_grad_frac,
-                                                       [self._stage_parameters(k) for k in range(self.num_quantizers)])
+                                                       [self._stage_parameters(k) for k in range(self.num_quantizers)],
+                                                       keep_outputs=all_codes)
         if updating and self.shared_codebook and results:  # all stages searched the same codebook
             self.layers[0].commit_statistics(results)
         losses = torch.stack([extra[0] if extra is not None else z.new_zeros(()) for extra in extras])
@@ -239,9 +244,10 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
 
     @fp32_island
     def _core(self, z: Tensor, keep: Tensor | None, seed=None, temperature: float | None = None, freeze: bool = False,
-              beam_size: int | None = None, given: Tensor | None = None) -> Core:
+              beam_size: int | None = None, given: Tensor | None = None, all_codes: bool = True) -> Core:
         """z (b, n, d) fp32 -> the stages' sum, indices (b, n, q), losses (q,), the stages' codes
-        (q, b, n, d); with `given` indices: each stage's cross-entropy to its given code, summed."""
+        (q, b, n, d) (None unless `all_codes`); with `given` indices: each stage's cross-entropy to
+        its given code, summed."""
         if given is not None:
             if self.mlps is not None:
                 raise ValueError("indices: the cross-entropy to given codes is not supported with "
@@ -251,7 +257,8 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
             return Core(quantized, targets, ce)
         self._broadcast_initial_state(z, stages=not freeze)
         last_kept = last_kept_stage(self, seed)
-        quantized, indices, losses, codes = self._residual_quantize(z, keep, temperature, freeze, last_kept, beam_size)
+        quantized, indices, losses, codes = self._residual_quantize(z, keep, temperature, freeze, last_kept, beam_size,
+                                                                    all_codes)
         return Core(quantized, indices, losses, codes)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, indices: Tensor | None = None,
@@ -263,7 +270,7 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
                           self.layers[0].use_cosine_sim)
         result = self.quantize_tokens(x, mask, refuses_non_finite=updating, seed=rand_quantize_dropout_fixed_seed,
                                       temperature=sample_codebook_temp, freeze=freeze_codebook, beam_size=beam,
-                                      given=indices)
+                                      given=indices, all_codes=return_all_codes)
         if indices is not None:
             return result.out, result.losses
         if not return_all_codes:
