@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..precision import fp32_island
 from . import self_check
-from .backend import check_backend, run
+from .backend import check_backend, run, sync_free
 
 # at most this many (row, code) scores exist at once: 16 MiB of fp32
 TILE_ELEMENTS = 2**22
@@ -109,6 +109,8 @@ def _centred(x: Tensor, codebook: Tensor, valid: Tensor | None) -> tuple[Tensor,
     far = middle.square().sum(-1) > spread.square()
     floor = middle.abs().amax(-1) * 2.0**-40  # keeps middle / step finite when the spread is 0
     step = torch.exp2(torch.floor(torch.log2(torch.maximum(spread, floor)))).unsqueeze(-1)
+    if not torch.compiler.is_compiling() and not sync_free(x.device) and not bool(far.any()):
+        return x, codebook  # (x - 0 is x): no N x d copy where a sync is free
     centre = torch.where(far.unsqueeze(-1), torch.round(middle / step) * step, 0.0)
     return x - centre, codebook - centre
 
@@ -124,13 +126,16 @@ def _tile_cost(dots: Tensor, code_norms: Tensor | None, row_norms: Tensor | None
                generator) -> Tensor:
     """Scores of one tile (h, rows, codes) -> the cost minimized: ||c||^2 - 2 x.c (||x||^2 is common
     to a row and only adds cancellation) or -x.c; the distance itself when `row_norms` are given
-    (sampling by "euclidean"); sampling minimizes cost / t - gumbel. NaN costs become +inf."""
-    cost = code_norms - 2 * dots if code_norms is not None else -dots
+    (sampling by "euclidean"); sampling minimizes cost / t - gumbel. NaN costs become +inf.
+    In place in `dots` (a fresh tile): each pass over the tile costs about as much as a quarter
+    of its matmul, and no second tile is allocated."""
+    # -2 x.c is exact, so (-2 x.c) + ||c||^2 rounds as ||c||^2 - 2 x.c does
+    cost = dots.mul_(-2).add_(code_norms) if code_norms is not None else dots.neg_()
     if row_norms is not None:  # the distance itself: ||x||^2 no longer cancels out
         cost = (cost + row_norms).clamp(min=0).sqrt()
     if temperature > 0:
         cost = cost / temperature - _gumbel(cost.shape, generator, dots.device)
-    return cost.masked_fill(cost.isnan(), float("inf"))  # a NaN code is never the nearest
+    return cost.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))  # a NaN code: never nearest
 
 
 def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temperature: float,
@@ -193,8 +198,9 @@ def _search(*args) -> Tensor:
 @fp32_island
 def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: float = 0.0,
                  generator: torch.Generator | None = None, backend: str | None = None,
-                 precision: str = "ieee", valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """-> (indices (h, n) or (n,) int64, score of the chosen code fp32).
+                 precision: str = "ieee", valid: Tensor | None = None,
+                 scores: bool = True) -> tuple[Tensor, Tensor | None]:
+    """-> (indices (h, n) or (n,) int64, score of the chosen code fp32 (None with scores=False)).
 
     The score is ||x - c||^2 for "l2" and "euclidean", x . c for "dot", computed directly for
     the chosen code. With temperature > 0 the code is sampled: argmax of -||x - c||^2 / t
@@ -218,6 +224,8 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: f
     centred_x, centred_codebook = _centred(x, codebook, valid) if l2 else (x, codebook)
     seed = _noise_seed(temperature, generator)
     indices = _search(centred_x, centred_codebook, l2, euclidean, float(temperature), seed, backend or "", precision)
+    if not scores:
+        return indices[0] if single else indices, None
     chosen = torch.gather(codebook, 1, indices.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
     score = (x - chosen).square().sum(-1) if l2 else (x * chosen).sum(-1)
     return (indices[0], score[0]) if single else (indices, score)
@@ -299,8 +307,10 @@ def _as_heads(x: Tensor, codebook: Tensor, codebook_ndim: int):
 
 @fp32_island
 def nearest_codes(x: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1, temperature: float = 0.0,
-                  generator: torch.Generator | None = None, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The k nearest codes: -> (indices (h, n, k) or (n, k) int64, their scores fp32), best first
+                  generator: torch.Generator | None = None, valid: Tensor | None = None,
+                  scores: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The k nearest codes: -> (indices (h, n, k) or (n, k) int64, their scores fp32 (None with
+    scores=False)), best first
     (ascending ||x - c||^2 for "l2"/"euclidean", descending x . c for "dot"); ties go to the lowest
     index. With temperature > 0, k codes drawn without replacement (Gumbel-top-k) from the
     distribution `nearest_code` samples from. k = 1 is `nearest_code` itself (its backend too).
@@ -309,8 +319,8 @@ def nearest_codes(x: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1, t
     _check(x, codebook, metric, temperature)
     k = _check_k(k, codebook.shape[-2])
     if k == 1:
-        indices, score = nearest_code(x, codebook, metric, temperature, generator, valid=valid)
-        return indices.unsqueeze(-1), score.unsqueeze(-1)
+        indices, score = nearest_code(x, codebook, metric, temperature, generator, valid=valid, scores=scores)
+        return indices.unsqueeze(-1), None if score is None else score.unsqueeze(-1)
     x, codebook, single = _as_heads(x, codebook, 2)
     if valid is not None and (valid.dtype != torch.bool or valid.shape[-1] != x.shape[1]):
         raise ValueError(f"valid: expected a bool mask of {x.shape[1]} rows, got {valid.dtype} {tuple(valid.shape)}")
@@ -319,6 +329,8 @@ def nearest_codes(x: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1, t
     centred_x, centred_codebook = _centred(x, codebook, valid) if l2 else (x, codebook)
     indices = _torch_search_k(centred_x, centred_codebook, l2, metric == "euclidean" and temperature > 0,
                               float(temperature), _noise_seed(temperature, generator), k)
+    if not scores:
+        return indices[0] if single else indices, None
     score = _chosen_scores(x, codebook, indices, l2)
     return (indices[0], score[0]) if single else (indices, score)
 

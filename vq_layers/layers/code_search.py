@@ -38,7 +38,7 @@ def find_codes(search: Tensor, codebook: Tensor, metric: str, temperature: float
     if chosen is not None:
         indices = chosen.unsqueeze(-1)
     elif per_token is None:
-        indices, _ = nearest_codes(search.detach(), codebook.detach(), metric, k, temperature, valid=kept)
+        indices, _ = nearest_codes(search.detach(), codebook.detach(), metric, k, temperature, valid=kept, scores=False)
     else:
         indices, _ = nearest_codes_per_token(search.detach(), per_token.detach(), metric, k, temperature)
     d = search.shape[-1]
