@@ -123,19 +123,34 @@ def _tiling(h: int, k: int, kept: int = 0) -> tuple[int, int]:
 
 
 def _tile_cost(dots: Tensor, code_norms: Tensor | None, row_norms: Tensor | None, temperature: float,
-               generator) -> Tensor:
+               generator, nan_to_inf: bool = True) -> Tensor:
     """Scores of one tile (h, rows, codes) -> the cost minimized: ||c||^2 - 2 x.c (||x||^2 is common
     to a row and only adds cancellation) or -x.c; the distance itself when `row_norms` are given
-    (sampling by "euclidean"); sampling minimizes cost / t - gumbel. NaN costs become +inf.
-    In place in `dots` (a fresh tile): each pass over the tile costs about as much as a quarter
-    of its matmul, and no second tile is allocated."""
+    (sampling by "euclidean"); sampling minimizes cost / t - gumbel. NaN costs become +inf
+    (unless `nan_to_inf` is False: the caller's min then finds them, `_tile_min`). In place in
+    `dots` (a fresh tile): each pass over the tile costs about as much as a quarter of its
+    matmul, and no second tile is allocated."""
     # -2 x.c is exact, so (-2 x.c) + ||c||^2 rounds as ||c||^2 - 2 x.c does
     cost = dots.mul_(-2).add_(code_norms) if code_norms is not None else dots.neg_()
     if row_norms is not None:  # the distance itself: ||x||^2 no longer cancels out
         cost = (cost + row_norms).clamp(min=0).sqrt()
     if temperature > 0:
         cost = cost / temperature - _gumbel(cost.shape, generator, dots.device)
+    return _nan_to_inf_(cost) if nan_to_inf else cost
+
+
+def _nan_to_inf_(cost: Tensor) -> Tensor:
     return cost.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))  # a NaN code: never nearest
+
+
+def _tile_min(cost: Tensor) -> tuple[Tensor, Tensor]:
+    """The first minimum of each row of a tile whose NaN costs were left in place: min propagates
+    NaN, so a row whose minimum is NaN holds one, and only then are they made +inf and the rows
+    searched again (a host sync: callers use it where that is free)."""
+    best, index = cost.min(dim=-1)
+    if bool(best.isnan().any()):
+        best, index = _nan_to_inf_(cost).min(dim=-1)
+    return best, index
 
 
 def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temperature: float,
@@ -149,6 +164,7 @@ def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temper
     row_norms = x.square().sum(-1, keepdim=True) if euclidean else None
     best = x.new_full((h, n), float("inf"))
     indices = torch.zeros((h, n), dtype=torch.long, device=x.device)
+    read_back = not sync_free(x.device)  # NaN costs found by the min, not by a pass over every tile
     with _ieee_fp32_matmul(x.device):
         for r in range(0, n, row_tile):
             rows = slice(r, r + row_tile)
@@ -156,8 +172,10 @@ def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temper
                 codes = slice(c, c + code_tile)
                 dots = torch.einsum("hnd,hkd->hnk", x[:, rows], codebook[:, codes])
                 cost = _tile_cost(dots, None if code_norms is None else code_norms[:, None, codes],
-                                  None if row_norms is None else row_norms[:, rows], temperature, generator)
-                tile_best, tile_index = cost.min(dim=-1)  # first minimum within the tile
+                                  None if row_norms is None else row_norms[:, rows], temperature, generator,
+                                  nan_to_inf=not read_back)
+                # first minimum within the tile
+                tile_best, tile_index = _tile_min(cost) if read_back else cost.min(dim=-1)
                 better = tile_best < best[:, rows]  # strict: an earlier tile keeps ties
                 best[:, rows] = torch.where(better, tile_best, best[:, rows])
                 indices[:, rows] = torch.where(better, tile_index + c, indices[:, rows])
