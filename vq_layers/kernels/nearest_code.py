@@ -122,20 +122,22 @@ def _tiling(h: int, k: int, kept: int = 0) -> tuple[int, int]:
     return code_tile, max(1, TILE_ELEMENTS // ((code_tile + kept) * h))
 
 
-def _tile_cost(dots: Tensor, code_norms: Tensor | None, row_norms: Tensor | None, temperature: float,
+def _tile_cost(scaled_dots: Tensor, code_norms: Tensor | None, row_norms: Tensor | None, temperature: float,
                generator, nan_to_inf: bool = True) -> Tensor:
     """Scores of one tile (h, rows, codes) -> the cost minimized: ||c||^2 - 2 x.c (||x||^2 is common
     to a row and only adds cancellation) or -x.c; the distance itself when `row_norms` are given
     (sampling by "euclidean"); sampling minimizes cost / t - gumbel. NaN costs become +inf
-    (unless `nan_to_inf` is False: the caller's min then finds them, `_tile_min`). In place in
-    `dots` (a fresh tile): each pass over the tile costs about as much as a quarter of its
+    (unless `nan_to_inf` is False: the caller's min then finds them, `_tile_min`).
+
+    `scaled_dots` is the tile's matmul against the codes scaled by -2 (by -1 without
+    `code_norms`, `_scaled_codes`): -2 x.c exactly, so one add forms the cost, bit for bit as
+    ||c||^2 - 2 x.c, in place (a fresh tile): each pass over a tile costs about a quarter of its
     matmul, and no second tile is allocated."""
-    # -2 x.c is exact, so (-2 x.c) + ||c||^2 rounds as ||c||^2 - 2 x.c does
-    cost = dots.mul_(-2).add_(code_norms) if code_norms is not None else dots.neg_()
+    cost = scaled_dots.add_(code_norms) if code_norms is not None else scaled_dots
     if row_norms is not None:  # the distance itself: ||x||^2 no longer cancels out
         cost = (cost + row_norms).clamp(min=0).sqrt()
     if temperature > 0:
-        cost = cost / temperature - _gumbel(cost.shape, generator, dots.device)
+        cost = cost / temperature - _gumbel(cost.shape, generator, cost.device)
     return _nan_to_inf_(cost) if nan_to_inf else cost
 
 
@@ -153,6 +155,13 @@ def _tile_min(cost: Tensor) -> tuple[Tensor, Tensor]:
     return best, index
 
 
+def _scaled_codes(codebook: Tensor, l2: bool) -> Tensor:
+    """The codes times -2 ("l2") or -1 ("dot"): a power of two, so every product and partial sum
+    of a matmul against them is exactly -2 (-1) times the plain one's (but for subnormal
+    products, below 1e-38, whose rounding grid does not scale)."""
+    return codebook * (-2.0 if l2 else -1.0)
+
+
 def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temperature: float,
                   seed: int) -> Tensor:
     """The reference search: x (h, n, d), codebook (h, k, d) fp32 -> indices (h, n) int64."""
@@ -162,6 +171,7 @@ def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temper
     generator = torch.Generator(device=x.device).manual_seed(seed) if temperature > 0 else None
     code_norms = codebook.square().sum(-1) if l2 else None
     row_norms = x.square().sum(-1, keepdim=True) if euclidean else None
+    scaled = _scaled_codes(codebook, l2)
     best = x.new_full((h, n), float("inf"))
     indices = torch.zeros((h, n), dtype=torch.long, device=x.device)
     read_back = not sync_free(x.device)  # NaN costs found by the min, not by a pass over every tile
@@ -170,7 +180,7 @@ def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temper
             rows = slice(r, r + row_tile)
             for c in range(0, k, code_tile):
                 codes = slice(c, c + code_tile)
-                dots = torch.einsum("hnd,hkd->hnk", x[:, rows], codebook[:, codes])
+                dots = torch.einsum("hnd,hkd->hnk", x[:, rows], scaled[:, codes])
                 cost = _tile_cost(dots, None if code_norms is None else code_norms[:, None, codes],
                                   None if row_norms is None else row_norms[:, rows], temperature, generator,
                                   nan_to_inf=not read_back)
@@ -299,6 +309,7 @@ def _torch_search_k(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temp
     generator = torch.Generator(device=x.device).manual_seed(seed) if temperature > 0 else None
     code_norms = codebook.square().sum(-1) if l2 else None
     row_norms = x.square().sum(-1, keepdim=True) if euclidean else None
+    scaled = _scaled_codes(codebook, l2)
     indices = torch.zeros((h, n, k), dtype=torch.long, device=x.device)
     with _ieee_fp32_matmul(x.device):
         for r in range(0, n, row_tile):
@@ -306,7 +317,7 @@ def _torch_search_k(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temp
             best = (x.new_empty((h, x[:, rows].shape[1], 0)), indices.new_empty((h, x[:, rows].shape[1], 0)))
             for c in range(0, size, code_tile):
                 codes = slice(c, c + code_tile)
-                dots = torch.einsum("hnd,hkd->hnk", x[:, rows], codebook[:, codes])
+                dots = torch.einsum("hnd,hkd->hnk", x[:, rows], scaled[:, codes])
                 cost = _tile_cost(dots, None if code_norms is None else code_norms[:, None, codes],
                                   None if row_norms is None else row_norms[:, rows], temperature, generator)
                 best = _keep_k(best, cost, c, k)
