@@ -11,6 +11,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_indices, check_non_negative, check_positive_int
+from ..codebook_losses import mse_count
 from ..directional_reparam import directional_reparam
 from ..distributed import NON_FINITE_INPUT, check_finite
 from ..precision import cat, fp32_island
@@ -33,6 +34,7 @@ from .residual import (
 )
 from .token_quantizer import Core
 from .vq import Step, VectorQuantize
+from .vq_fused import routed_chain
 
 
 def codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
@@ -188,16 +190,29 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
         # the reconstruction so far: implicit codebooks are conditioned on it
         so_far = [None if self.mlps is None else torch.zeros_like(z)]
 
-        def stage(k, layer, residual, active):
+        def step_of(k, layer, transform=None):
             temp = layer.sample_codebook_temp if temperature is None else temperature
+            return Step(temp, updating, updating and not self.shared_codebook, layer.ema_update, freeze,
+                        transform=transform, chosen=None if path is None else path[None, :, k])
+
+        # the usual case routes the chain's gradients in one Function (vq_fused.routed_chain): the
+        # stages quantize z detached, and no stage's residual is kept for the backward
+        chain = (self.training and torch.is_grad_enabled() and z.requires_grad and self.quant_grad_frac == 0
+                 and self.mlps is None and not self.diveq
+                 and all(layer.fused_route(step_of(k, layer), chain=True) for k, layer in enumerate(self.layers)))
+        routes = {}  # stage -> (codebook, indices, kept, rotate, squared error, element count)
+
+        def stage(k, layer, residual, active):
             transform = None if k == 0 or self.mlps is None else partial(self.mlps[k - 1], condition=so_far[0])
-            chosen = None if path is None else path[None, :, k]
             stage_keep = keep
             if active is not None:  # dropped (compiled: a tensor depth): the stage counts no token
                 stage_keep = active.expand(residual.shape[:2]) if keep is None else keep & active
-            result = layer.quantize(residual, stage_keep, Step(temp, updating, updating and not self.shared_codebook,
-                                                               layer.ema_update, freeze, transform=transform,
-                                                               chosen=chosen))
+            step = step_of(k, layer, transform)
+            result = layer.quantize(residual, stage_keep, step)
+            if chain:
+                routes[k] = (result.codebook, result.codebook_indices, result.kept,
+                             layer.fused_route(step) == "rotation", result.squared_error,
+                             mse_count(result.search, result.kept))
             if self.shared_codebook:  # what commit_statistics reads (not the N x d output)
                 results.append(result._replace(quantized=None))
             if self.mlps is not None:
@@ -205,15 +220,31 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
             return result.quantized, result.indices[..., 0], result.loss
 
         stages = [partial(stage, k, layer) for k, layer in enumerate(self.layers)]
-        quantized, indices, codes, extras = run_stages(z, stages, last_kept, self.quant_grad_frac,
+        quantized, indices, codes, extras = run_stages(z.detach() if chain else z, stages, last_kept,
+                                                       self.quant_grad_frac,
                                                        [self._stage_parameters(k) for k in range(self.num_quantizers)],
                                                        keep_outputs=all_codes)
+        if routes:
+            quantized = self._route_chain(z, quantized, routes, extras)
         if updating and self.shared_codebook and results:  # all stages searched the same codebook
             self.layers[0].commit_statistics(results)
         losses = torch.stack([extra[0] if extra is not None else z.new_zeros(()) for extra in extras])
         if self.diveq and self.training and torch.is_grad_enabled():  # eval outputs stay the codes exactly
             quantized = directional_reparam(z, quantized)
         return quantized, indices, losses, codes
+
+    def _route_chain(self, z: Tensor, quantized: Tensor, routes: dict, extras: list) -> Tensor:
+        """The stages' sum, differentiable in z by each stage's estimator, and each stage's loss
+        (extras[k][0]) given its commitment gradient: loss + w (e - e) / count, the same value."""
+        stages = sorted(routes)
+        errors = torch.stack([routes[k][4] for k in stages])
+        quantized, errors = routed_chain(z, quantized, errors, [routes[k][:4] for k in stages])
+        for j, k in enumerate(stages):
+            layer = self.layers[k]
+            if layer.losses.weighs_commitment:  # d loss / d e = w / count, as the stage's own loss has it
+                pull = (errors[j] - errors[j].detach()) / routes[k][5].clamp(min=1) * layer.commitment_weight
+                extras[k][0] = extras[k][0] + pull
+        return quantized
 
     def _stage_parameters(self, k: int) -> list:
         """Stage k's learnable parameters: its codebook (and map, with implicit codebooks)."""

@@ -63,7 +63,9 @@ class Step(NamedTuple):
 
 
 class Quantized(NamedTuple):
-    """One `quantize` call's result, fp32; the last three feed a deferred statistics commit."""
+    """One `quantize` call's result, fp32; search, codebook_indices and kept feed a deferred
+    statistics commit; codebook and squared_error, a chain that routes its stages' gradients
+    itself (vq_fused.routed_chain)."""
     quantized: Tensor  # (b, n, h*d) (b, n, k, d with topk), gradients routed; zeros where masked
     indices: Tensor  # (b, n, h) (b, n, k with topk) int64, -1 where masked
     loss: Tensor  # scalar (per position (b, n, k) with topk)
@@ -71,6 +73,8 @@ class Quantized(NamedTuple):
     search: Tensor  # (g, m, d) the vectors searched, per codebook (detached)
     codebook_indices: Tensor  # (g, m) the codes chosen, per codebook
     kept: Tensor | None  # (g, m) the vectors that count, per codebook
+    codebook: Tensor | None = None  # (g, c, d) the codes as searched (detached), with a fused route
+    squared_error: Tensor | None = None  # the commitment's numerator (detached), with a fused route
 
 
 class CodebookQuantizer(nn.Module):
@@ -185,12 +189,11 @@ class CodebookQuantizer(nn.Module):
             return Quantized(quantized, shown, loss + init_token, breakdown, search.detach(), found.indices, kept)
         # 4. the losses; with the usual estimators, the output and the commitment error in one
         # autograd Function that keeps only the vectors, indices and codebook (vq_fused.py)
-        fused = self.route.fused(step.temperature, step.freeze, per_token) if (
-            self.training and step.targets is None and not codes_learn and self.losses.fusable) else None
+        fused = self.fused_route(step)
         if fused is not None:
-            quantized, squared_error = routed_codes(
-                search, found.codes, codebook if step.updating else snapshot(codebook.detach()), found.indices,
-                kept, fused == "rotation")
+            searched = codebook.detach() if step.updating else snapshot(codebook.detach())
+            quantized, squared_error = routed_codes(search, found.codes, searched, found.indices, kept,
+                                                    fused == "rotation")
         if step.targets is not None:  # cross-entropy of x's code distribution to the given codes
             commitment = code_cross_entropy(search, codebook, step.targets, self.metric)
             terms, loss = (commitment, zero, zero), commitment
@@ -216,7 +219,23 @@ class CodebookQuantizer(nn.Module):
         quantized = quantized.reshape(b, n, self.heads * self.codebook_dim)
         shown = shown.reshape(self.heads, b, n).permute(1, 2, 0)
         loss = trainable_loss(loss + init_token, self.training)
-        return Quantized(quantized, shown, loss, LossBreakdown(*terms, inplace), search.detach(), found.indices, kept)
+        return Quantized(quantized, shown, loss, LossBreakdown(*terms, inplace), search.detach(), found.indices, kept,
+                         *((None, None) if fused is None else (searched, squared_error.detach())))
+
+    def fused_route(self, step: Step, chain: bool = False) -> str | None:
+        """The estimator a training `quantize` with this step runs in vq_fused.py's one Function
+        ("rotation" or "straight_through"), or None (another estimator, a loss that trains the
+        codes, cross-entropy to given codes, topk, per-token codebooks). `chain`: whether a
+        composite layer may route this stage's gradients itself (vq_fused.routed_chain, on the
+        Quantized's codebook and squared_error): also no loss but the commitment depends on the
+        searched vectors, and they are the residual itself (no cosine normalization)."""
+        codes_learn = self.learnable_codebook and not step.freeze
+        if (not self.training or step.targets is not None or step.topk is not None or step.transform is not None
+                or codes_learn or not self.losses.fusable):
+            return None
+        if chain and (self.codebook_diversity_loss_weight > 0 or self.use_cosine_sim or self.heads > 1):
+            return None
+        return self.route.fused(step.temperature, step.freeze, None)
 
     def _prepare(self, search: Tensor, kept: Tensor | None, sync: bool) -> Tensor:
         """An updating step's first acts, all before any state changes: the refusals (an unsafe

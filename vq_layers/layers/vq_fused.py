@@ -81,8 +81,8 @@ class _RoutedCodes(torch.autograd.Function):
 
 
 @fp32_island  # a compiled backward is traced under the forward's autocast: its matmuls stay fp32
-def _input_gradient(search, codebook, indices, kept, rotate, grad_codes, grad_error):
-    codes = _gather_codes(codebook, indices)
+def _input_gradient(search, codebook, indices, kept, rotate, grad_codes, grad_error, codes=None):
+    codes = _gather_codes(codebook, indices) if codes is None else codes
     grad = grad_codes
     if grad_codes is not None and rotate:
         scale, a, b = rotation_vjp(search, codes, grad_codes)
@@ -93,6 +93,64 @@ def _input_gradient(search, codebook, indices, kept, rotate, grad_codes, grad_er
             commitment = commitment.masked_fill_(~kept.unsqueeze(-1), 0.0)
         grad = commitment if grad is None else commitment.add_(grad)  # (a + b rounds as b + a)
     return grad
+
+
+class _RoutedChain(torch.autograd.Function):
+    """A residual chain's output and its stages' squared errors, differentiable in its input z:
+    forward takes the values the stages computed (on z detached) and saves only the stages'
+    codebooks, indices and masks; backward recomputes each stage's residual from z (the same
+    subtractions, bit for bit) and adds up what each stage's _RoutedCodes would give."""
+
+    @staticmethod
+    def forward(ctx, z, value, errors, rotate, *stages):
+        ctx.rotate, ctx.count = rotate, len(rotate)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(z, *stages)
+        return value.view_as(value), errors.view_as(errors)
+
+    @staticmethod
+    def backward(ctx, grad_value, grad_errors):
+        z, *stages = ctx.saved_tensors
+        return (_chain_gradient(z, stages, ctx.rotate, grad_value, grad_errors), None, None, None,
+                *([None] * len(stages)))
+
+
+@fp32_island
+def _chain_gradient(z, stages, rotate, grad_value, grad_errors):
+    """z (b, n, d); stages: (codebook (1, c, d), indices (1, m), kept (1, m) bool or None) per stage run."""
+    d = z.shape[-1]
+    residual, grad = z.reshape(1, -1, d), None
+    g = None if grad_value is None else grad_value.reshape(1, -1, d)
+    for j in range(len(rotate)):
+        codebook, indices, kept = stages[3 * j : 3 * j + 3]
+
+        def masked(t, kept=kept):  # the stage's masked rows (padding, or a dropped stage when compiled): zeros
+            return t if kept is None else torch.where(kept.unsqueeze(-1), t, 0.0)
+
+        search = masked(residual)  # as _per_codebook_vectors zeroes padding
+        codes = _gather_codes(codebook, indices)
+        part = _input_gradient(search, codebook, indices, kept, rotate[j], None if g is None else masked(g),
+                               None if grad_errors is None else grad_errors[j], codes)
+        if part is not None:
+            part = masked(part)
+            if grad is None:  # accumulated in place below: never in the incoming gradient itself
+                grad = part.clone() if part is g else part
+            else:
+                grad = grad.add_(part)
+        if j + 1 < len(rotate):  # the next residual, as run_stages forms it
+            residual = residual - masked(codes)
+    return None if grad is None else grad.reshape(z.shape)
+
+
+def routed_chain(z: Tensor, value: Tensor, errors: Tensor, stages: list[tuple[Tensor, Tensor, Tensor, bool]]):
+    """A residual chain whose stages quantized z detached (their `quantize` on the residuals)
+    -> (value, errors) differentiable in z, as if each stage had routed its own gradients
+    (`routed_codes`): z (b, n, d) fp32, value (b, n, d) the stages' sum, errors (j,) the squared
+    error sums of the j stages run, stages: (codebook (1, c, d) as searched, indices (1, m),
+    kept (1, m) bool or None, rotate) each, in order. No stage's residual is kept for the backward."""
+    rotate = tuple(stage[3] for stage in stages)
+    flat = [t for codebook, indices, kept, _ in stages for t in (codebook.detach(), indices, kept)]  # kept may be None
+    return _RoutedChain.apply(z, value.detach(), errors.detach(), rotate, *flat)
 
 
 def routed_codes(search: Tensor, codes: Tensor, codebook: Tensor, indices: Tensor, kept: Tensor | None,
