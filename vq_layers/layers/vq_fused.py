@@ -30,8 +30,17 @@ from ..rotation_trick import EPS
 
 
 def _gather_codes(codebook: Tensor, indices: Tensor) -> Tensor:
-    """codebook (g, c, d), indices (g, m) -> codes (g, m, d)."""
-    return codebook.gather(1, indices.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
+    """codebook (g, c, d) (no gradient), indices (g, m) -> codes (g, m, d)."""
+    return select_rows(codebook, indices)
+
+
+def select_rows(codebook: Tensor, indices: Tensor) -> Tensor:
+    """codebook (g, c, d), indices (g, ...) -> its rows (g, ..., d): the values gather gives, by
+    index_select over whole rows (several times faster than gather's per-element index)."""
+    g, c, d = codebook.shape
+    offsets = torch.arange(g, device=indices.device).reshape(g, *([1] * (indices.ndim - 1))) * c
+    flat = (indices + offsets).reshape(-1) if g > 1 else indices.reshape(-1)
+    return codebook.reshape(g * c, d).index_select(0, flat).reshape(*indices.shape, d)
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
