@@ -175,12 +175,15 @@ def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temper
     best = x.new_full((h, n), float("inf"))
     indices = torch.zeros((h, n), dtype=torch.long, device=x.device)
     read_back = not sync_free(x.device)  # NaN costs found by the min, not by a pass over every tile
+    tile = x.new_empty((h, min(n, row_tile), code_tile))  # one buffer for every full tile
     with _ieee_fp32_matmul(x.device):
         for r in range(0, n, row_tile):
             rows = slice(r, r + row_tile)
             for c in range(0, k, code_tile):
                 codes = slice(c, c + code_tile)
-                dots = torch.einsum("hnd,hkd->hnk", x[:, rows], scaled[:, codes])
+                part = x[:, rows], scaled[:, codes].transpose(1, 2)
+                full = part[0].shape[1] == tile.shape[1] and part[1].shape[2] == tile.shape[2]
+                dots = torch.bmm(*part, out=tile) if full else torch.bmm(*part)
                 cost = _tile_cost(dots, None if code_norms is None else code_norms[:, None, codes],
                                   None if row_norms is None else row_norms[:, rows], temperature, generator,
                                   nan_to_inf=not read_back)
