@@ -20,11 +20,15 @@ def masked_mse(x: Tensor, target: Tensor, kept: Tensor | None, sync: bool = Fals
     error = (x - target).square()
     if kept is not None:
         error = torch.where(kept.unsqueeze(-1), error, 0.0)
+    count = mse_count(x, kept, sync, group)
+    return error.sum() / count.clamp(min=1), count
+
+
+def mse_count(x: Tensor, kept: Tensor | None, sync: bool = False, group=None) -> Tensor:
+    """masked_mse's element count for x (g, m, d), kept (g, m) or None (the global batch's under `sync`)."""
     rows = x.new_tensor(float(x.shape[0] * x.shape[1])) if kept is None else kept.sum().float()
     count = rows * x.shape[-1]
-    if sync:
-        count = all_reduce_sum_(count.clone(), group)
-    return error.sum() / count.clamp(min=1), count
+    return all_reduce_sum_(count.clone(), group) if sync else count
 
 
 def diversity_loss(search: Tensor, codebook: Tensor, metric: str, temperature: float, kept: Tensor | None,

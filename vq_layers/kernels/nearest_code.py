@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..precision import fp32_island
 from . import self_check
-from .backend import check_backend, run
+from .backend import check_backend, run, sync_free
 
 # at most this many (row, code) scores exist at once: 16 MiB of fp32
 TILE_ELEMENTS = 2**22
@@ -109,6 +109,8 @@ def _centred(x: Tensor, codebook: Tensor, valid: Tensor | None) -> tuple[Tensor,
     far = middle.square().sum(-1) > spread.square()
     floor = middle.abs().amax(-1) * 2.0**-40  # keeps middle / step finite when the spread is 0
     step = torch.exp2(torch.floor(torch.log2(torch.maximum(spread, floor)))).unsqueeze(-1)
+    if not torch.compiler.is_compiling() and not sync_free(x.device) and not bool(far.any()):
+        return x, codebook  # (x - 0 is x): no N x d copy where a sync is free
     centre = torch.where(far.unsqueeze(-1), torch.round(middle / step) * step, 0.0)
     return x - centre, codebook - centre
 
@@ -120,17 +122,44 @@ def _tiling(h: int, k: int, kept: int = 0) -> tuple[int, int]:
     return code_tile, max(1, TILE_ELEMENTS // ((code_tile + kept) * h))
 
 
-def _tile_cost(dots: Tensor, code_norms: Tensor | None, row_norms: Tensor | None, temperature: float,
-               generator) -> Tensor:
+def _tile_cost(scaled_dots: Tensor, code_norms: Tensor | None, row_norms: Tensor | None, temperature: float,
+               generator, nan_to_inf: bool = True) -> Tensor:
     """Scores of one tile (h, rows, codes) -> the cost minimized: ||c||^2 - 2 x.c (||x||^2 is common
     to a row and only adds cancellation) or -x.c; the distance itself when `row_norms` are given
-    (sampling by "euclidean"); sampling minimizes cost / t - gumbel. NaN costs become +inf."""
-    cost = code_norms - 2 * dots if code_norms is not None else -dots
+    (sampling by "euclidean"); sampling minimizes cost / t - gumbel. NaN costs become +inf
+    (unless `nan_to_inf` is False: the caller's min then finds them, `_tile_min`).
+
+    `scaled_dots` is the tile's matmul against the codes scaled by -2 (by -1 without
+    `code_norms`, `_scaled_codes`): -2 x.c exactly, so one add forms the cost, bit for bit as
+    ||c||^2 - 2 x.c, in place (a fresh tile): each pass over a tile costs about a quarter of its
+    matmul, and no second tile is allocated."""
+    cost = scaled_dots.add_(code_norms) if code_norms is not None else scaled_dots
     if row_norms is not None:  # the distance itself: ||x||^2 no longer cancels out
         cost = (cost + row_norms).clamp(min=0).sqrt()
     if temperature > 0:
-        cost = cost / temperature - _gumbel(cost.shape, generator, dots.device)
-    return cost.masked_fill(cost.isnan(), float("inf"))  # a NaN code is never the nearest
+        cost = cost / temperature - _gumbel(cost.shape, generator, cost.device)
+    return _nan_to_inf_(cost) if nan_to_inf else cost
+
+
+def _nan_to_inf_(cost: Tensor) -> Tensor:
+    return cost.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))  # a NaN code: never nearest
+
+
+def _tile_min(cost: Tensor) -> tuple[Tensor, Tensor]:
+    """The first minimum of each row of a tile whose NaN costs were left in place: min propagates
+    NaN, so a row whose minimum is NaN holds one, and only then are they made +inf and the rows
+    searched again (a host sync: callers use it where that is free)."""
+    best, index = cost.min(dim=-1)
+    if bool(best.isnan().any()):
+        best, index = _nan_to_inf_(cost).min(dim=-1)
+    return best, index
+
+
+def _scaled_codes(codebook: Tensor, l2: bool) -> Tensor:
+    """The codes times -2 ("l2") or -1 ("dot"): a power of two, so every product and partial sum
+    of a matmul against them is exactly -2 (-1) times the plain one's (but for subnormal
+    products, below 1e-38, whose rounding grid does not scale)."""
+    return codebook * (-2.0 if l2 else -1.0)
 
 
 def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temperature: float,
@@ -142,17 +171,24 @@ def _torch_search(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temper
     generator = torch.Generator(device=x.device).manual_seed(seed) if temperature > 0 else None
     code_norms = codebook.square().sum(-1) if l2 else None
     row_norms = x.square().sum(-1, keepdim=True) if euclidean else None
+    scaled = _scaled_codes(codebook, l2)
     best = x.new_full((h, n), float("inf"))
     indices = torch.zeros((h, n), dtype=torch.long, device=x.device)
+    read_back = not sync_free(x.device)  # NaN costs found by the min, not by a pass over every tile
+    tile = x.new_empty((h, min(n, row_tile), code_tile))  # one buffer for every full tile
     with _ieee_fp32_matmul(x.device):
         for r in range(0, n, row_tile):
             rows = slice(r, r + row_tile)
             for c in range(0, k, code_tile):
                 codes = slice(c, c + code_tile)
-                dots = torch.einsum("hnd,hkd->hnk", x[:, rows], codebook[:, codes])
+                part = x[:, rows], scaled[:, codes].transpose(1, 2)
+                full = part[0].shape[1] == tile.shape[1] and part[1].shape[2] == tile.shape[2]
+                dots = torch.bmm(*part, out=tile) if full else torch.bmm(*part)
                 cost = _tile_cost(dots, None if code_norms is None else code_norms[:, None, codes],
-                                  None if row_norms is None else row_norms[:, rows], temperature, generator)
-                tile_best, tile_index = cost.min(dim=-1)  # first minimum within the tile
+                                  None if row_norms is None else row_norms[:, rows], temperature, generator,
+                                  nan_to_inf=not read_back)
+                # first minimum within the tile
+                tile_best, tile_index = _tile_min(cost) if read_back else cost.min(dim=-1)
                 better = tile_best < best[:, rows]  # strict: an earlier tile keeps ties
                 best[:, rows] = torch.where(better, tile_best, best[:, rows])
                 indices[:, rows] = torch.where(better, tile_index + c, indices[:, rows])
@@ -193,8 +229,9 @@ def _search(*args) -> Tensor:
 @fp32_island
 def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: float = 0.0,
                  generator: torch.Generator | None = None, backend: str | None = None,
-                 precision: str = "ieee", valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """-> (indices (h, n) or (n,) int64, score of the chosen code fp32).
+                 precision: str = "ieee", valid: Tensor | None = None,
+                 scores: bool = True) -> tuple[Tensor, Tensor | None]:
+    """-> (indices (h, n) or (n,) int64, score of the chosen code fp32 (None with scores=False)).
 
     The score is ||x - c||^2 for "l2" and "euclidean", x . c for "dot", computed directly for
     the chosen code. With temperature > 0 the code is sampled: argmax of -||x - c||^2 / t
@@ -218,6 +255,8 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str = "l2", temperature: f
     centred_x, centred_codebook = _centred(x, codebook, valid) if l2 else (x, codebook)
     seed = _noise_seed(temperature, generator)
     indices = _search(centred_x, centred_codebook, l2, euclidean, float(temperature), seed, backend or "", precision)
+    if not scores:
+        return indices[0] if single else indices, None
     chosen = torch.gather(codebook, 1, indices.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
     score = (x - chosen).square().sum(-1) if l2 else (x * chosen).sum(-1)
     return (indices[0], score[0]) if single else (indices, score)
@@ -273,6 +312,7 @@ def _torch_search_k(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temp
     generator = torch.Generator(device=x.device).manual_seed(seed) if temperature > 0 else None
     code_norms = codebook.square().sum(-1) if l2 else None
     row_norms = x.square().sum(-1, keepdim=True) if euclidean else None
+    scaled = _scaled_codes(codebook, l2)
     indices = torch.zeros((h, n, k), dtype=torch.long, device=x.device)
     with _ieee_fp32_matmul(x.device):
         for r in range(0, n, row_tile):
@@ -280,7 +320,7 @@ def _torch_search_k(x: Tensor, codebook: Tensor, l2: bool, euclidean: bool, temp
             best = (x.new_empty((h, x[:, rows].shape[1], 0)), indices.new_empty((h, x[:, rows].shape[1], 0)))
             for c in range(0, size, code_tile):
                 codes = slice(c, c + code_tile)
-                dots = torch.einsum("hnd,hkd->hnk", x[:, rows], codebook[:, codes])
+                dots = torch.einsum("hnd,hkd->hnk", x[:, rows], scaled[:, codes])
                 cost = _tile_cost(dots, None if code_norms is None else code_norms[:, None, codes],
                                   None if row_norms is None else row_norms[:, rows], temperature, generator)
                 best = _keep_k(best, cost, c, k)
@@ -299,8 +339,10 @@ def _as_heads(x: Tensor, codebook: Tensor, codebook_ndim: int):
 
 @fp32_island
 def nearest_codes(x: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1, temperature: float = 0.0,
-                  generator: torch.Generator | None = None, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The k nearest codes: -> (indices (h, n, k) or (n, k) int64, their scores fp32), best first
+                  generator: torch.Generator | None = None, valid: Tensor | None = None,
+                  scores: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The k nearest codes: -> (indices (h, n, k) or (n, k) int64, their scores fp32 (None with
+    scores=False)), best first
     (ascending ||x - c||^2 for "l2"/"euclidean", descending x . c for "dot"); ties go to the lowest
     index. With temperature > 0, k codes drawn without replacement (Gumbel-top-k) from the
     distribution `nearest_code` samples from. k = 1 is `nearest_code` itself (its backend too).
@@ -309,8 +351,8 @@ def nearest_codes(x: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1, t
     _check(x, codebook, metric, temperature)
     k = _check_k(k, codebook.shape[-2])
     if k == 1:
-        indices, score = nearest_code(x, codebook, metric, temperature, generator, valid=valid)
-        return indices.unsqueeze(-1), score.unsqueeze(-1)
+        indices, score = nearest_code(x, codebook, metric, temperature, generator, valid=valid, scores=scores)
+        return indices.unsqueeze(-1), None if score is None else score.unsqueeze(-1)
     x, codebook, single = _as_heads(x, codebook, 2)
     if valid is not None and (valid.dtype != torch.bool or valid.shape[-1] != x.shape[1]):
         raise ValueError(f"valid: expected a bool mask of {x.shape[1]} rows, got {valid.dtype} {tuple(valid.shape)}")
@@ -319,6 +361,8 @@ def nearest_codes(x: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1, t
     centred_x, centred_codebook = _centred(x, codebook, valid) if l2 else (x, codebook)
     indices = _torch_search_k(centred_x, centred_codebook, l2, metric == "euclidean" and temperature > 0,
                               float(temperature), _noise_seed(temperature, generator), k)
+    if not scores:
+        return indices[0] if single else indices, None
     score = _chosen_scores(x, codebook, indices, l2)
     return (indices[0], score[0]) if single else (indices, score)
 

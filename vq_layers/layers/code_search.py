@@ -19,6 +19,7 @@ from torch import Tensor
 from ..checks import as_integer
 from ..kernels.nearest_code import nearest_codes, nearest_codes_per_token
 from ..layout import from_tokens, indices_from_tokens
+from .vq_fused import select_rows
 from .vq_gradients import GradientRoute
 from .vq_losses import LossBreakdown, VQLosses, topk_commitment, trainable_loss
 
@@ -38,11 +39,13 @@ def find_codes(search: Tensor, codebook: Tensor, metric: str, temperature: float
     if chosen is not None:
         indices = chosen.unsqueeze(-1)
     elif per_token is None:
-        indices, _ = nearest_codes(search.detach(), codebook.detach(), metric, k, temperature, valid=kept)
+        indices, _ = nearest_codes(search.detach(), codebook.detach(), metric, k, temperature, valid=kept, scores=False)
     else:
         indices, _ = nearest_codes_per_token(search.detach(), per_token.detach(), metric, k, temperature)
     d = search.shape[-1]
-    if per_token is None:
+    if per_token is None and not codebook.requires_grad:
+        codes = select_rows(codebook, indices)
+    elif per_token is None:  # (gather's backward, as before, for a learnable codebook)
         flat = indices.flatten(1).unsqueeze(-1).expand(-1, -1, d)
         codes = codebook.gather(1, flat).reshape(*indices.shape, d)
     else:

@@ -106,7 +106,7 @@ def zero_touch(params) -> Tensor | None:
 
 
 def run_stages(x: Tensor, stages: list[Callable], last_kept, quant_grad_frac: float = 0.0,
-               stage_parameters: list | None = None):
+               stage_parameters: list | None = None, keep_outputs: bool = True):
     """Stage k quantizes the residual of stages < k: stage(residual, active) -> (quantized,
     indices, *extra), `active` None or, when quantize dropout drew a tensor depth (compiled),
     a bool 0-dim tensor: whether stage k is kept (a stage with statistics must then count
@@ -122,6 +122,9 @@ def run_stages(x: Tensor, stages: list[Callable], last_kept, quant_grad_frac: fl
     A dropped stage's learnable parameters (`stage_parameters[k]`) get a zero gradient through
     its zero loss, eagerly as in a compiled step (where every stage runs, masked), so the two
     agree, and DDP needs no find_unused_parameters for them.
+
+    `keep_outputs=False`: the stages' outputs are not kept (None in their place), so that each
+    one is freed once added to the sum (q x b x n x d less at the end of the forward).
     """
     quantized, residual, all_indices, outputs, extras = torch.zeros_like(x), x, [], [], []
     masked = isinstance(last_kept, Tensor)
@@ -130,7 +133,7 @@ def run_stages(x: Tensor, stages: list[Callable], last_kept, quant_grad_frac: fl
     for k, stage in enumerate(stages):
         if not masked and k > last_kept:
             all_indices.append(torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device))
-            outputs.append(torch.zeros_like(x))
+            outputs.append(torch.zeros_like(x) if keep_outputs else None)
             touch = zero_touch(stage_parameters[k]) if stage_parameters is not None else None
             extras.append(None if touch is None else [touch])
             continue
@@ -144,9 +147,9 @@ def run_stages(x: Tensor, stages: list[Callable], last_kept, quant_grad_frac: fl
         residual = residual - frac_gradient(stage_out, quant_grad_frac)
         quantized = quantized + stage_out
         all_indices.append(indices)
-        outputs.append(stage_out.detach())
+        outputs.append(stage_out.detach() if keep_outputs else None)
         extras.append(extra)
-    return quantized, torch.stack(all_indices, dim=-1), torch.stack(outputs), extras
+    return quantized, torch.stack(all_indices, dim=-1), torch.stack(outputs) if keep_outputs else None, extras
 
 
 def stage_codes(indices: Tensor, lookups: list[Callable], sizes: list[int] | None = None) -> Tensor:

@@ -11,6 +11,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..checks import check_indices, check_non_negative, check_positive_int
+from ..codebook_losses import mse_count
 from ..directional_reparam import directional_reparam
 from ..distributed import NON_FINITE_INPUT, check_finite
 from ..precision import cat, fp32_island
@@ -33,6 +34,7 @@ from .residual import (
 )
 from .token_quantizer import Core
 from .vq import Step, VectorQuantize
+from .vq_fused import routed_chain
 
 
 def codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
@@ -172,9 +174,10 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
 
     @fp32_island
     def _residual_quantize(self, z: Tensor, keep: Tensor | None, temperature: float | None, freeze: bool,
-                           last_kept: int, beam_size: int | None = None, checked: bool = False):
-        """z (b, n, d) fp32 -> quantized (b, n, d), indices (b, n, q), losses (q,), stage codes (q, b, n, d).
-        `checked`: the caller refused non-finite z already."""
+                           last_kept: int, beam_size: int | None = None, all_codes: bool = True,
+                           checked: bool = False):
+        """z (b, n, d) fp32 -> quantized (b, n, d), indices (b, n, q), losses (q,), stage codes (q, b, n, d)
+        (None unless `all_codes`). `checked`: the caller refused non-finite z already."""
         updating = self.training and torch.is_grad_enabled() and not freeze
         if updating and not checked:  # once for the call: each stage's residual is z less finite codes
             check_finite(z, NON_FINITE_INPUT, self.process_group, self.layers[0]._sync())
@@ -187,31 +190,64 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
             # (k-means init runs on a greedy step first)
             path = residual_beam_path(self.layers, self.mlps, z, beam_size, last_kept, self.beam_score_weights,
                                       self.beam_keep_greedy)
-        so_far = [torch.zeros_like(z)]  # the reconstruction: implicit codebooks are conditioned on it
+        # the reconstruction so far: implicit codebooks are conditioned on it
+        so_far = [None if self.mlps is None else torch.zeros_like(z)]
+
+        def step_of(k, layer, transform=None):
+            temp = layer.sample_codebook_temp if temperature is None else temperature
+            return Step(temp, updating, updating and not self.shared_codebook, layer.ema_update, freeze,
+                        transform=transform, chosen=None if path is None else path[None, :, k], checked=True)
+
+        # the usual case routes the chain's gradients in one Function (vq_fused.routed_chain): the
+        # stages quantize z detached, and no stage's residual is kept for the backward
+        chain = (self.training and torch.is_grad_enabled() and z.requires_grad and self.quant_grad_frac == 0
+                 and self.mlps is None and not self.diveq
+                 and all(layer.fused_route(step_of(k, layer), chain=True) for k, layer in enumerate(self.layers)))
+        routes = {}  # stage -> (codebook, indices, kept, rotate, squared error, element count)
 
         def stage(k, layer, residual, active):
-            temp = layer.sample_codebook_temp if temperature is None else temperature
             transform = None if k == 0 or self.mlps is None else partial(self.mlps[k - 1], condition=so_far[0])
-            chosen = None if path is None else path[None, :, k]
             stage_keep = keep
             if active is not None:  # dropped (compiled: a tensor depth): the stage counts no token
                 stage_keep = active.expand(residual.shape[:2]) if keep is None else keep & active
-            result = layer.quantize(residual, stage_keep, Step(temp, updating, updating and not self.shared_codebook,
-                                                               layer.ema_update, freeze, transform=transform,
-                                                               chosen=chosen, checked=True))
-            results.append(result)
-            so_far[0] = so_far[0] + result.quantized
+            step = step_of(k, layer, transform)
+            result = layer.quantize(residual, stage_keep, step)
+            if chain:
+                routes[k] = (result.codebook, result.codebook_indices, result.kept,
+                             layer.fused_route(step) == "rotation", result.squared_error,
+                             mse_count(result.search, result.kept))
+            if self.shared_codebook:  # what commit_statistics reads (not the N x d output)
+                results.append(result._replace(quantized=None))
+            if self.mlps is not None:
+                so_far[0] = so_far[0] + result.quantized
             return result.quantized, result.indices[..., 0], result.loss
 
         stages = [partial(stage, k, layer) for k, layer in enumerate(self.layers)]
-        quantized, indices, codes, extras = run_stages(z, stages, last_kept, self.quant_grad_frac,
-                                                       [self._stage_parameters(k) for k in range(self.num_quantizers)])
+        quantized, indices, codes, extras = run_stages(z.detach() if chain else z, stages, last_kept,
+                                                       self.quant_grad_frac,
+                                                       [self._stage_parameters(k) for k in range(self.num_quantizers)],
+                                                       keep_outputs=all_codes)
+        if routes:
+            quantized = self._route_chain(z, quantized, routes, extras)
         if updating and self.shared_codebook and results:  # all stages searched the same codebook
             self.layers[0].commit_statistics(results)
         losses = torch.stack([extra[0] if extra is not None else z.new_zeros(()) for extra in extras])
         if self.diveq and self.training and torch.is_grad_enabled():  # eval outputs stay the codes exactly
             quantized = directional_reparam(z, quantized)
         return quantized, indices, losses, codes
+
+    def _route_chain(self, z: Tensor, quantized: Tensor, routes: dict, extras: list) -> Tensor:
+        """The stages' sum, differentiable in z by each stage's estimator, and each stage's loss
+        (extras[k][0]) given its commitment gradient: loss + w (e - e) / count, the same value."""
+        stages = sorted(routes)
+        errors = torch.stack([routes[k][4] for k in stages])
+        quantized, errors = routed_chain(z, quantized, errors, [routes[k][:4] for k in stages])
+        for j, k in enumerate(stages):
+            layer = self.layers[k]
+            if layer.losses.weighs_commitment:  # d loss / d e = w / count, as the stage's own loss has it
+                pull = (errors[j] - errors[j].detach()) / routes[k][5].clamp(min=1) * layer.commitment_weight
+                extras[k][0] = extras[k][0] + pull
+        return quantized
 
     def _stage_parameters(self, k: int) -> list:
         """Stage k's learnable parameters: its codebook (and map, with implicit codebooks)."""
@@ -242,9 +278,11 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
 
     @fp32_island
     def _core(self, z: Tensor, keep: Tensor | None, seed=None, temperature: float | None = None, freeze: bool = False,
-              beam_size: int | None = None, given: Tensor | None = None, checked: bool = False) -> Core:
+              beam_size: int | None = None, given: Tensor | None = None, all_codes: bool = True,
+              checked: bool = False) -> Core:
         """z (b, n, d) fp32 -> the stages' sum, indices (b, n, q), losses (q,), the stages' codes
-        (q, b, n, d); with `given` indices: each stage's cross-entropy to its given code, summed."""
+        (q, b, n, d) (None unless `all_codes`); with `given` indices: each stage's cross-entropy to
+        its given code, summed."""
         if given is not None:
             if self.mlps is not None:
                 raise ValueError("indices: the cross-entropy to given codes is not supported with "
@@ -255,7 +293,7 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
         self._broadcast_initial_state(z, stages=not freeze)
         last_kept = last_kept_stage(self, seed)
         quantized, indices, losses, codes = self._residual_quantize(z, keep, temperature, freeze, last_kept, beam_size,
-                                                                    checked)
+                                                                    all_codes, checked)
         return Core(quantized, indices, losses, codes)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, indices: Tensor | None = None,
@@ -268,7 +306,7 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
                           self.layers[0].use_cosine_sim)
         result = self.quantize_tokens(x, mask, refuses_non_finite=updating, seed=rand_quantize_dropout_fixed_seed,
                                       temperature=sample_codebook_temp, freeze=freeze_codebook, beam_size=beam,
-                                      given=indices, checked=_input_checked)
+                                      given=indices, all_codes=return_all_codes, checked=_input_checked)
         if indices is not None:
             return result.out, result.losses
         if not return_all_codes:

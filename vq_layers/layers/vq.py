@@ -34,6 +34,7 @@ from ..precision import fp32_island, project
 from ..usage import CodeUsage, code_usage
 from .code_search import check_search_extras, find_codes, per_token_codebooks, topk_layout, topk_quantized
 from .token_quantizer import Core, Layout, TokenQuantizer
+from .vq_fused import routed_codes
 from .vq_gradients import GradientRoute, resolve_rotation_trick
 from .vq_losses import LossBreakdown, VQLosses, trainable_loss
 from .vq_updates import in_place_step, make_in_place_optimizer, undone_on_error, update_by_hand, update_in_place
@@ -65,7 +66,9 @@ class Step(NamedTuple):
 
 
 class Quantized(NamedTuple):
-    """One `quantize` call's result, fp32; the last three feed a deferred statistics commit."""
+    """One `quantize` call's result, fp32; search, codebook_indices and kept feed a deferred
+    statistics commit; codebook and squared_error, a chain that routes its stages' gradients
+    itself (vq_fused.routed_chain)."""
     quantized: Tensor  # (b, n, h*d) (b, n, k, d with topk), gradients routed; zeros where masked
     indices: Tensor  # (b, n, h) (b, n, k with topk) int64, -1 where masked
     loss: Tensor  # scalar (per position (b, n, k) with topk)
@@ -73,6 +76,8 @@ class Quantized(NamedTuple):
     search: Tensor  # (g, m, d) the vectors searched, per codebook (detached)
     codebook_indices: Tensor  # (g, m) the codes chosen, per codebook
     kept: Tensor | None  # (g, m) the vectors that count, per codebook
+    codebook: Tensor | None = None  # (g, c, d) the codes as searched (detached), with a fused route
+    squared_error: Tensor | None = None  # the commitment's numerator (detached), with a fused route
 
 
 class CodebookQuantizer(nn.Module):
@@ -185,21 +190,29 @@ class CodebookQuantizer(nn.Module):
                 self.losses, self.route if self.training else None, search, codebook, found, kept, step.temperature,
                 step.freeze, codes_learn, sync, self.process_group, b, n)
             return Quantized(quantized, shown, loss + init_token, breakdown, search.detach(), found.indices, kept)
-        # 4. the losses
+        # 4. the losses; with the usual estimators, the output and the commitment error in one
+        # autograd Function that keeps only the vectors, indices and codebook (vq_fused.py)
+        fused = self.fused_route(step)
+        if fused is not None:
+            searched = codebook.detach() if step.updating else snapshot(codebook.detach())
+            quantized, squared_error = routed_codes(search, found.codes, searched, found.indices, kept,
+                                                    fused == "rotation")
         if step.targets is not None:  # cross-entropy of x's code distribution to the given codes
             commitment = code_cross_entropy(search, codebook, step.targets, self.metric)
             terms, loss = (commitment, zero, zero), commitment
         else:
             terms = self.losses.terms(search, codebook, found.codes, found.indices, kept, codes_learn, sync,
-                                      self.process_group) if self.training else (zero, zero, zero)
+                                      self.process_group, None if fused is None else squared_error) \
+                if self.training else (zero, zero, zero)
             loss = self.losses.total(*terms)
         # 5. the statistics (EMA, dead codes) from this step's vectors and codes
         if step.commit:
             self._codebook.update_(search.detach(), found.indices, kept, step.ema_update, sync, self.process_group,
                                    step.ema_update_weight, step.accum_ema_update)
         # 6. the output: the codes in value, gradients routed to the input (and codes)
-        quantized = self.route(search, found.codes, codebook, step.temperature, step.freeze, found.per_token) \
-            if self.training else found.codes.detach()
+        if fused is None:
+            quantized = self.route(search, found.codes, codebook, step.temperature, step.freeze, found.per_token) \
+                if self.training else found.codes.detach()
         shown = found.indices
         if keep is not None:
             quantized = torch.where(kept.unsqueeze(-1), quantized, 0.0)
@@ -209,7 +222,23 @@ class CodebookQuantizer(nn.Module):
         quantized = quantized.reshape(b, n, self.heads * self.codebook_dim)
         shown = shown.reshape(self.heads, b, n).permute(1, 2, 0)
         loss = trainable_loss(loss + init_token, self.training)
-        return Quantized(quantized, shown, loss, LossBreakdown(*terms, inplace), search.detach(), found.indices, kept)
+        return Quantized(quantized, shown, loss, LossBreakdown(*terms, inplace), search.detach(), found.indices, kept,
+                         *((None, None) if fused is None else (searched, squared_error.detach())))
+
+    def fused_route(self, step: Step, chain: bool = False) -> str | None:
+        """The estimator a training `quantize` with this step runs in vq_fused.py's one Function
+        ("rotation" or "straight_through"), or None (another estimator, a loss that trains the
+        codes, cross-entropy to given codes, topk, per-token codebooks). `chain`: whether a
+        composite layer may route this stage's gradients itself (vq_fused.routed_chain, on the
+        Quantized's codebook and squared_error): also no loss but the commitment depends on the
+        searched vectors, and they are the residual itself (no cosine normalization)."""
+        codes_learn = self.learnable_codebook and not step.freeze
+        if (not self.training or step.targets is not None or step.topk is not None or step.transform is not None
+                or codes_learn or not self.losses.fusable):
+            return None
+        if chain and (self.codebook_diversity_loss_weight > 0 or self.use_cosine_sim or self.heads > 1):
+            return None
+        return self.route.fused(step.temperature, step.freeze, None)
 
     def _prepare(self, search: Tensor, kept: Tensor | None, sync: bool, checked: bool = False) -> Tensor:
         """An updating step's first acts, all before any state changes: the refusals (an unsafe

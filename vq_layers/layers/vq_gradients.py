@@ -64,6 +64,16 @@ class GradientRoute:
             return routed
         return routed + self.sync_update_v * (codes - codes.detach())
 
+    def fused(self, temperature: float, freeze: bool, per_token: Tensor | None) -> str | None:
+        """The estimator vq_fused.py runs for this step ("rotation" or "straight_through"), or None
+        when the route is another (Gumbel with a temperature, DiVeQ, none, the synchronized update,
+        per-token codebooks)."""
+        if per_token is not None or (self.sync_update_v > 0 and not freeze):
+            return None
+        if self.estimator == "gumbel" and temperature <= 0:
+            return "straight_through"
+        return self.estimator if self.estimator in ("rotation", "straight_through") else None
+
     def _to_input(self, search, codes, codebook, temperature, freeze, per_token) -> Tensor:
         if self.estimator == "none":
             return codes.detach() if freeze else codes

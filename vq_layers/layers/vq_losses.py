@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_non_negative, check_positive_int
-from ..codebook_losses import diversity_loss, masked_mse, orthogonal_loss
+from ..codebook_losses import diversity_loss, masked_mse, mse_count, orthogonal_loss
 from ..kernels.code_softmax import code_cross_entropy
 
 
@@ -41,11 +41,13 @@ class VQLosses:
             check_positive_int("orthogonal_reg_max_codes", self.orthogonal_reg_max_codes)
 
     def terms(self, search: Tensor, codebook: Tensor, codes: Tensor, indices: Tensor, kept: Tensor | None,
-              codes_learn: bool, sync: bool, group) -> tuple[Tensor, Tensor, Tensor]:
+              codes_learn: bool, sync: bool, group,
+              squared_error: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(commitment, diversity, orthogonal), unweighted, for one training step: search (g, m, d),
         codebook (g, c, d), codes (g, m[, k], d) chosen, indices (g, m[, k]) (a k axis with topk:
         `topk_commitment`).
-        `codes_learn`: the commitment loss also pulls the codes (a learnable, unfrozen codebook)."""
+        `codes_learn`: the commitment loss also pulls the codes (a learnable, unfrozen codebook).
+        `squared_error`: the mean squared error's numerator, already formed (vq_fused.py)."""
         zero = search.new_zeros(())
         commitment = diversity = orthogonal = zero
         target = codes if codes_learn else codes.detach()
@@ -55,6 +57,8 @@ class VQLosses:
             if self.commitment_use_cross_entropy_loss:
                 targets = indices if kept is None else indices.masked_fill(~kept, -1)
                 commitment = code_cross_entropy(search, codebook, targets, self.metric)
+            elif squared_error is not None:
+                commitment = squared_error / mse_count(search, kept).clamp(min=1)
             else:
                 commitment, _ = masked_mse(search, target, kept)
         if self.codebook_diversity_loss_weight > 0:
@@ -65,6 +69,11 @@ class VQLosses:
             orthogonal = orthogonal_loss(codebook, indices.flatten(1), flat_kept,
                                          self.orthogonal_reg_active_codes_only, self.orthogonal_reg_max_codes)
         return commitment, diversity, orthogonal
+
+    @property
+    def fusable(self) -> bool:
+        """Whether the commitment loss, if any, is a mean squared error (vq_fused.py forms its numerator)."""
+        return not (self.weighs_commitment and self.commitment_use_cross_entropy_loss)
 
     @property
     def weighs_commitment(self) -> bool:
