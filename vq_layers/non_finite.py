@@ -24,14 +24,23 @@ def non_finite_tokens(x: Tensor, keep: Tensor | None = None, dim: int = -1) -> T
     """x with features on axis `dim` -> bool over the other axes, True where any feature is NaN
     or +-inf. Masked tokens (`keep` False, same shape as the result) are never counted: their
     padding does not enter the computation."""
-    bad = ~torch.isfinite(x).all(dim)
-    return bad if keep is None else bad & keep
+    return not_all_finite(x, dim) if keep is None else not_all_finite(x, dim) & keep
+
+
+def not_all_finite(x: Tensor, dim: int = -1) -> Tensor:
+    """True where x holds a NaN or +-inf along `dim`: its largest value is not below +inf or its
+    smallest not above -inf (amax and amin propagate NaN). Two reductions that only read x,
+    where ~isfinite(x).all(dim) writes and reads boolean tensors of x's size."""
+    if x.numel() == 0:  # (nothing to reduce over)
+        return ~torch.isfinite(x).all(dim)
+    return ~((x.amax(dim) < float("inf")) & (x.amin(dim) > float("-inf")))
 
 
 def fill_tokens(t: Tensor, where: Tensor, value) -> Tensor:
     """`value` at the tokens where `where` is True; t's leading axes are where's (broadcast
-    allowed), its further axes (features, codebooks, k) follow."""
-    return t.masked_fill(where.reshape(where.shape + (1,) * (t.ndim - where.ndim)), value)
+    allowed), its further axes (features, codebooks, k) follow. (torch.where writes the result
+    in one pass; masked_fill copies t, then fills.)"""
+    return torch.where(where.reshape(where.shape + (1,) * (t.ndim - where.ndim)), value, t)
 
 
 def mark_non_finite(t: Tensor, bad: Tensor | None) -> Tensor:

@@ -115,11 +115,13 @@ class TokenQuantizer(Fp32BuffersModule):
         tokens, layout, keep, z = self._tokens_in(x, mask, lens)
         bad = None if refuses_non_finite else non_finite_tokens(tokens, keep)
         core = self._core(z, keep, **options)
-        out = project(self.project_out, core.quantized)
+        # NaN at the bad tokens before project_out (a Linear keeps a NaN row NaN): marked in the
+        # codes' (often much smaller) dim rather than the output's
+        out = project(self.project_out, mark_non_finite(core.quantized, bad))
         if keep is not None:
             masked = torch.zeros_like(out) if self.return_zeros_for_masked_padding else tokens.to(out.dtype)
             out = torch.where(keep.unsqueeze(-1), out, masked)
-        out = from_tokens(mark_non_finite(out.to(layout.dtype), bad), layout.spatial, layout.channel_first)
+        out = from_tokens(out.to(layout.dtype), layout.spatial, layout.channel_first)
         indices = indices_from_tokens(mark_non_finite(core.indices, bad), layout.spatial)
         if not self.keep_num_codebooks_dim:
             indices = rearrange(indices, "... 1 -> ...")
