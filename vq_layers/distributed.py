@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .non_finite import not_all_finite
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch without distributed support
@@ -76,7 +78,7 @@ def check_finite(x: Tensor | list[Tensor], message: str, group=None, sync: bool 
     poison the process's CUDA context instead of raising: there the check stays a host sync (a
     graph break under torch.compile)."""
     parts = [x] if isinstance(x, Tensor) else x
-    finite = torch.stack([torch.isfinite(part).all() for part in parts]).all()
+    finite = ~torch.stack([not_all_finite(part.reshape(-1)) for part in parts]).any()
     if torch.compiler.is_compiling() and not sync and parts[0].device.type == "cpu":
         torch._assert_async(finite, message)
     elif any_rank(~finite, group, sync):
