@@ -97,6 +97,19 @@ def _bits_grad(logits: Tensor, weighted: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _half_tables(d: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """`_build_half_tables`, built once per (d, device) in eager calls (their construction was
+    a good part of a small step's ops); traced afresh under torch.compile (constants there)."""
+    if torch.compiler.is_compiling():
+        return _build_half_tables(d, device)
+    return _cached_half_tables(d, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_half_tables(d: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    return _build_half_tables(d, device)
+
+
+def _build_half_tables(d: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Constants of the dense path for d bits, split into high (d // 2) and low halves:
 
     - signs (2,) = [-1, 1]: l[..., None] * signs = [-l, l] per bit, interleaved (d, 2);
