@@ -29,7 +29,8 @@ from ..distributed import NON_FINITE_INPUT, broadcast_once_, check_finite, is_di
 from ..layout import check_mask, from_tokens, indices_from_tokens, lens_to_mask
 from ..non_finite import non_finite_tokens, without_codes
 from ..precision import fp32_island, project, stack
-from .vq import Step, VectorQuantize
+from .codebook_quantizer import Step
+from .vq import VectorQuantize
 
 _POOLS = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 _MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}

@@ -22,6 +22,7 @@ from .beam_search import (
     check_beam_training,
     residual_beam_path,
 )
+from .codebook_quantizer import Step
 from .implicit_codebook import ImplicitCodebookMLP
 from .peer_checkpoint import GroupsWarnOnce
 from .residual import (
@@ -33,7 +34,7 @@ from .residual import (
     sum_stages,
 )
 from .token_quantizer import Core
-from .vq import Step, VectorQuantize
+from .vq import VectorQuantize
 from .vq_fused import routed_chain
 
 
