@@ -53,6 +53,15 @@ def check_indices(indices, codebook_size: int, name: str = "indices", allow_drop
         check_index_ranges([(indices, codebook_size, name)], allow_dropped)
 
 
+def check_stage_indices(indices, sizes: list[int], allow_dropped: bool = True) -> None:
+    """Indices (..., q') of a residual layer's first q' <= len(sizes) stages: an integer tensor,
+    column k in [0, sizes[k]) (or -1 when `allow_dropped`), named `indices[..., k]`; one read."""
+    check_indices(indices, max(sizes), allow_dropped=allow_dropped, values=False)
+    if indices.ndim:
+        check_index_ranges([(indices[..., k], size, f"indices[..., {k}]")
+                            for k, size in enumerate(sizes[: indices.shape[-1]])], allow_dropped)
+
+
 def check_index_ranges(parts: list, allow_dropped: bool = True) -> None:
     """(indices, codebook_size, name) triples of integer tensors (typed already: check_indices)
     -> ValueError naming the first whose values leave [0, codebook_size) (or -1 when

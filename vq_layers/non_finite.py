@@ -24,7 +24,8 @@ def non_finite_tokens(x: Tensor, keep: Tensor | None = None, dim: int = -1) -> T
     """x with features on axis `dim` -> bool over the other axes, True where any feature is NaN
     or +-inf. Masked tokens (`keep` False, same shape as the result) are never counted: their
     padding does not enter the computation."""
-    return not_all_finite(x, dim) if keep is None else not_all_finite(x, dim) & keep
+    bad = not_all_finite(x, dim)
+    return bad if keep is None else bad & keep
 
 
 def not_all_finite(x: Tensor, dim: int = -1) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_index_ranges, check_indices, check_positive_int
+from ..checks import check_positive_int, check_stage_indices
 from ..counter_random import CounterDraws
 from ..distributed import broadcast_once_, is_distributed
 from ..non_finite import NO_CODE, fill_tokens, mark_non_finite, non_finite_tokens
@@ -163,9 +163,7 @@ def stage_codes(indices: Tensor, lookups: list[Callable], sizes: list[int] | Non
         raise ValueError(f"indices: expected at most {len(lookups)} quantizers on the last axis, "
                          f"got {indices.shape[-1]}")
     if sizes is not None:
-        check_indices(indices, max(sizes), allow_dropped=True, values=False)
-        check_index_ranges([(indices[..., k], size, f"indices[..., {k}]")
-                            for k, size in zip(range(indices.shape[-1]), sizes)])
+        check_stage_indices(indices, sizes)
     if indices.shape[-1] < len(lookups):  # coarse indices (quantize dropout): pad as dropped
         pad = indices.new_full((*indices.shape[:-1], len(lookups) - indices.shape[-1]), -1)
         indices = torch.cat([indices, pad], dim=-1)
@@ -373,9 +371,4 @@ class GroupedResidual(nn.Module):
     def _check_group_indices(self, indices: Tensor) -> None:
         """Every group's indices (g, b, ..., q') against each stage's size, in one read."""
         self._check_groups(indices)
-        sizes = self.rvqs[0].stage_sizes
-        check_indices(indices, max(sizes), allow_dropped=True, values=False)
-        if indices.ndim < 3 or indices.shape[-1] > len(sizes):
-            return  # (the groups refuse the shape)
-        check_index_ranges([(indices[..., k], size, f"indices[..., {k}]") for k, size in
-                            zip(range(indices.shape[-1]), sizes)])
+        check_stage_indices(indices, self.rvqs[0].stage_sizes)  # (a wrong shape is the groups' to refuse)

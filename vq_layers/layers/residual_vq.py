@@ -10,7 +10,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import check_indices, check_non_negative, check_positive_int
+from ..checks import check_indices, check_non_negative, check_positive_int, check_stage_indices
 from ..codebook_losses import mse_count
 from ..directional_reparam import directional_reparam
 from ..distributed import NON_FINITE_INPUT, check_finite
@@ -319,13 +319,12 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
 
     def _check_targets(self, indices: Tensor, tokens: Tensor) -> Tensor:
         """indices (b, ..., q) for tokens (b, n, d) -> (b, n, q) int64, checked."""
-        check_indices(indices, max(self.codebook_sizes))  # no -1: every stage needs its given code
+        check_indices(indices, max(self.codebook_sizes), values=False)
         expected = (tokens.shape[0], tokens.shape[1], self.num_quantizers)
         if indices.numel() != math.prod(expected) or indices.shape[-1] != self.num_quantizers:
             raise ValueError(f"indices: expected one index per token and quantizer, (b, ..., q) = {expected}, "
                              f"got shape {tuple(indices.shape)}")
-        for k, size in enumerate(self.codebook_sizes):
-            check_indices(indices[..., k], size, f"indices[..., {k}]")
+        check_stage_indices(indices, self.stage_sizes, allow_dropped=False)  # every stage needs its given code
         return indices.long().reshape(expected)
 
     @property

@@ -29,11 +29,6 @@ from ..precision import fp32_island
 from ..rotation_trick import EPS
 
 
-def _gather_codes(codebook: Tensor, indices: Tensor) -> Tensor:
-    """codebook (g, c, d) (no gradient), indices (g, m) -> codes (g, m, d)."""
-    return select_rows(codebook, indices)
-
-
 def select_rows(codebook: Tensor, indices: Tensor) -> Tensor:
     """codebook (g, c, d), indices (g, ...) -> its rows (g, ..., d): the values gather gives, by
     index_select over whole rows (several times faster than gather's per-element index)."""
@@ -91,7 +86,7 @@ class _RoutedCodes(torch.autograd.Function):
 
 @fp32_island  # a compiled backward is traced under the forward's autocast: its matmuls stay fp32
 def _input_gradient(search, codebook, indices, kept, rotate, grad_codes, grad_error, codes=None):
-    codes = _gather_codes(codebook, indices) if codes is None else codes
+    codes = select_rows(codebook, indices) if codes is None else codes
     grad = grad_codes
     if grad_codes is not None and rotate:
         scale, a, b = rotation_vjp(search, codes, grad_codes)
@@ -137,7 +132,7 @@ def _chain_gradient(z, stages, rotate, grad_value, grad_errors):
             return t if kept is None else torch.where(kept.unsqueeze(-1), t, 0.0)
 
         search = masked(residual)  # as _per_codebook_vectors zeroes padding
-        codes = _gather_codes(codebook, indices)
+        codes = select_rows(codebook, indices)
         part = _input_gradient(search, codebook, indices, kept, rotate[j], None if g is None else masked(g),
                                None if grad_errors is None else grad_errors[j], codes)
         if part is not None:
