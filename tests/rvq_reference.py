@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import torch
@@ -133,3 +134,12 @@ def codebook_state(rvq):
 def assert_buffers_equal(rvq, saved):
     for name, buf in rvq.named_buffers():
         assert torch.equal(buf, saved[name]), f"buffer {name} changed"
+
+
+def seeded_training_steps(layer, x, seeds):
+    """A quantize-dropout layer's training steps on x, one per seed drawn with torch.manual_seed:
+    yields (seed, a copy of the layer from before the step, the step's result)."""
+    for seed in seeds:
+        before = copy.deepcopy(layer)
+        torch.manual_seed(seed)
+        yield seed, before, layer(x)

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from reference import close, linear64, randn
-from rvq_reference import assert_indices_match, books64, reference_layer, teacher_forced_ce64
+from rvq_reference import (
+    assert_indices_match,
+    books64,
+    reference_layer,
+    seeded_training_steps,
+    teacher_forced_ce64,
+)
 from vq_layers import GroupedResidualVQ, ResidualVQ
 
 F64 = torch.float64
@@ -101,10 +107,7 @@ def test_grouped_quantize_dropout_same_depth_for_all_groups():
     grouped = GroupedResidualVQ(dim=12, groups=3, num_quantizers=5, codebook_size=8, quantize_dropout=True).train()
     x = randn(2, 6, 12, seed=57).requires_grad_(True)
     depths = set()
-    for seed in range(16):
-        before = copy.deepcopy(grouped)
-        torch.manual_seed(seed)
-        out, indices, losses = grouped(x)
+    for _, before, (out, indices, losses) in seeded_training_steps(grouped, x, range(16)):
         dropped = (indices == -1).sum(-1)  # (g, b, n)
         assert (dropped == dropped[0, 0, 0]).all(), f"groups dropped different stages: {dropped[:, 0, 0]}"
         kept = 5 - int(dropped[0, 0, 0])
