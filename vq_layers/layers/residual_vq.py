@@ -35,7 +35,7 @@ from .residual import (
 )
 from .token_quantizer import Core
 from .vq import VectorQuantize
-from .vq_fused import routed_chain
+from .vq_fused import ChainStage, routed_chain
 
 
 def codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
@@ -204,7 +204,7 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
         chain = (self.training and torch.is_grad_enabled() and z.requires_grad and self.quant_grad_frac == 0
                  and self.mlps is None and not self.diveq
                  and all(layer.fused_route(step_of(k, layer), chain=True) for k, layer in enumerate(self.layers)))
-        routes = {}  # stage -> (codebook, indices, kept, rotate, squared error, element count)
+        routes = {}  # stage -> ChainStage
 
         def stage(k, layer, residual, active):
             transform = None if k == 0 or self.mlps is None else partial(self.mlps[k - 1], condition=so_far[0])
@@ -214,9 +214,9 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
             step = step_of(k, layer, transform)
             result = layer.quantize(residual, stage_keep, step)
             if chain:
-                routes[k] = (result.codebook, result.codebook_indices, result.kept,
-                             layer.fused_route(step) == "rotation", result.squared_error,
-                             mse_count(result.search, result.kept))
+                routes[k] = ChainStage(result.codebook, result.codebook_indices, result.kept,
+                                       layer.fused_route(step) == "rotation", result.squared_error,
+                                       mse_count(result.search, result.kept))
             if self.shared_codebook:  # what commit_statistics reads (not the N x d output)
                 results.append(result._replace(quantized=None))
             if self.mlps is not None:
@@ -241,12 +241,11 @@ class ResidualVQ(BeamProcedureRecord, ResidualQuantizer):
         """The stages' sum, differentiable in z by each stage's estimator, and each stage's loss
         (extras[k][0]) given its commitment gradient: loss + w (e - e) / count, the same value."""
         stages = sorted(routes)
-        errors = torch.stack([routes[k][4] for k in stages])
-        quantized, errors = routed_chain(z, quantized, errors, [routes[k][:4] for k in stages])
+        quantized, errors = routed_chain(z, quantized, [routes[k] for k in stages])
         for j, k in enumerate(stages):
             layer = self.layers[k]
             if layer.losses.weighs_commitment:  # d loss / d e = w / count, as the stage's own loss has it
-                pull = (errors[j] - errors[j].detach()) / routes[k][5].clamp(min=1) * layer.commitment_weight
+                pull = (errors[j] - errors[j].detach()) / routes[k].count.clamp(min=1) * layer.commitment_weight
                 extras[k][0] = extras[k][0] + pull
         return quantized
 

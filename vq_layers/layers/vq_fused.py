@@ -22,6 +22,8 @@ so the backward reads x, q and g a few times and writes one N x d gradient.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -146,14 +148,24 @@ def _chain_gradient(z, stages, rotate, grad_value, grad_errors):
     return None if grad is None else grad.reshape(z.shape)
 
 
-def routed_chain(z: Tensor, value: Tensor, errors: Tensor, stages: list[tuple[Tensor, Tensor, Tensor, bool]]):
+class ChainStage(NamedTuple):
+    """What `routed_chain` needs of one stage run (its Quantized, on the residual)."""
+    codebook: Tensor  # (1, c, d) as searched
+    indices: Tensor  # (1, m)
+    kept: Tensor | None  # (1, m) bool
+    rotate: bool  # the rotation trick (else straight-through)
+    squared_error: Tensor  # the commitment's numerator
+    count: Tensor  # its element count (masked_mse's)
+
+
+def routed_chain(z: Tensor, value: Tensor, stages: list[ChainStage]) -> tuple[Tensor, Tensor]:
     """A residual chain whose stages quantized z detached (their `quantize` on the residuals)
-    -> (value, errors) differentiable in z, as if each stage had routed its own gradients
-    (`routed_codes`): z (b, n, d) fp32, value (b, n, d) the stages' sum, errors (j,) the squared
-    error sums of the j stages run, stages: (codebook (1, c, d) as searched, indices (1, m),
-    kept (1, m) bool or None, rotate) each, in order. No stage's residual is kept for the backward."""
-    rotate = tuple(stage[3] for stage in stages)
-    flat = [t for codebook, indices, kept, _ in stages for t in (codebook.detach(), indices, kept)]  # kept may be None
+    -> (value, errors (j,)) differentiable in z, as if each stage had routed its own gradients
+    (`routed_codes`): z (b, n, d) fp32, value (b, n, d) the stages' sum, the j stages run in
+    order; errors are their squared error sums. No stage's residual is kept for the backward."""
+    errors = torch.stack([stage.squared_error for stage in stages])
+    rotate = tuple(stage.rotate for stage in stages)
+    flat = [t for stage in stages for t in (stage.codebook.detach(), stage.indices, stage.kept)]  # kept may be None
     return _RoutedChain.apply(z, value.detach(), errors.detach(), rotate, *flat)
 
 
