@@ -38,7 +38,7 @@ def test_without_cuda_it_says_so_in_one_line_and_fails():
 
 def test_the_cuda_marker_selects_the_tests_skipped_without_cuda():
     done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda", "-p",
-                           "no:cacheprovider", "tests/test_dtype_matrix.py", "tests/test_distributed.py"],
+                           "no:cacheprovider", "tests/test_dtype_matrix.py", "tests/test_distributed_fsdp.py"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     ids = [line for line in done.stdout.splitlines() if "::" in line]
     assert ids and any("fsdp1" in test for test in ids)
