@@ -58,3 +58,14 @@ def rotation_vjp64(x, q, g):
         assert torch.allclose(rotation.t() @ rotation, eye, atol=1e-10)
         out[i] = q[i].norm() / x[i].norm() * (rotation.t() @ g[i])
     return out
+
+
+def buffer_state(module) -> dict:
+    """A copy of every buffer (statistics, codes, flags), by name."""
+    return {name: buf.detach().clone() for name, buf in module.named_buffers()}
+
+
+def assert_buffers_equal(module, saved: dict) -> None:
+    """Every buffer as `buffer_state` saved it, bit for bit."""
+    for name, buf in module.named_buffers():
+        assert torch.equal(buf, saved[name]), f"buffer {name} changed"

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from reference import linear64, randn
+from reference import assert_buffers_equal, buffer_state, linear64, randn  # noqa: F401 (re-exported)
 
 F64 = torch.float64
 
@@ -127,13 +127,7 @@ def set_codebooks(rvq, seed, scale=1.0, ratio=0.5):
     return rvq
 
 
-def codebook_state(rvq):
-    return {name: buf.detach().clone() for name, buf in rvq.named_buffers()}
-
-
-def assert_buffers_equal(rvq, saved):
-    for name, buf in rvq.named_buffers():
-        assert torch.equal(buf, saved[name]), f"buffer {name} changed"
+codebook_state = buffer_state  # (the name the residual tests use)
 
 
 def seeded_training_steps(layer, x, seeds):

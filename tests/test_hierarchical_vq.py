@@ -31,7 +31,7 @@ from einops import rearrange
 
 from dist_utils import run_in_processes
 from dtype_matrix import DTYPES, dtype_matrix, run_cell
-from reference import call_structure, close, randn
+from reference import assert_buffers_equal, buffer_state, call_structure, close, randn
 from vq_layers import HierarchicalVQ, VectorQuantize
 
 F64 = torch.float64
@@ -135,13 +135,6 @@ def set_codebooks(layer, seed, scale=1.0):
     return layer
 
 
-def buffers(layer):
-    return {name: buf.detach().clone() for name, buf in layer.named_buffers()}
-
-
-def assert_buffers_equal(layer, saved):
-    for name, buf in layer.named_buffers():
-        assert torch.equal(buf, saved[name]), f"buffer {name} changed"
 
 
 # ------------------------------------------------------------------------------------------
@@ -314,7 +307,7 @@ def test_masked_training_step_counts_only_the_kept_cells(shared):
         results.append((probe, out, indices))
     (probe, out, indices), (other, other_out, other_indices) = results
     assert torch.equal(out, other_out) and all(torch.equal(a, b) for a, b in zip(indices, other_indices))
-    assert_buffers_equal(other, buffers(probe))
+    assert_buffers_equal(other, buffer_state(probe))
     ref = reference(layer, x, keep, picked=indices)
     assert_levels_match(indices, ref)
     groups = [list(range(3))] if shared else [[0], [1], [2]]
@@ -343,7 +336,7 @@ def test_lens_equals_the_mask():
 def test_non_finite_training_input_raises_before_touching_buffers():
     for shared in (True, False):
         layer = HierarchicalVQ(dim=3, codebook_size=8, scales=[1, 2, 4], shared_codebook=shared).train()
-        saved = buffers(layer)
+        saved = buffer_state(layer)
         x = randn(2, 3, 4, seed=57)
         x[1, 0, 3] = float("nan")
         with pytest.raises(ValueError, match="non-finite"):
@@ -354,7 +347,7 @@ def test_non_finite_training_input_raises_before_touching_buffers():
 def test_empty_batch():
     torch.manual_seed(0)
     layer = HierarchicalVQ(dim=3, codebook_size=8, scales=[1, (2, 2)], accept_image_fmap=True, nested_dropout=0.5)
-    saved = buffers(layer)
+    saved = buffer_state(layer)
     for train in (True, False):
         x = torch.zeros(0, 3, 2, 2, requires_grad=train)
         out, indices, loss = layer.train(train)(x)
@@ -367,7 +360,7 @@ def test_empty_batch():
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_level"])
 def test_all_masked_batch_is_zeros_and_leaves_the_statistics(shared):
     layer = HierarchicalVQ(dim=3, codebook_size=8, scales=[1, 2, 4], shared_codebook=shared).train()
-    saved = buffers(layer)
+    saved = buffer_state(layer)
     out, indices, loss = layer(randn(2, 3, 4, seed=58).requires_grad_(True), mask=torch.zeros(2, 4, dtype=torch.bool))
     assert (out == 0).all() and loss == 0 and all((idx == -1).all() for idx in indices)
     assert_buffers_equal(layer, saved)
@@ -549,7 +542,7 @@ def test_bad_config_raises_naming_the_argument(kwargs, name):
 def test_bad_input_raises_naming_the_argument(call, error, match):
     """Raised before any buffer changes (the layer is in training)."""
     layer = HierarchicalVQ(dim=4, codebook_size=8, scales=[1, 3, 6]).train()
-    saved = buffers(layer)
+    saved = buffer_state(layer)
     with pytest.raises(error, match=match):
         call(layer, randn(2, 4, 6))
     assert_buffers_equal(layer, saved)
