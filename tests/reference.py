@@ -69,3 +69,16 @@ def assert_buffers_equal(module, saved: dict) -> None:
     """Every buffer as `buffer_state` saved it, bit for bit."""
     for name, buf in module.named_buffers():
         assert torch.equal(buf, saved[name]), f"buffer {name} changed"
+
+
+def assert_stage_usage(layer, indices) -> None:
+    """A residual layer's code_usage of indices (..., q), per stage, against brute_force_usage."""
+    q = indices.shape[-1]
+    usage = layer.code_usage(indices)
+    for field in usage:
+        assert field.shape == (q,)
+    for k in range(q):
+        ppl, frac, used = brute_force_usage(indices[..., k], layer.codebook_size)
+        assert math.isclose(float(usage.perplexity[k]), ppl, rel_tol=1e-5)
+        assert math.isclose(float(usage.usage[k]), frac, rel_tol=1e-6)
+        assert int(usage.codes_used[k]) == used
